@@ -1,0 +1,180 @@
+"""One dataclass holds every setting; absl flags are generated from it 1:1.
+
+Each field's metadata carries its help text and, where it matters, its choices;
+``define_flags`` turns fields into absl flags of the matching type and
+``Config.from_flags`` reads them back, so a flag and a field can never drift
+apart. ``Config.validate`` names the offending ``--flag`` in its error.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+
+from mskd_tf.errors import MskdError
+
+ALL_CRITERIA = ("l1", "l2", "fpgm", "bn_gamma", "random", "apoz", "activation", "taylor", "hrank")
+EXPORT_KINDS = ("float32", "dynamic", "float16", "int8")
+STRATEGIES = ("default", "one_device", "mirrored", "multi_worker", "tpu")
+STAGES = ("teacher", "rank", "candidates", "select", "distill", "export", "report")
+
+
+def _field(default, help_text, choices=None):
+    meta = {"help": help_text}
+    if choices is not None:
+        meta["choices"] = tuple(choices)
+    if isinstance(default, (list, tuple)):
+        return dataclasses.field(default_factory=lambda: tuple(default), metadata=meta)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+@dataclasses.dataclass
+class Config:
+    # --- data
+    dataset: str = _field("fashion_mnist", "Data source: fashion_mnist | folder:DIR_OR_TAR_GZ | tfds:NAME | npz:FILE.")
+    data_dir: str = _field("", "tfds data_dir (tfds sources only).")
+    download: bool = _field(False, "Allow tfds to download (needs network).")
+    val_fraction: float = _field(0.1, "Fraction of the training split held out for validation (seeded).")
+    train_subset: int = _field(0, "Use only the first N training images (0 = all).")
+    augment: bool = _field(True, "Pad-4 random crop + horizontal flip on training batches.")
+    batch_size: int = _field(128, "Training batch size.")
+    seed: int = _field(0, "Seed for data order, augmentation, initialisation and the random criterion.")
+    workdir: str = _field("runs/quickstart", "Where every stage writes its artifact; reruns resume here.")
+    restart_from: str = _field("", "Redo this stage and every later one.", ("",) + STAGES)
+    # --- teacher
+    model: str = _field("small_cnn", "Teacher architecture from mskd_tf.models (ignored with --teacher).")
+    teacher: str = _field("", "Path to a trained .keras teacher; skips teacher training.")
+    width: float = _field(1.0, "Width multiplier (mobilenet_v2).")
+    epochs: int = _field(5, "Teacher training epochs.")
+    optimizer: str = _field("sgd", "Optimizer for every training stage.", ("sgd", "adamw"))
+    lr: float = _field(0.05, "Peak learning rate of teacher training.")
+    schedule: str = _field("cosine", "Learning-rate schedule.", ("cosine", "onecycle", "constant"))
+    momentum: float = _field(0.9, "SGD momentum (Nesterov).")
+    weight_decay: float = _field(5e-4, "Decoupled weight decay on kernels.")
+    # --- rank / candidates
+    criteria: tuple = _field(ALL_CRITERIA, "Pruning criteria to rank channels with (comma list).")
+    target_macs: float = _field(0.5, "Candidates keep this fraction of the teacher's MACs.")
+    round_to: int = _field(1, "Round kept channel counts to a multiple of this (e.g. 8 for SIMD).")
+    min_channels: int = _field(4, "Never keep fewer channels than this in a layer.")
+    protect: tuple = _field((), "Layer names whose channels are never pruned (comma list).")
+    calibration_batches: int = _field(10, "Training batches used by data-driven criteria.")
+    # --- select
+    select_epochs: float = _field(1.0, "Fine-tuning budget per candidate during selection (epochs, may be fractional).")
+    successive_halving: bool = _field(True, "Keep the better half of candidates after each rung.")
+    tie_tolerance: float = _field(0.002, "Validation accuracies this close are a tie; ties go to fewer MACs.")
+    finetune_lr: float = _field(0.01, "Peak learning rate for candidate fine-tuning and distillation.")
+    strategy: str = _field("default", "tf.distribute strategy for fine-tuning and distillation.", STRATEGIES)
+    num_replicas: int = _field(2, "Logical CPU replicas for --strategy=mirrored without GPUs.")
+    # --- distill
+    distill_epochs: int = _field(3, "Distillation epochs for the selected student.")
+    temperature: float = _field(4.0, "Distillation temperature T.")
+    alpha: float = _field(0.5, "Weight of the label cross-entropy; 1 - alpha weighs the KD term.")
+    feature_kd: float = _field(0.0, "Weight of the FitNets-style feature (hint) loss; 0 = off.")
+    no_distill_baseline: bool = _field(True, "Also fine-tune the student with plain cross-entropy for the same budget.")
+    # --- export
+    export: tuple = _field(("float32", "int8"), "TFLite variants to export (comma list).")
+    calibration_samples: int = _field(200, "Representative images for int8 calibration.")
+    qat: bool = _field(False, "Quantization-aware fine-tuning (tfmot) before the int8 export.")
+    micro: bool = _field(True, "Run the int8 model in TFLite Micro and write the MCU kit.")
+
+    @classmethod
+    def fields(cls):
+        return dataclasses.fields(cls)
+
+    def validate(self) -> "Config":
+        """Raise MskdError naming the first invalid ``--flag``."""
+
+        def bad(name, why):
+            raise MskdError(f"--{name}={getattr(self, name)!r}: {why}")
+
+        for f in self.fields():
+            value = getattr(self, f.name)
+            choices = f.metadata.get("choices")
+            if choices and value not in choices:
+                bad(f.name, f"must be one of {', '.join(c for c in choices if c) or choices}.")
+            if isinstance(value, float) and not math.isfinite(value):
+                bad(f.name, "must be a finite number.")
+        for name in ("batch_size", "epochs", "num_replicas", "calibration_batches", "calibration_samples", "round_to", "min_channels"):
+            if getattr(self, name) < 1:
+                bad(name, "must be >= 1.")
+        for name in ("train_subset", "distill_epochs"):
+            if getattr(self, name) < 0:
+                bad(name, "must be >= 0.")
+        for name in ("lr", "finetune_lr", "temperature"):
+            if getattr(self, name) <= 0:
+                bad(name, "must be > 0.")
+        if not 0 <= self.val_fraction < 1:
+            bad("val_fraction", "must be in [0, 1).")
+        if not 0 < self.target_macs <= 1:
+            bad("target_macs", "is a fraction of the teacher's MACs and must be in (0, 1].")
+        if not 0 <= self.alpha <= 1:
+            bad("alpha", "must be in [0, 1].")
+        if self.select_epochs <= 0:
+            bad("select_epochs", "must be > 0.")
+        if self.weight_decay < 0 or self.feature_kd < 0:
+            bad("weight_decay" if self.weight_decay < 0 else "feature_kd", "must be >= 0.")
+        unknown = [c for c in self.criteria if c not in ALL_CRITERIA and not _is_registered_criterion(c)]
+        if unknown or not self.criteria:
+            bad("criteria", f"unknown {unknown}; choose from {', '.join(ALL_CRITERIA)}." if unknown else "needs at least one criterion.")
+        unknown = [k for k in self.export if k not in EXPORT_KINDS]
+        if unknown:
+            bad("export", f"unknown {unknown}; choose from {', '.join(EXPORT_KINDS)}.")
+        if not self.workdir:
+            bad("workdir", "must name a folder.")
+        return self
+
+    def digest(self, names) -> str:
+        """A short hash of the named fields: a stage's artifact is stale when it changes."""
+        payload = json.dumps({n: getattr(self, n) for n in sorted(names)}, sort_keys=True, default=str)
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _is_registered_criterion(name: str) -> bool:
+    try:
+        from mskd_tf.pruning import criteria
+    except ImportError:
+        return False
+    return name in getattr(criteria, "REGISTRY", {})
+
+
+# ----------------------------------------------------------------------------- absl flags
+
+
+def define_flags(flag_values=None):
+    """Define one absl flag per Config field (type, default, help, choices from the field)."""
+    from absl import flags
+
+    flag_values = flag_values or flags.FLAGS
+    for f in Config.fields():
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        help_text = f.metadata["help"]
+        choices = f.metadata.get("choices")
+        kwargs = {"flag_values": flag_values}
+        if choices and isinstance(default, str):
+            flags.DEFINE_enum(f.name, default, list(choices), help_text, **kwargs)
+        elif isinstance(default, bool):
+            flags.DEFINE_bool(f.name, default, help_text, **kwargs)
+        elif isinstance(default, int):
+            flags.DEFINE_integer(f.name, default, help_text, **kwargs)
+        elif isinstance(default, float):
+            flags.DEFINE_float(f.name, default, help_text, **kwargs)
+        elif isinstance(default, tuple):
+            flags.DEFINE_list(f.name, list(default), help_text, **kwargs)
+        else:
+            flags.DEFINE_string(f.name, default, help_text, **kwargs)
+
+
+def config_from_flags(flag_values=None) -> Config:
+    from absl import flags
+
+    flag_values = flag_values or flags.FLAGS
+    values = {}
+    for f in Config.fields():
+        value = flag_values[f.name].value
+        values[f.name] = tuple(value) if isinstance(value, list) else value
+    return Config(**values).validate()

@@ -1,0 +1,419 @@
+"""Dataset sources -> train / validation / test ``tf.data`` pipelines.
+
+A *source* string names where the images come from:
+
+* ``fashion_mnist``: Debian's copy in ``/usr/share/datasets/fashion-mnist/``
+  (``apt-get install dataset-fashion-mnist``), else ``keras.datasets`` (downloads).
+* ``folder:PATH``: an image folder ``PATH/train/<class>/*`` + ``PATH/test/<class>/*``,
+  or a ``.tar.gz`` of one (extracted once into the cache folder). Decoded once and
+  cached as ``.npz`` in ``$MSKD_CACHE`` (default ``~/.cache/mskd_tf``).
+* ``tfds:NAME``: ``tensorflow_datasets.load`` (``data_dir`` / ``download`` arguments).
+* ``npz:FILE``: arrays ``x_train, y_train, x_test, y_test``.
+
+Conventions every stage relies on: images reach the model as float32 scaled to
+[0, 1]; per-channel normalisation (mean/std measured on the training split, in
+:class:`DatasetInfo`) belongs *inside* the model as a ``Normalization`` layer so
+the deployed TFLite file needs only the /255 scaling. Validation is carved from
+the training split with a fixed seed, never from test.
+
+Augmentation (pad-4 random crop + horizontal flip) runs on whole batches, after
+``batch()``: one vectorised gather per batch instead of a per-image ``map``.
+Its randomness comes from a seeded ``Dataset.random`` stream that is re-drawn
+each epoch, so runs are reproducible and epochs differ.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import hashlib
+import os
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import tensorflow as tf
+
+from mskd_tf.errors import MskdError
+
+FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_CLASSES = (
+    "t-shirt/top", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "ankle boot",
+)
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif")
+PAD = 4  # pixels of zero padding before the random crop (the CIFAR standard)
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetInfo:
+    """What a model needs to know about the data."""
+
+    name: str
+    image_shape: tuple[int, int, int]
+    num_classes: int
+    class_names: tuple[str, ...]
+    mean: tuple[float, ...]  # per channel, on the [0, 1] scale, training split only
+    std: tuple[float, ...]
+    num_train: int
+    num_val: int
+    num_test: int
+
+
+@dataclasses.dataclass
+class Arrays:
+    """Decoded images (NHWC, uint8 or float in [0, 1]) and int labels of one split."""
+
+    x: np.ndarray
+    y: np.ndarray
+
+    def __len__(self):
+        return len(self.y)
+
+
+@dataclasses.dataclass
+class Splits:
+    """Batched pipelines plus the arrays behind them (for calibration and export)."""
+
+    train: tf.data.Dataset  # shuffled, augmented when asked
+    val: tf.data.Dataset | None
+    test: tf.data.Dataset
+    info: DatasetInfo
+    arrays: dict[str, Arrays]
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("MSKD_CACHE", Path.home() / ".cache" / "mskd_tf"))
+
+
+# ----------------------------------------------------------------------------- sources
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    """Read a (gzipped) IDX file: the format of the MNIST family."""
+    with gzip.open(path, "rb") as f:
+        data = f.read()
+    if len(data) < 4 or data[0] != 0 or data[1] != 0:
+        raise MskdError(f"{path} is not an IDX file; reinstall it with `apt-get install --reinstall dataset-fashion-mnist`.")
+    ndim = data[3]
+    dims = np.frombuffer(data, dtype=">u4", count=ndim, offset=4).astype(int)
+    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
+
+
+def _fashion_mnist():
+    files = {k: FASHION_MNIST_DIR / f"{k}-idx{3 if 'images' in k else 1}-ubyte.gz"
+             for k in ("train-images", "train-labels", "t10k-images", "t10k-labels")}
+    if all(p.exists() for p in files.values()):
+        x_train, y_train = _read_idx(files["train-images"]), _read_idx(files["train-labels"])
+        x_test, y_test = _read_idx(files["t10k-images"]), _read_idx(files["t10k-labels"])
+    else:
+        import keras
+
+        try:
+            (x_train, y_train), (x_test, y_test) = keras.datasets.fashion_mnist.load_data()
+        except Exception as exc:  # no network: say where the offline copy comes from
+            raise MskdError(
+                f"Fashion-MNIST is not in {FASHION_MNIST_DIR} and could not be downloaded ({exc}). "
+                "Install the offline copy with `apt-get install -y dataset-fashion-mnist`."
+            ) from exc
+    return (x_train[..., None], y_train, x_test[..., None], y_test, FASHION_MNIST_CLASSES)
+
+
+def _extract_archive(archive: Path) -> Path:
+    """Extract a .tar.gz image folder once into the cache; return the folder holding train/ and test/."""
+    stat = archive.stat()
+    key = hashlib.sha1(f"{archive.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    target = cache_dir() / f"extracted-{archive.name.split('.')[0]}-{key}"
+    if not (target / ".complete").exists():
+        tmp = target.with_name(target.name + ".tmp")
+        if tmp.exists():
+            import shutil
+
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        try:
+            with tarfile.open(archive) as tar:
+                tar.extractall(tmp, filter="data")
+        except (tarfile.TarError, OSError, EOFError) as exc:
+            raise MskdError(f"cannot extract {archive}: {exc}. Check the file or pass the extracted folder.") from exc
+        (tmp / ".complete").touch()
+        tmp.rename(target)
+    for root in (target, *sorted(p for p in target.iterdir() if p.is_dir())):
+        if (root / "train").is_dir():
+            return root
+    raise MskdError(f"{archive} holds no train/ folder; expected train/<class>/* and test/<class>/*.")
+
+
+def _list_split(root: Path, split: str, class_names=None):
+    split_dir = root / split
+    if not split_dir.is_dir():
+        raise MskdError(f"{split_dir} does not exist; an image folder needs {root}/train/<class>/* and {root}/test/<class>/*.")
+    classes = sorted(p.name for p in split_dir.iterdir() if p.is_dir())
+    if not classes:
+        raise MskdError(f"{split_dir} has no class folders; put images under {split_dir}/<class>/.")
+    if class_names is not None and tuple(classes) != tuple(class_names):
+        raise MskdError(f"{split_dir} has classes {classes}, but train/ has {list(class_names)}; they must match.")
+    paths, labels = [], []
+    for label, name in enumerate(classes):
+        files = sorted(str(p) for p in (split_dir / name).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise MskdError(f"class folder {split_dir / name} has no images ({', '.join(IMAGE_SUFFIXES)}).")
+        paths += files
+        labels += [label] * len(files)
+    return paths, np.asarray(labels, np.int64), tuple(classes)
+
+
+def _decode_files(paths: list[str]) -> np.ndarray:
+    """Decode images in parallel with tf.data; name the file when one is corrupt or the wrong size."""
+    from PIL import Image
+
+    try:
+        with Image.open(paths[0]) as first:
+            first.load()
+            shape = np.asarray(first).shape
+    except Exception as exc:
+        raise MskdError(f"cannot decode image {paths[0]}: {exc}. Remove or replace the file.") from exc
+    height, width = shape[:2]
+    channels = 1 if len(shape) == 2 else shape[2]
+
+    def decode(path):
+        image = tf.io.decode_image(tf.io.read_file(path), channels=channels, expand_animations=False)
+        return tf.ensure_shape(image, (height, width, channels))
+
+    ds = tf.data.Dataset.from_tensor_slices(paths).map(decode, num_parallel_calls=tf.data.AUTOTUNE).batch(1024)
+    try:
+        return np.concatenate([b.numpy() for b in ds])
+    except (tf.errors.InvalidArgumentError, tf.errors.NotFoundError):
+        pass
+    # The fast path failed somewhere: find and name the culprit (slow, only on error).
+    for path in paths:
+        try:
+            with Image.open(path) as im:
+                im.load()
+                got = np.asarray(im).shape
+        except Exception as exc:
+            raise MskdError(f"cannot decode image {path}: {exc}. Remove or replace the file.") from exc
+        if got[:2] != (height, width):
+            raise MskdError(
+                f"image {path} is {got[1]}x{got[0]} but {paths[0]} is {width}x{height}; "
+                "all images of a folder dataset must have one size."
+            )
+    raise MskdError(f"decoding the images under {Path(paths[0]).parents[2]} failed; check the files.")
+
+
+def _folder(path_text: str):
+    path = Path(path_text).expanduser()
+    if not path.exists():
+        raise MskdError(f"dataset folder:{path_text}: {path} does not exist. Pass an image folder or its .tar.gz.")
+    root = _extract_archive(path) if path.is_file() else path
+    train_paths, y_train, classes = _list_split(root, "train")
+    test_paths, y_test, _ = _list_split(root, "test", classes)
+    listing = "\n".join(train_paths + test_paths).encode()
+    key = hashlib.sha1(listing + str(root.resolve()).encode()).hexdigest()[:16]
+    cached = cache_dir() / f"folder-{key}.npz"
+    if cached.exists():
+        with np.load(cached) as z:
+            return z["x_train"], y_train, z["x_test"], y_test, classes
+    x_train, x_test = _decode_files(train_paths), _decode_files(test_paths)
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cached.with_suffix(".tmp.npz")
+    np.savez(tmp, x_train=x_train, x_test=x_test)
+    tmp.rename(cached)
+    return x_train, y_train, x_test, y_test, classes
+
+
+def _tfds(name: str, data_dir: str | None, download: bool):
+    try:
+        import tensorflow_datasets as tfds
+    except ImportError as exc:
+        raise MskdError("tfds sources need tensorflow-datasets (pip install tensorflow-datasets importlib_resources).") from exc
+    try:
+        builder = tfds.builder(name, data_dir=data_dir)
+    except Exception as exc:
+        raise MskdError(f"dataset tfds:{name}: unknown tfds dataset ({exc}).") from exc
+    if not download and not builder.is_prepared():
+        raise MskdError(
+            f"dataset tfds:{name} is not prepared in {builder.data_dir}; pass --download (needs network) "
+            "or --data_dir pointing at a folder that holds it."
+        )
+    try:
+        train, test = tfds.load(name, split=["train", "test"], as_supervised=True, batch_size=-1,
+                                data_dir=data_dir, download=download)
+    except Exception as exc:
+        raise MskdError(f"dataset tfds:{name}: loading failed ({exc}).") from exc
+    classes = tuple(builder.info.features["label"].names)
+    return train[0].numpy(), train[1].numpy(), test[0].numpy(), test[1].numpy(), classes
+
+
+def _npz(path_text: str):
+    path = Path(path_text).expanduser()
+    if not path.is_file():
+        raise MskdError(f"dataset npz:{path_text}: file {path} does not exist.")
+    try:
+        z = np.load(path)
+    except Exception as exc:
+        raise MskdError(f"dataset npz:{path_text}: cannot read {path} as .npz ({exc}).") from exc
+    with z:
+        missing = {"x_train", "y_train", "x_test", "y_test"} - set(z.files)
+        if missing:
+            raise MskdError(f"{path} lacks arrays {sorted(missing)}; an npz dataset needs x_train, y_train, x_test, y_test (it has {z.files}).")
+        arrays = [z[k] for k in ("x_train", "y_train", "x_test", "y_test")]
+    x_train, y_train, x_test, y_test = arrays
+    if x_train.ndim == 3:
+        x_train, x_test = x_train[..., None], x_test[..., None]
+    num_classes = int(max(y_train.max(), y_test.max())) + 1
+    return x_train, y_train, x_test, y_test, tuple(str(i) for i in range(num_classes))
+
+
+def load_arrays(source: str, *, data_dir: str | None = None, download: bool = False):
+    """Decode a source into ``(x_train, y_train, x_test, y_test, class_names)`` numpy arrays."""
+    if not isinstance(source, str) or not source:
+        raise MskdError(f"dataset={source!r}: give fashion_mnist, folder:DIR, tfds:NAME or npz:FILE.")
+    kind, _, arg = source.partition(":")
+    if source == "fashion_mnist":
+        out = _fashion_mnist()
+    elif kind == "folder" and arg:
+        out = _folder(arg)
+    elif kind == "tfds" and arg:
+        out = _tfds(arg, data_dir, download)
+    elif kind == "npz" and arg:
+        out = _npz(arg)
+    else:
+        raise MskdError(f"dataset={source!r} is not understood; give fashion_mnist, folder:DIR, tfds:NAME or npz:FILE.")
+    x_train, y_train, x_test, y_test, classes = out
+    y_train, y_test = np.asarray(y_train).reshape(-1).astype(np.int64), np.asarray(y_test).reshape(-1).astype(np.int64)
+    for split, x, y in (("train", x_train, y_train), ("test", x_test, y_test)):
+        if len(x) != len(y) or len(x) == 0:
+            raise MskdError(f"dataset {source}: {split} split has {len(x)} images and {len(y)} labels; they must match and be > 0.")
+        if x.ndim != 4:
+            raise MskdError(f"dataset {source}: {split} images have shape {x.shape}; expected (N, H, W, C) or (N, H, W).")
+        if np.issubdtype(x.dtype, np.floating) and (np.nanmin(x) < 0 or np.nanmax(x) > 1 or np.isnan(x).any()):
+            raise MskdError(f"dataset {source}: float {split} images must be finite and scaled to [0, 1].")
+        if y.min() < 0 or y.max() >= len(classes):
+            raise MskdError(f"dataset {source}: {split} labels must lie in [0, {len(classes)}); found {y.min()}..{y.max()}.")
+    return x_train, y_train, x_test, y_test, classes
+
+
+# ----------------------------------------------------------------------------- pipelines
+
+
+def to_unit(images):
+    """uint8 -> float32 in [0, 1]; float input is taken as already scaled."""
+    if images.dtype == tf.uint8:
+        return tf.cast(images, tf.float32) / 255.0
+    return tf.cast(images, tf.float32)
+
+
+def augment_batch(images, seed):
+    """Pad-4 random crop + random horizontal flip for a whole batch, stateless.
+
+    ``seed`` is a shape-[2] int tensor; the same seed gives the same batch.
+    Each image gets its own crop offset and flip (a gather per batch, no per-image map).
+    """
+    shape = tf.shape(images)
+    batch, height, width = shape[0], shape[1], shape[2]
+    padded = tf.pad(images, [[0, 0], [PAD, PAD], [PAD, PAD], [0, 0]])
+    offsets = tf.random.stateless_uniform([batch, 2], seed, 0, 2 * PAD + 1, dtype=tf.int32)
+    rows = offsets[:, :1] + tf.range(height)[None, :]
+    cols = offsets[:, 1:] + tf.range(width)[None, :]
+    flip = tf.random.stateless_uniform([batch], seed + 1, 0, 2, dtype=tf.int32) > 0
+    # A flip is a reversed column index list: fold it into the same gather.
+    cols = tf.where(flip[:, None], tf.reverse(cols, axis=[1]), cols)
+    cropped = tf.gather(padded, rows, axis=1, batch_dims=1)
+    return tf.gather(cropped, cols, axis=2, batch_dims=1)
+
+
+def _options():
+    options = tf.data.Options()
+    options.deterministic = True
+    # Input work must not pre-empt the training step on 2 cores: keep it on one thread.
+    options.threading.max_intra_op_parallelism = 1
+    return options
+
+
+def train_pipeline(arrays: Arrays, batch_size: int, *, augment: bool = True, seed: int = 0) -> tf.data.Dataset:
+    """Shuffled (re-shuffled per epoch), batched, optionally augmented training batches.
+
+    The arrays already sit in memory, so there is nothing to ``cache()``: each batch is
+    a gather of shuffled indices from one in-memory tensor.
+    """
+    images, labels = tf.constant(arrays.x), tf.constant(arrays.y)
+    n = len(arrays)
+    ds = tf.data.Dataset.range(n).shuffle(n, seed=seed, reshuffle_each_iteration=True).batch(batch_size)
+    ds = ds.map(lambda idx: (to_unit(tf.gather(images, idx)), tf.gather(labels, idx)))
+    if augment:
+        seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
+        ds = tf.data.Dataset.zip(ds, seeds).map(lambda batch, s: (augment_batch(batch[0], s), batch[1]))
+    return ds.prefetch(tf.data.AUTOTUNE).with_options(_options())
+
+
+def eval_pipeline(arrays: Arrays, batch_size: int) -> tf.data.Dataset:
+    """Unshuffled, unaugmented batches, cached as float32 after the first pass."""
+    ds = tf.data.Dataset.from_tensor_slices((arrays.x, arrays.y)).batch(batch_size)
+    return ds.map(lambda x, y: (to_unit(x), y)).cache().prefetch(tf.data.AUTOTUNE).with_options(_options())
+
+
+def split_validation(x, y, val_fraction: float, seed: int):
+    """Carve a seeded random validation split from the training arrays."""
+    if not 0 <= val_fraction < 1:
+        raise MskdError(f"val_fraction={val_fraction} must be in [0, 1).")
+    order = np.random.default_rng(seed).permutation(len(y))
+    num_val = int(round(val_fraction * len(y)))
+    return Arrays(x[order[num_val:]], y[order[num_val:]]), Arrays(x[order[:num_val]], y[order[:num_val]])
+
+
+def channel_stats(x: np.ndarray, chunk: int = 4096):
+    """Per-channel mean and std on the [0, 1] scale, in chunks (no full float copy)."""
+    scale = 255.0 if x.dtype == np.uint8 else 1.0
+    total = np.zeros(x.shape[-1])
+    total_sq = np.zeros(x.shape[-1])
+    for start in range(0, len(x), chunk):
+        part = x[start:start + chunk].astype(np.float64) / scale
+        total += part.sum(axis=(0, 1, 2))
+        total_sq += (part**2).sum(axis=(0, 1, 2))
+    count = len(x) * x.shape[1] * x.shape[2]
+    mean = total / count
+    std = np.sqrt(np.maximum(total_sq / count - mean**2, 1e-12))
+    return tuple(float(v) for v in mean), tuple(float(v) for v in std)
+
+
+def load(
+    source: str,
+    *,
+    batch_size: int = 128,
+    eval_batch_size: int | None = None,
+    val_fraction: float = 0.1,
+    augment: bool = True,
+    seed: int = 0,
+    train_subset: int | None = None,
+    data_dir: str | None = None,
+    download: bool = False,
+) -> Splits:
+    """Turn a source string into train / val / test pipelines and the dataset's metadata.
+
+    >>> splits = load("fashion_mnist", batch_size=128, train_subset=5000)
+    >>> splits.info.image_shape, splits.info.num_classes
+    ((28, 28, 1), 10)
+    """
+    if batch_size < 1:
+        raise MskdError(f"batch_size={batch_size} must be >= 1.")
+    x_train, y_train, x_test, y_test, classes = load_arrays(source, data_dir=data_dir, download=download)
+    train, val = split_validation(x_train, y_train, val_fraction, seed)
+    if train_subset:
+        if train_subset < 1:
+            raise MskdError(f"train_subset={train_subset} must be a positive number of images (or 0 for all).")
+        train = Arrays(train.x[:train_subset], train.y[:train_subset])
+    test = Arrays(x_test, y_test)
+    mean, std = channel_stats(train.x)
+    info = DatasetInfo(
+        name=source, image_shape=tuple(int(d) for d in train.x.shape[1:]), num_classes=len(classes),
+        class_names=tuple(classes), mean=mean, std=std,
+        num_train=len(train), num_val=len(val), num_test=len(test),
+    )
+    eval_batch = eval_batch_size or 2 * batch_size
+    return Splits(
+        train=train_pipeline(train, batch_size, augment=augment, seed=seed),
+        val=eval_pipeline(val, eval_batch) if len(val) else None,
+        test=eval_pipeline(test, eval_batch),
+        info=info,
+        arrays={"train": train, "val": val, "test": test},
+    )
