@@ -130,3 +130,37 @@ def test_mobilenet_v2_imagenet_about_300m_macs_3_5m_params():
     cost = flops.count(keras.applications.MobileNetV2(weights=None, input_shape=(224, 224, 3)))
     assert cost.macs == pytest.approx(300e6, rel=0.01)
     assert cost.params == pytest.approx(3.5e6, rel=0.01)
+
+
+# Published CIFAR-10 figures (HRank / pruning literature): (MACs, params).
+PUBLISHED = {
+    ("resnet20", "A"): (40.55e6, 0.27e6),
+    ("resnet20", "B"): (40.81e6, 0.27e6),
+    ("resnet56", "A"): (125.49e6, 0.85e6),
+    ("resnet110", "A"): (252.89e6, 1.72e6),
+    ("vgg16", "A"): (313.73e6, 14.98e6),
+}
+
+
+@pytest.mark.parametrize("name,shortcut", sorted(PUBLISHED))
+def test_published_cifar_figures_within_one_percent(name, shortcut):
+    from mskd_tf import models
+
+    cost = flops.count(models.build(name, (32, 32, 3), 10, shortcut=shortcut))
+    macs, params = PUBLISHED[(name, shortcut)]
+    assert cost.macs == pytest.approx(macs, rel=0.01)
+    assert cost.params == pytest.approx(params, rel=0.01)
+
+
+def test_resnet56_conv_dense_macs_exact_and_fast():
+    from mskd_tf import models
+
+    model = models.build("resnet56", (32, 32, 3), 10)
+    start = time.perf_counter()
+    cost = flops.count(model)
+    assert time.perf_counter() - start < 0.5
+    # stem + 18 convs 16->16 @32x32 + (16->32 + 17 convs 32->32) @16x16 + (32->64 + 17 64->64) @8x8 + fc
+    stage = 3 * 3 * 16 * 16 * 32 * 32  # every 3x3 conv that keeps the stage width costs this
+    first = 3 * 3 * 16 * 32 * 16 * 16  # the down-sampling conv of stages 2 and 3 costs this
+    expected = 3 * 3 * 3 * 16 * 32 * 32 + 18 * stage + 2 * (first + 17 * stage) + 64 * 10
+    assert cost.macs == expected == 125_485_696
