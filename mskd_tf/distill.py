@@ -1,0 +1,380 @@
+"""Knowledge distillation: train the selected sub-network from the original network.
+
+The :class:`Distiller` is a ``keras.Model`` whose ``train_step`` runs the frozen
+teacher in inference mode and trains the student on::
+
+    alpha * CE(labels, student) + (1 - alpha) * T^2 * KL(softmax(teacher/T) || softmax(student/T))
+      + feature_weight * mean over stage pairs of MSE(teacher_feature, proj(student_feature))
+
+The KL term is ``keras.distillation.LogitsDistillation`` with an explicit
+``keras.losses.KLDivergence()`` instance (its default ``"kl_divergence"`` string
+resolves to a plain function, which skips the softmax and the T^2 factor), and
+the hint term is ``keras.distillation.FeatureDistillation`` with a
+``MeanSquaredError()`` instance. Both are Keras ``Loss`` objects, so each replica's
+value is scaled by 1/replicas and summed gradients under ``MirroredStrategy``
+equal the single-device ones; logged values are unscaled again.
+
+We do not subclass ``keras.distillation.Distiller``: it runs the student a second
+time to extract features (double BatchNorm updates), logs replica-scaled losses
+under a strategy and saves the teacher with the student.
+"""
+
+from __future__ import annotations
+
+import os
+
+import keras
+import tensorflow as tf
+from keras import ops
+
+from mskd_tf.errors import MskdError
+from mskd_tf.training import NanGuard, make_optimizer
+
+OUTPUT_KINDS = ("auto", "logits", "probabilities")
+_TINY = 1e-30  # floor before log(probabilities); far below any softmax value that matters at T >= 1
+
+
+class _LogitsTap:
+    """One forward pass of a classifier that yields logits plus chosen intermediate tensors.
+
+    Softmax heads are undone exactly where the graph allows it (a ``Softmax`` /
+    ``Activation('softmax')`` layer: take its input; a ``Dense(..., 'softmax')``:
+    recompute the pre-activation from its kernel). Otherwise probabilities are
+    turned into log-probabilities, which are valid logits (same softmax).
+    """
+
+    def __init__(self, model: keras.Model, role: str, feature_layers=(), output_kind: str = "auto"):
+        self.model = model
+        head = model.layers[-1] if getattr(model, "layers", None) else None
+        softmax_head = head is not None and _is_softmax(head)
+        if output_kind == "logits" and softmax_head:
+            raise MskdError(
+                f"output_kind='logits' but the {role}'s last layer {head.name!r} applies softmax; "
+                "use output_kind='auto' or 'probabilities'."
+            )
+        self.probabilities = softmax_head or output_kind == "probabilities"
+        self.dense_head = None
+        has_graph = getattr(model, "inputs", None) is not None and len(model.outputs) == 1
+        if feature_layers and not has_graph:
+            raise MskdError(f"feature distillation needs a functional {role} with one output; {model.name!r} is not.")
+        if not has_graph:
+            self.graph, self.exact = None, False
+            return
+        final = model.outputs[0]
+        self.exact = True
+        if softmax_head and isinstance(head, (keras.layers.Softmax, keras.layers.Activation)):
+            final = head.input
+        elif softmax_head and isinstance(head, keras.layers.Dense):
+            final, self.dense_head = head.input, head
+        else:
+            self.exact = not self.probabilities
+        features = [model.get_layer(name).output for name in feature_layers]
+        self.graph = keras.Model(model.input, [final, *features], name=f"{model.name}_tap")
+
+    def __call__(self, x, training):
+        """Returns ``(logits, [features...])``."""
+        if self.graph is None:
+            out, features = self.model(x, training=training), []
+        else:
+            out, *features = self.graph(x, training=training)
+        if self.dense_head is not None:
+            out = ops.matmul(out, self.dense_head.kernel)
+            if self.dense_head.use_bias:
+                out = out + self.dense_head.bias
+        elif self.probabilities and not self.exact:
+            out = ops.log(ops.maximum(out, _TINY))
+        return out, features
+
+
+def _is_softmax(layer) -> bool:
+    if isinstance(layer, keras.layers.Softmax):
+        return True
+    activation = getattr(layer, "activation", None)
+    return activation is not None and getattr(activation, "__name__", "") == "softmax"
+
+
+def stage_ends(model: keras.Model) -> list[str]:
+    """Names of the last layer at each spatial resolution (4-D outputs), in depth order.
+
+    For ResNet/VGG/MobileNet-style networks these are the outputs of each stage,
+    the usual FitNets hint points.
+    """
+    last_at = {}
+    for layer in model.layers:
+        if isinstance(layer, keras.layers.InputLayer):
+            continue
+        try:
+            shape = layer.output.shape
+        except (AttributeError, ValueError):  # shared layers have no single output
+            continue
+        if len(shape) == 4:
+            last_at.pop((shape[1], shape[2]), None)  # re-insert to keep depth order of last occurrence
+            last_at[(shape[1], shape[2])] = layer.name
+    return list(last_at.values())
+
+
+def default_feature_pairs(teacher: keras.Model, student: keras.Model) -> list[tuple[str, str]]:
+    """Pair the teacher's and the student's stage outputs.
+
+    By name first (pruned clones keep layer names), otherwise by position when
+    both have the same number of stages at the same resolutions.
+    """
+    t_ends, s_ends = stage_ends(teacher), stage_ends(student)
+    s_names = {layer.name for layer in student.layers}
+    if t_ends and all(name in s_names for name in t_ends):
+        pairs = [(name, name) for name in t_ends]
+    elif t_ends and len(t_ends) == len(s_ends):
+        pairs = list(zip(t_ends, s_ends))
+    else:
+        raise MskdError(
+            f"cannot pair stage outputs for feature distillation: teacher stages {t_ends}, student stages "
+            f"{s_ends}. Pass feature_pairs=[(teacher_layer, student_layer), ...] explicitly."
+        )
+    for t_name, s_name in pairs:
+        t_shape, s_shape = teacher.get_layer(t_name).output.shape, student.get_layer(s_name).output.shape
+        if len(t_shape) != 4 or tuple(t_shape[1:3]) != tuple(s_shape[1:3]):
+            raise MskdError(
+                f"feature pair ({t_name!r}, {s_name!r}) has shapes {t_shape} vs {s_shape}; the spatial "
+                "sizes must match. Pass feature_pairs explicitly."
+            )
+    return pairs
+
+
+class Distiller(keras.Model):
+    """Trains ``student`` from a frozen ``teacher`` (logit KD plus optional FitNets hints).
+
+    Args:
+        teacher: trained classifier; frozen (``trainable=False``) and always run
+            with ``training=False``.
+        student: classifier with the same input and number of classes.
+        feature_pairs: ``None`` (no hint loss), ``"auto"`` (stage outputs, see
+            :func:`default_feature_pairs`) or a list of ``(teacher_layer,
+            student_layer)`` names. Where the student has fewer channels a learned
+            1x1 convolution projects it to the teacher's width.
+        output_kind: ``"auto"`` (softmax heads are detected), ``"logits"`` or
+            ``"probabilities"``.
+
+    ``fit``/``evaluate`` log ``loss`` (total), ``student_loss`` (CE),
+    ``distillation_loss`` (T^2 KL), ``feature_loss`` (when hints are on) and the
+    compiled metrics. ``save()`` writes the student only, so checkpoints load
+    without custom objects.
+    """
+
+    def __init__(self, teacher, student, *, feature_pairs=None, output_kind="auto", name="distiller", **kwargs):
+        super().__init__(name=name, **kwargs)
+        for role, model in (("teacher", teacher), ("student", student)):
+            if not isinstance(model, keras.Model):
+                raise MskdError(f"{role} must be a keras.Model, got {type(model).__name__}.")
+        if output_kind not in OUTPUT_KINDS:
+            raise MskdError(f"output_kind={output_kind!r} is unknown; use one of {', '.join(OUTPUT_KINDS)}.")
+        t_classes, s_classes = teacher.outputs[0].shape[-1], student.outputs[0].shape[-1]
+        if t_classes != s_classes:
+            raise MskdError(
+                f"teacher {teacher.name!r} predicts {t_classes} classes but student {student.name!r} "
+                f"predicts {s_classes}; distillation needs the same classes."
+            )
+        teacher.trainable = False
+        self.teacher, self.student = teacher, student
+        if feature_pairs == "auto":
+            feature_pairs = default_feature_pairs(teacher, student)
+        self.feature_pairs = [tuple(pair) for pair in (feature_pairs or [])]
+        for t_name, s_name in self.feature_pairs:
+            for role, model, layer_name in (("teacher", teacher, t_name), ("student", student, s_name)):
+                if layer_name not in {layer.name for layer in model.layers}:
+                    raise MskdError(f"feature pair layer {layer_name!r} is not a layer of the {role} {model.name!r}.")
+        self._teacher_tap = _LogitsTap(teacher, "teacher", [t for t, _ in self.feature_pairs], output_kind)
+        self._student_tap = _LogitsTap(student, "student", [s for _, s in self.feature_pairs], output_kind)
+        self.projections = [
+            self._projection(i, teacher.get_layer(t).output.shape, student.get_layer(s).output.shape)
+            for i, (t, s) in enumerate(self.feature_pairs)
+        ]
+        self.total_tracker = keras.metrics.Mean(name="loss")
+        self.student_tracker = keras.metrics.Mean(name="student_loss")
+        self.distill_tracker = keras.metrics.Mean(name="distillation_loss")
+        self.feature_tracker = keras.metrics.Mean(name="feature_loss") if self.feature_pairs else None
+        self.temperature, self.alpha, self.feature_weight = 4.0, 0.5, 0.0
+
+    def _projection(self, index, t_shape, s_shape):
+        if t_shape[-1] == s_shape[-1]:
+            return None
+        projection = keras.layers.Conv2D(t_shape[-1], 1, use_bias=False, name=f"hint_projection_{index}")
+        projection.build(tuple(s_shape))
+        return projection
+
+    def compile(
+        self, optimizer="sgd", metrics=("accuracy",), *, temperature=4.0, alpha=0.5, feature_weight=0.0, **kwargs
+    ):
+        """Set the optimizer, metrics and the loss mix (``temperature`` T, ``alpha``, ``feature_weight``)."""
+        if not (isinstance(temperature, (int, float)) and temperature > 0):
+            raise MskdError(f"temperature={temperature!r} must be a positive number (typical: 2-8).")
+        if not (isinstance(alpha, (int, float)) and 0.0 <= alpha <= 1.0):
+            raise MskdError(f"alpha={alpha!r} must be in [0, 1] (1 = plain cross-entropy).")
+        if not (isinstance(feature_weight, (int, float)) and feature_weight >= 0):
+            raise MskdError(f"feature_weight={feature_weight!r} must be >= 0.")
+        if feature_weight and not self.feature_pairs:
+            raise MskdError("feature_weight > 0 needs feature pairs: build the Distiller with feature_pairs='auto'.")
+        self.temperature, self.alpha, self.feature_weight = float(temperature), float(alpha), float(feature_weight)
+        self._ce = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+        self._kd = keras.distillation.LogitsDistillation(self.temperature, loss=keras.losses.KLDivergence())
+        self._hint = keras.distillation.FeatureDistillation(loss=keras.losses.MeanSquaredError())
+        # XLA gives nothing on this CPU and fails under MirroredStrategy on logical CPUs.
+        kwargs.setdefault("jit_compile", False)
+        super().compile(optimizer=optimizer, metrics=list(metrics or []), **kwargs)
+
+    @property
+    def metrics(self):
+        # Our own "loss" tracker replaces Keras' compiled one, which this model never updates.
+        trackers = [self.total_tracker, self.student_tracker, self.distill_tracker]
+        if self.feature_tracker is not None:
+            trackers.append(self.feature_tracker)
+        others = [m for m in super().metrics if m.name != "loss" and all(m is not t for t in trackers)]
+        return trackers + others
+
+    def call(self, inputs, training=False):
+        return self.student(inputs, training=training)
+
+    def _loss_terms(self, y, teacher_out, student_out):
+        """Per-replica (1/replicas-scaled) loss terms and their weighted total."""
+        (t_logits, t_features), (s_logits, s_features) = teacher_out, student_out
+        t_logits = ops.stop_gradient(t_logits)
+        terms = {"student_loss": self._ce(y, s_logits)}
+        terms["distillation_loss"] = self._kd.compute_loss(t_logits, s_logits)
+        total = self.alpha * terms["student_loss"] + (1.0 - self.alpha) * terms["distillation_loss"]
+        if self.feature_pairs:
+            hints = [
+                self._hint.compute_loss(ops.stop_gradient(t), s if proj is None else proj(s))
+                for t, s, proj in zip(t_features, s_features, self.projections)
+            ]
+            terms["feature_loss"] = ops.mean(ops.stack(hints))
+            total = total + self.feature_weight * terms["feature_loss"]
+        terms["loss"] = total
+        return terms
+
+    def _log_terms(self, terms, x):
+        replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        batch = ops.shape(x)[0]
+        trackers = {"loss": self.total_tracker, "student_loss": self.student_tracker}
+        trackers.update(distillation_loss=self.distill_tracker, feature_loss=self.feature_tracker)
+        for key, value in terms.items():
+            trackers[key].update_state(value * replicas, sample_weight=batch)
+
+    def _trained_variables(self):
+        variables = list(self.student.trainable_variables)
+        if self.feature_weight:
+            variables += [v for p in self.projections if p is not None for v in p.trainable_variables]
+        return variables
+
+    def train_step(self, data):
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        _reject_sample_weight(sample_weight)
+        teacher_out = self._teacher_tap(x, training=False)
+        variables = self._trained_variables()
+        with tf.GradientTape() as tape:
+            student_out = self._student_tap(x, training=True)
+            terms = self._loss_terms(y, teacher_out, student_out)
+            scaled = self.optimizer.scale_loss(terms["loss"])
+        self.optimizer.apply_gradients(zip(tape.gradient(scaled, variables), variables))
+        self._log_terms(terms, x)
+        return self.compute_metrics(x, y, student_out[0])
+
+    def test_step(self, data):
+        x, y, sample_weight = keras.utils.unpack_x_y_sample_weight(data)
+        _reject_sample_weight(sample_weight)
+        teacher_out = self._teacher_tap(x, training=False)
+        student_out = self._student_tap(x, training=False)
+        self._log_terms(self._loss_terms(y, teacher_out, student_out), x)
+        return self.compute_metrics(x, y, student_out[0])
+
+    def save(self, filepath, *args, **kwargs):
+        """Saves the student only (teacher and hint projections are training aids)."""
+        return self.student.save(filepath, *args, **kwargs)
+
+
+def _reject_sample_weight(sample_weight):
+    if sample_weight is not None:
+        raise MskdError("Distiller does not support sample weights / class_weight; rebalance the dataset instead.")
+
+
+def save_student(student: keras.Model, workdir: str, filename: str = "student.keras") -> str:
+    """Atomically write ``workdir/student.keras`` (temp name, then rename); returns the path."""
+    os.makedirs(workdir, exist_ok=True)
+    path = os.path.join(workdir, filename)
+    partial = path + ".partial.keras"
+    student.save(partial)
+    os.replace(partial, path)
+    return path
+
+
+def _steps_per_epoch(dataset) -> int:
+    steps = int(dataset.cardinality())
+    if steps == tf.data.INFINITE_CARDINALITY:
+        raise MskdError("train_ds is infinite; pass a finite dataset (one epoch), e.g. without .repeat().")
+    if steps == tf.data.UNKNOWN_CARDINALITY:
+        steps = sum(1 for _ in dataset)  # e.g. after .filter(); counts one pass
+    if steps < 1:
+        raise MskdError("train_ds is empty; check the data source and the batch size.")
+    return steps
+
+
+def _in_scope(model: keras.Model) -> keras.Model:
+    """A copy of ``model`` whose variables belong to the current strategy scope."""
+    clone = keras.models.clone_model(model)
+    clone.set_weights(model.get_weights())
+    return clone
+
+
+def distill(
+    teacher,
+    student,
+    train_ds,
+    val_ds,
+    *,
+    epochs,
+    temperature=4.0,
+    alpha=0.5,
+    feature_kd=0.0,
+    kd=True,
+    optimizer="sgd",
+    lr=0.01,
+    weight_decay=5e-4,
+    strategy=None,
+    callbacks=(),
+    seed=0,
+    verbose="auto",
+):
+    """The ``distill`` stage: train ``student`` from ``teacher``; returns ``(student, history)``.
+
+    ``kd=False`` is the baseline: the same student, optimizer, schedule and
+    epochs, plain cross-entropy and no teacher, so the gain of KD is measurable.
+    ``feature_kd`` > 0 adds FitNets hints on the stage outputs with that weight.
+    Datasets yield ``(images, int labels)`` batches. With a ``strategy`` the
+    models are copied into its scope and the trained copy is returned.
+    Raises :class:`MskdError` on bad arguments or when the loss becomes NaN.
+    """
+    if not isinstance(epochs, int) or epochs < 1:
+        raise MskdError(f"epochs={epochs!r} must be a positive integer (--distill_epochs).")
+    keras.utils.set_random_seed(seed)
+    total_steps = epochs * _steps_per_epoch(train_ds)
+    strategy = strategy or tf.distribute.get_strategy()
+    copy = strategy is not tf.distribute.get_strategy()
+    with strategy.scope():
+        if copy:
+            student = _in_scope(student)
+            teacher = _in_scope(teacher) if kd else teacher
+        opt = make_optimizer(optimizer, lr, total_steps=total_steps, weight_decay=weight_decay)
+        if kd:
+            model = Distiller(teacher, student, feature_pairs="auto" if feature_kd else None)
+            model.compile(opt, temperature=temperature, alpha=alpha, feature_weight=feature_kd)
+        else:
+            model = student
+            model.compile(
+                opt, keras.losses.SparseCategoricalCrossentropy(from_logits=not _is_softmax(student.layers[-1])),
+                metrics=["accuracy"], jit_compile=False,
+            )
+    guard = NanGuard()
+    history = model.fit(
+        train_ds, validation_data=val_ds, epochs=epochs, callbacks=[guard, *callbacks], verbose=verbose,
+        shuffle=False,  # tf.data input: shuffling is the pipeline's job
+    )
+    guard.raise_if_tripped("distill")
+    return student, history.history
