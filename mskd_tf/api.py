@@ -1,0 +1,194 @@
+"""``compress()``: the MS-KD stage runner shared by the API and the CLI.
+
+Stages run in order; each reads the previous stage's artifact from the work
+directory and writes its own atomically. A stage is skipped when its artifacts
+exist, load, and were made from the same config (see :mod:`mskd_tf.workdir`);
+otherwise it and every later stage run again, and the reason is printed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+from mskd_tf import stages
+from mskd_tf.config import STAGES, Config
+from mskd_tf.errors import MskdError
+from mskd_tf.workdir import Workdir
+
+# The config fields each stage's artifact depends on (digests chain, so a change
+# upstream also invalidates everything downstream). Strategy and replica count are
+# left out on purpose: results are exact across strategies.
+STAGE_INPUTS = {
+    "teacher": ("dataset", "data_dir", "val_fraction", "train_subset", "augment", "batch_size", "seed", "model",
+                "teacher", "width", "epochs", "optimizer", "lr", "schedule", "momentum", "weight_decay"),
+    "rank": ("criteria", "calibration_batches"),
+    "candidates": ("target_macs", "round_to", "min_channels", "protect"),
+    "select": ("select_epochs", "successive_halving", "tie_tolerance", "finetune_lr"),
+    "distill": ("distill_epochs", "temperature", "alpha", "feature_kd", "no_distill_baseline"),
+    "export": ("export", "calibration_samples", "qat", "micro"),
+    "report": (),
+}
+
+
+@dataclasses.dataclass
+class CompressionResult:
+    """What ``compress`` returns: the student and every figure the run measured."""
+
+    student: object  # keras.Model, or None when the pipeline stopped before distillation
+    criterion: str | None
+    candidates: list
+    teacher: dict
+    student_metrics: dict
+    exports: list
+    timings: dict
+    workdir: str
+    report: dict
+
+    def summary(self) -> str:
+        from mskd_tf import report
+
+        return report.summary_table(self.report)
+
+
+def _banner(stage: str, text: str):
+    print(f"\n==== [{stage}] {text}", flush=True)
+
+
+def run_pipeline(cfg: Config, *, user_teacher=None, user_data=None, stop_after: str | None = None) -> CompressionResult:
+    """Run (or resume) every stage for ``cfg``; the CLI and ``compress`` both land here."""
+    cfg.validate()
+    wd = Workdir(cfg.workdir)
+    ctx = stages.Context(cfg=cfg, wd=wd, user_teacher=user_teacher, user_data=user_data)
+    available = [s for s in STAGES if stages.implemented(s)]
+    restart = cfg.restart_from
+    if restart and restart not in available:
+        raise MskdError(f"--restart_from={restart!r}: that stage is not available; stages are {', '.join(available)}.")
+    previous_digest = ""
+    redo = False
+    timings = {}
+    for stage in available:
+        inputs = json.loads(json.dumps({n: getattr(cfg, n) for n in STAGE_INPUTS[stage]}))
+        if stage == "teacher" and user_teacher is not None:
+            inputs["user_teacher_weights"] = stages.weights_digest(user_teacher)
+        digest = stages.chain_digest(previous_digest, inputs)
+        previous_digest = digest
+        artifacts = stages.ARTIFACTS[stage]
+        done, why = wd.stage_status(stage, digest, inputs, artifacts)
+        if done and stage == restart:
+            done, why = False, f"--restart_from={restart}"
+        if done and redo:
+            done, why = False, "an earlier stage was redone"
+        if done and not stages.artifacts_load(ctx, stage):
+            done, why = False, "its artifact is damaged (cannot be loaded)"
+        if done:
+            _banner(stage, f"done already, reusing {', '.join(artifacts)}")
+            timings[stage] = wd.state[stage]["seconds"]
+            continue
+        redo = True
+        _banner(stage, f"running ({why})")
+        wd.forget(stage)
+        start = time.perf_counter()
+        getattr(stages, f"run_{stage}")(ctx)
+        seconds = time.perf_counter() - start
+        wd.mark_done(stage, digest, inputs, seconds)
+        timings[stage] = round(seconds, 3)
+        print(f"==== [{stage}] finished in {seconds:.1f} s", flush=True)
+        if stage == stop_after:
+            break
+    missing = [s for s in STAGES if s not in available]
+    if missing:
+        print(f"\nNot implemented yet, skipped: {', '.join(missing)}.", flush=True)
+    return stages.result(ctx, timings)
+
+
+def compress(
+    model,
+    train,
+    val=None,
+    *,
+    test=None,
+    target_macs: float = 0.5,
+    criteria=None,
+    selection: dict | None = None,
+    distill: dict | None = None,
+    strategy: str | None = None,
+    export=("int8",),
+    workdir: str | None = None,
+    seed: int = 0,
+    class_names=None,
+) -> CompressionResult:
+    """Compress a trained Keras functional model with MS-KD.
+
+    Ranks the model's channels with several criteria, builds one slimmer clone per
+    criterion at ``target_macs`` of the model's MACs, fine-tunes the clones briefly
+    and keeps the best on validation data, distills it from ``model``, and exports
+    TFLite files.
+
+    Args:
+      model: a trained ``keras.Model`` (functional) that outputs logits or probabilities.
+      train: ``tf.data.Dataset`` of ``(images, int_labels)`` batches, or a numpy
+        tuple ``(x, y)`` (batched here with batch size 128).
+      val: the same for validation; ``None`` carves 10% of ``train`` (numpy only).
+      test: optional held-out data for the final and exported accuracies (defaults to ``val``).
+      target_macs: fraction of the model's MACs the student keeps, in (0, 1].
+      criteria: names of pruning criteria (default: all registered).
+      selection: overrides for selection settings, e.g. ``{"select_epochs": 2}``.
+      distill: overrides for distillation settings, e.g. ``{"distill_epochs": 5, "alpha": 0.5}``.
+      strategy: ``"default"``, ``"one_device"``, ``"mirrored"``, ``"multi_worker"`` or ``"tpu"``.
+      export: TFLite variants among ``float32``, ``dynamic``, ``float16``, ``int8``.
+      workdir: where artifacts go (a temporary folder when ``None``); rerunning with the same
+        workdir resumes.
+      seed: seeds every stage.
+
+    Example::
+
+        import keras, numpy as np, mskd_tf
+        (x, y), _ = keras.datasets.mnist.load_data()        # any (N, H, W, C) images + int labels
+        teacher = keras.models.load_model("teacher.keras")  # a trained functional model
+        result = mskd_tf.compress(teacher, (x[..., None] / 255.0, y), target_macs=0.5)
+        result.student.save("student.keras"); print(result.summary())
+    """
+    import tempfile
+
+    import keras
+
+    if not isinstance(model, keras.Model):
+        raise MskdError(f"model: expected a keras.Model, got {type(model).__name__}.")
+    overrides = {}
+    for name, group in (("selection", selection), ("distill", distill)):
+        for key, value in (group or {}).items():
+            if key not in {f.name for f in Config.fields()}:
+                raise MskdError(f"{name}: unknown setting {key!r}; see mskd_tf.Config for the names.")
+            overrides[key] = value
+    if isinstance(export, str):
+        export = (export,)
+    cfg = Config(
+        dataset="user",
+        workdir=workdir or tempfile.mkdtemp(prefix="mskd_tf-"),
+        target_macs=target_macs,
+        strategy=strategy or "default",
+        export=tuple(export),
+        seed=seed,
+        **overrides,
+    )
+    if criteria is not None:
+        cfg.criteria = tuple([criteria] if isinstance(criteria, str) else criteria)
+    try:
+        cfg.validate()
+    except MskdError as exc:  # the API speaks of arguments, not flags
+        raise MskdError(str(exc).replace("--", "", 1)) from None
+    user_data = stages.user_data(model, train, val, test, batch_size=cfg.batch_size, seed=seed,
+                                 class_names=class_names)
+    return run_pipeline(cfg, user_teacher=model, user_data=user_data)
+
+
+def load_result(workdir: str | Path) -> dict:
+    """Read a finished run's ``report.json``."""
+    path = Path(workdir) / "report.json"
+    if not path.exists():
+        raise MskdError(f"{path} does not exist; run the pipeline (or its report stage) first.")
+    return json.loads(path.read_text())
+

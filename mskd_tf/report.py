@@ -1,0 +1,176 @@
+"""report.json, report.md and PNG plots from the stages' artifacts.
+
+The report only gathers what the stages measured and wrote; it computes no
+figure of its own, so every number in it traces back to one stage's artifact.
+"""
+
+from __future__ import annotations
+
+import platform
+from pathlib import Path
+
+
+def _read(wd, name):
+    path = wd / name
+    if not path.exists():
+        return None
+    return wd.read_json(name)
+
+
+def versions() -> dict:
+    import keras
+    import tensorflow as tf
+
+    import mskd_tf
+
+    return {"mskd_tf": mskd_tf.__version__, "tensorflow": tf.__version__, "keras": keras.__version__,
+            "python": platform.python_version(), "machine": f"{platform.machine()} {platform.processor()}".strip()}
+
+
+def build(ctx) -> dict:
+    """Assemble report.json from whatever stages have finished."""
+    wd = ctx.wd
+    teacher = _read(wd, "teacher.json") or {}
+    candidates = (_read(wd, "candidates.json") or {}).get("candidates", [])
+    selection = _read(wd, "selection.json") or {}
+    for row in candidates:  # join selection results onto the candidate rows
+        chosen = next((s for s in selection.get("candidates", []) if s.get("criterion") == row["criterion"]), {})
+        row.update({k: chosen[k] for k in ("val_acc", "seconds", "curve", "budget_epochs") if k in chosen})
+    distill = _read(wd, "distill.json") or {}
+    export = _read(wd, "export.json") or {}
+    return {
+        "teacher": {k: teacher.get(k) for k in ("macs", "params", "val_acc", "test_acc")},
+        "candidates": candidates,
+        "selected": selection.get("selected"),
+        "student": distill or None,
+        "exports": export.get("exports", []),
+        "micro": export.get("micro"),
+        "timings": {stage: rec.get("seconds") for stage, rec in wd.state.items()},
+        "config": ctx.cfg.to_dict(),
+        "versions": versions(),
+        "history": {"teacher": teacher.get("history"), "select": [c.get("curve") for c in candidates],
+                    "distill": distill.get("history") if distill else None},
+    }
+
+
+def _fmt_pct(v):
+    return "" if v is None else f"{100 * v:.2f}"
+
+
+def _fmt_m(v, digits=2):
+    return "" if v is None else f"{v / 1e6:.{digits}f}"
+
+
+def _table(headers, rows) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def summary_table(rep: dict) -> str:
+    """The end-of-run table: model, MACs, params, accuracies."""
+    if not rep:
+        return "(no report yet)"
+    rows = []
+    t = rep.get("teacher") or {}
+    rows.append(("teacher", _fmt_m(t.get("macs")), _fmt_m(t.get("params"), 3), _fmt_pct(t.get("val_acc")),
+                 _fmt_pct(t.get("test_acc"))))
+    for c in rep.get("candidates", []):
+        rows.append((f"candidate {c['criterion']}", _fmt_m(c.get("macs")), _fmt_m(c.get("params"), 3),
+                     _fmt_pct(c.get("val_acc")), ""))
+    s = rep.get("student") or {}
+    if s:
+        rows.append(("student (KD)", _fmt_m(s.get("macs")), _fmt_m(s.get("params"), 3), _fmt_pct(s.get("val_acc")),
+                     _fmt_pct(s.get("test_acc"))))
+        if s.get("baseline_test_acc") is not None:
+            rows.append(("student (CE only)", _fmt_m(s.get("macs")), _fmt_m(s.get("params"), 3), "",
+                         _fmt_pct(s.get("baseline_test_acc"))))
+    return _table(("model", "MMACs", "Mparams", "val acc %", "test acc %"), rows)
+
+
+def markdown(rep: dict) -> str:
+    parts = ["# MS-KD report", "", "## Summary", "", summary_table(rep), ""]
+    if rep.get("selected"):
+        sel = rep["selected"]
+        parts += [f"Selected criterion: **{sel.get('criterion')}**. {sel.get('reason', '')}", ""]
+    if rep.get("exports"):
+        rows = [(e.get("kind"), e.get("bytes"), _fmt_pct(e.get("test_acc")), e.get("drop_vs_keras", ""),
+                 *(f"{(e.get('latency_ms') or {}).get(k, ''):.3g}" if (e.get('latency_ms') or {}).get(k) is not None
+                   else "" for k in ("1", "2")))
+                for e in rep["exports"]]
+        parts += ["## TFLite exports", "", _table(("kind", "bytes", "test acc %", "drop vs Keras", "ms (1 thread)",
+                                                    "ms (2 threads)"), rows), ""]
+    if rep.get("micro"):
+        m = rep["micro"]
+        parts += ["## TFLite Micro", "", f"Arena: {m.get('arena_bytes')} bytes; latency {m.get('latency_ms')} ms.", ""]
+    parts += ["## Stage seconds", "", _table(("stage", "seconds"), sorted(rep.get("timings", {}).items())), ""]
+    parts += ["## Versions", "", _table(("package", "version"), sorted(rep.get("versions", {}).items())), ""]
+    return "\n".join(parts)
+
+
+def plots(rep: dict, wd) -> list[Path]:
+    """accuracy-vs-MACs (the Pareto picture), per-layer widths, and training curves."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    made = []
+    t = rep.get("teacher") or {}
+    cands = rep.get("candidates") or []
+    s = rep.get("student") or {}
+    if t.get("macs"):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.scatter([t["macs"] / 1e6], [100 * (t.get("val_acc") or t.get("test_acc") or 0)], marker="*", s=150,
+                   label="teacher")
+        for c in cands:
+            if c.get("val_acc") is not None:
+                ax.scatter([c["macs"] / 1e6], [100 * c["val_acc"]], label=c["criterion"])
+        if s.get("val_acc") is not None:
+            ax.scatter([s["macs"] / 1e6], [100 * s["val_acc"]], marker="D", s=80, label="distilled student")
+        ax.set_xlabel("MACs (M)")
+        ax.set_ylabel("validation accuracy (%)")
+        ax.set_title("MS-KD: accuracy vs MACs")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        made.append(_save(fig, wd / "plot_accuracy_vs_macs.png"))
+    widths = [c for c in cands if c.get("widths")]
+    if widths:
+        fig, ax = plt.subplots(figsize=(8, 4))
+        teacher_widths = widths[0].get("teacher_widths")
+        if teacher_widths:
+            ax.plot(list(teacher_widths.values()), "k--", label="teacher")
+        for c in widths:
+            ax.plot(list(c["widths"].values()), label=c["criterion"])
+        ax.set_xlabel("prunable group")
+        ax.set_ylabel("kept channels")
+        ax.set_title("per-layer widths of each candidate")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        made.append(_save(fig, wd / "plot_widths.png"))
+    hist = rep.get("history") or {}
+    curves = [(c["criterion"], c.get("curve")) for c in cands if c.get("curve")]
+    if curves or (hist.get("distill") or {}).get("val_accuracy") or (hist.get("teacher") or {}).get("val_accuracy"):
+        fig, ax = plt.subplots(figsize=(6, 4))
+        for name, curve in curves:
+            ax.plot([p[0] for p in curve], [100 * p[1] for p in curve], label=f"select: {name}")
+        for label, h in (("teacher", hist.get("teacher")), ("distill", hist.get("distill"))):
+            if h and h.get("val_accuracy"):
+                ax.plot(range(1, len(h["val_accuracy"]) + 1), [100 * v for v in h["val_accuracy"]], "--",
+                        label=label)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("validation accuracy (%)")
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        made.append(_save(fig, wd / "plot_curves.png"))
+    return made
+
+
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    tmp = path.with_name(f".{path.stem}.tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    tmp.replace(path)
+    return path

@@ -1,0 +1,58 @@
+"""The CLI: ``python -m mskd_tf.run --flagfile=configs/quickstart.cfg`` (or ``mskd-tf``).
+
+Only turns flags into a :class:`mskd_tf.config.Config` and calls the stage
+runner. Bad flags, data or models print one line ``mskd-tf: error: ...`` with
+no traceback and exit with code 2.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from absl import app, flags  # noqa: E402
+
+from mskd_tf.config import config_from_flags, define_flags  # noqa: E402
+from mskd_tf.errors import MskdError  # noqa: E402
+
+define_flags()
+EXIT_USAGE = 2
+
+
+def _fail(message: str) -> None:
+    print(f"mskd-tf: error: {message}", file=sys.stderr, flush=True)
+    sys.exit(EXIT_USAGE)
+
+
+def _parse_flags(argv):
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as exc:
+        _fail(f"{exc}. See --helpfull for every flag.")
+
+
+def main(argv):
+    if len(argv) > 1:
+        _fail(f"unexpected arguments {argv[1:]}; every setting is a --flag (see --helpfull).")
+    try:
+        cfg = config_from_flags()
+        from mskd_tf.api import run_pipeline
+
+        result = run_pipeline(cfg)
+    except MskdError as exc:
+        _fail(str(exc))
+    except KeyboardInterrupt:
+        print("\nmskd-tf: interrupted; finished stages are kept, rerun the same command to resume.", file=sys.stderr)
+        sys.exit(130)
+    print(f"\nworkdir: {result.workdir}")
+    return 0
+
+
+def console_main():
+    app.run(main, flags_parser=_parse_flags)
+
+
+if __name__ == "__main__":
+    console_main()

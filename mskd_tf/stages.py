@@ -1,0 +1,286 @@
+"""The pipeline's stages: each reads earlier artifacts and writes its own.
+
+``run_<stage>(ctx)`` does the work; ``ARTIFACTS[stage]`` names what it leaves in
+the workdir; :mod:`mskd_tf.api` decides which stages need to run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import importlib
+import json
+import sys
+
+import numpy as np
+
+from mskd_tf import data as data_lib
+from mskd_tf.config import Config
+from mskd_tf.errors import MskdError
+from mskd_tf.workdir import Workdir
+
+ARTIFACTS = {
+    "teacher": ["teacher.keras", "teacher.json"],
+    "rank": ["rankings.json"],
+    "candidates": ["candidates.json"],
+    "select": ["selected.keras", "selection.json"],
+    "distill": ["student.keras", "distill.json"],
+    "export": ["export.json"],
+    "report": ["report.json", "report.md"],
+}
+
+# The module each stage needs; a stage whose module is not there yet is skipped.
+STAGE_MODULES = {
+    "teacher": "mskd_tf.models",
+    "rank": "mskd_tf.pruning.criteria",
+    "candidates": "mskd_tf.pruning.clone",
+    "select": "mskd_tf.selection",
+    "distill": "mskd_tf.distill",
+    "export": "mskd_tf.quantize",
+    "report": "mskd_tf.report",
+}
+
+
+def implemented(stage: str) -> bool:
+    try:
+        importlib.import_module(STAGE_MODULES[stage])
+    except ModuleNotFoundError:
+        return False
+    return hasattr(sys.modules[__name__], f"run_{stage}")
+
+
+def chain_digest(previous: str, inputs: dict) -> str:
+    payload = previous + json.dumps(inputs, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def weights_digest(model) -> str:
+    h = hashlib.sha256()
+    for w in model.get_weights():
+        h.update(np.ascontiguousarray(w).tobytes())
+    return h.hexdigest()[:16]
+
+
+@dataclasses.dataclass
+class UserData:
+    """Data handed to ``compress()`` rather than named by a source string."""
+
+    train: object
+    val: object
+    test: object
+    info: data_lib.DatasetInfo
+
+
+def user_data(model, train, val, test, *, batch_size: int, seed: int, class_names=None) -> UserData:
+    """Accept tf.data datasets of (images, labels) batches or numpy (x, y) tuples."""
+    import tensorflow as tf
+
+    def as_dataset(name, value, training):
+        if value is None:
+            return None
+        if isinstance(value, tf.data.Dataset):
+            spec = value.element_spec
+            if not (isinstance(spec, tuple) and len(spec) == 2):
+                raise MskdError(f"{name}: a dataset must yield (images, labels) batches; it yields {spec}.")
+            return value
+        if isinstance(value, (tuple, list)) and len(value) == 2:
+            x, y = np.asarray(value[0]), np.asarray(value[1]).reshape(-1)
+            if len(x) != len(y) or len(x) == 0:
+                raise MskdError(f"{name}: got {len(x)} images and {len(y)} labels; they must match and be > 0.")
+            arrays = data_lib.Arrays(x.astype(np.float32) if x.dtype != np.uint8 else x, y.astype(np.int64))
+            if training:
+                return data_lib.train_pipeline(arrays, batch_size, augment=False, seed=seed)
+            return data_lib.eval_pipeline(arrays, 2 * batch_size)
+        raise MskdError(f"{name}: expected a tf.data.Dataset or an (x, y) tuple of arrays, got {type(value).__name__}.")
+
+    if val is None and isinstance(train, (tuple, list)) and len(train) == 2:
+        x, y = np.asarray(train[0]), np.asarray(train[1]).reshape(-1)
+        tr, va = data_lib.split_validation(x, y, 0.1, seed)
+        train, val = (tr.x, tr.y), (va.x, va.y)
+    if val is None:
+        raise MskdError("val: pass validation data (a dataset or (x, y)); it is needed to select candidates.")
+    num_classes = int(model.output_shape[-1])
+    info = data_lib.DatasetInfo(
+        name="user", image_shape=tuple(model.input_shape[1:]), num_classes=num_classes,
+        class_names=tuple(class_names or (str(i) for i in range(num_classes))),
+        mean=(), std=(), num_train=-1, num_val=-1, num_test=-1,
+    )
+    train_ds, val_ds = as_dataset("train", train, True), as_dataset("val", val, False)
+    return UserData(train=train_ds, val=val_ds, test=as_dataset("test", test, False) or val_ds, info=info)
+
+
+@dataclasses.dataclass
+class Context:
+    """What the stages share in one run: config, workdir, data, loaded artifacts."""
+
+    cfg: Config
+    wd: Workdir
+    user_teacher: object = None
+    user_data: UserData | None = None
+    _splits: object = None
+    _models: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def data(self):
+        """Train / val / test pipelines and info (the user's, or loaded from --dataset)."""
+        if self.user_data is not None:
+            return self.user_data
+        if self._splits is None:
+            c = self.cfg
+            self._splits = data_lib.load(
+                c.dataset, batch_size=c.batch_size, val_fraction=c.val_fraction, augment=c.augment, seed=c.seed,
+                train_subset=c.train_subset or None, data_dir=c.data_dir or None, download=c.download,
+            )
+            info = self._splits.info
+            print(f"data: {info.name}: {info.num_train} train / {info.num_val} val / {info.num_test} test images "
+                  f"of {info.image_shape}, {info.num_classes} classes", flush=True)
+        return self._splits
+
+    def model(self, name: str):
+        """Load (once) a .keras artifact from the workdir."""
+        if name not in self._models:
+            import keras
+
+            self._models[name] = keras.models.load_model(self.wd / name)
+        return self._models[name]
+
+    def remember(self, name: str, model):
+        self._models[name] = model
+
+
+def artifacts_load(ctx: Context, stage: str) -> bool:
+    """A cheap integrity check: JSON parses and .keras archives open."""
+    for name in ARTIFACTS[stage]:
+        path = ctx.wd / name
+        try:
+            if name.endswith(".json"):
+                json.loads(path.read_text())
+            elif name.endswith(".keras"):
+                ctx.model(name)
+        except Exception:  # any failure to read means: redo the stage
+            ctx._models.pop(name, None)
+            return False
+    return True
+
+
+def _verbose() -> int:
+    return 1 if sys.stdout.isatty() else 2
+
+
+def evaluate(model, dataset) -> float:
+    """Top-1 accuracy of a logits/probabilities model on a (images, labels) dataset."""
+    correct = total = 0
+    for images, labels in dataset:
+        predictions = np.argmax(model(images, training=False), axis=-1)
+        correct += int(np.sum(predictions == labels.numpy()))
+        total += len(labels)
+    if total == 0:
+        raise MskdError("evaluation data is empty.")
+    return correct / total
+
+
+# ----------------------------------------------------------------------------- teacher
+
+
+def _check_teacher_fits(model, info, where: str):
+    if tuple(model.input_shape[1:]) != tuple(info.image_shape):
+        raise MskdError(f"{where}: the model takes inputs of shape {model.input_shape[1:]}, but the data has "
+                        f"images of shape {info.image_shape}.")
+    if int(model.output_shape[-1]) != info.num_classes:
+        raise MskdError(f"{where}: the model has {model.output_shape[-1]} outputs, but the data has "
+                        f"{info.num_classes} classes.")
+
+
+def run_teacher(ctx: Context):
+    import keras
+
+    from mskd_tf import models, training
+
+    cfg, d = ctx.cfg, ctx.data
+    keras.utils.set_random_seed(cfg.seed)
+    history = None
+    if ctx.user_teacher is not None:
+        teacher = ctx.user_teacher
+    elif cfg.teacher:
+        try:
+            teacher = keras.models.load_model(cfg.teacher)
+        except Exception as exc:
+            raise MskdError(f"--teacher={cfg.teacher}: cannot load it as a Keras model ({exc}).") from exc
+        _check_teacher_fits(teacher, d.info, f"--teacher={cfg.teacher}")
+    else:
+        teacher = models.build(cfg.model, d.info.image_shape, d.info.num_classes,
+                               normalization=(d.info.mean, d.info.std), width=cfg.width)
+        steps = cfg.epochs * int(d.train.cardinality())
+        teacher.compile(
+            optimizer=training.make_optimizer(cfg.optimizer, cfg.lr, total_steps=steps, schedule=cfg.schedule,
+                                              momentum=cfg.momentum, weight_decay=cfg.weight_decay),
+            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+            metrics=["accuracy"],
+        )
+        guard = training.NanGuard()
+        best = ctx.wd / "teacher_best.keras"
+        callbacks = [guard, *training.standard_callbacks(str(ctx.wd / "logs" / "teacher"),
+                                                         checkpoint=str(best) if d.val is not None else None)]
+        history = teacher.fit(d.train, validation_data=d.val, epochs=cfg.epochs, callbacks=callbacks,
+                              verbose=_verbose())
+        guard.raise_if_tripped("teacher")
+        if best.exists():  # restore the best-on-validation weights
+            teacher = keras.models.load_model(best)
+    metrics = {"val_acc": evaluate(teacher, d.val) if d.val is not None else None,
+               "test_acc": evaluate(teacher, d.test)}
+    metrics.update(_cost(teacher))
+    if history is not None:
+        metrics["history"] = {k: [float(v) for v in vals] for k, vals in history.history.items()}
+    ctx.wd.save_model(teacher, "teacher.keras")
+    ctx.wd.write_json("teacher.json", metrics)
+    ctx.remember("teacher.keras", teacher)
+    (ctx.wd / "teacher_best.keras").unlink(missing_ok=True)
+    print(f"teacher: val acc {_pct(metrics['val_acc'])}, test acc {_pct(metrics['test_acc'])}, "
+          f"{metrics['macs'] / 1e6:.2f}M MACs, {metrics['params'] / 1e6:.3f}M params", flush=True)
+
+
+def _cost(model) -> dict:
+    from mskd_tf import flops
+
+    cost = flops.count(model)
+    return {"macs": int(cost.macs), "params": int(cost.params)}
+
+
+def _pct(value) -> str:
+    return "n/a" if value is None else f"{100 * value:.2f}%"
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def run_report(ctx: Context):
+    from mskd_tf import report
+
+    payload = report.build(ctx)
+    ctx.wd.write_json("report.json", payload)
+    with ctx.wd.atomic("report.md") as tmp:
+        tmp.write_text(report.markdown(payload))
+    report.plots(payload, ctx.wd)
+    print("\n" + report.summary_table(payload), flush=True)
+
+
+def result(ctx: Context, timings: dict):
+    from mskd_tf.api import CompressionResult
+
+    wd = ctx.wd
+    read = lambda name: wd.read_json(name) if (wd / name).exists() else {}  # noqa: E731
+    rep = read("report.json")
+    student = ctx.model("student.keras") if (wd / "student.keras").exists() else None
+    selection = read("selection.json")
+    return CompressionResult(
+        student=student,
+        criterion=selection.get("selected", {}).get("criterion"),
+        candidates=read("candidates.json").get("candidates", []),
+        teacher=read("teacher.json"),
+        student_metrics=read("distill.json"),
+        exports=read("export.json").get("exports", []),
+        timings=timings,
+        workdir=str(wd.path),
+        report=rep,
+    )
+

@@ -1,0 +1,123 @@
+"""The work directory: atomic artifacts and which stage made them with which config.
+
+Every artifact is written to a temporary name and renamed into place, so a kill
+at any moment leaves either the old artifact or the new one, never half a file.
+``stages.json`` records, per finished stage, the digest of the config fields
+the stage depends on (chained with the previous stage's digest) and its
+seconds; a stage is *done* when its artifacts exist, load, and its digest
+matches the current config.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from mskd_tf.errors import MskdError
+
+
+class Workdir:
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            probe = self.path / ".write_probe"
+            probe.write_text("ok")
+            probe.unlink()
+        except OSError as exc:
+            raise MskdError(f"--workdir={self.path}: cannot write there ({exc.strerror}); choose a writable folder.") from exc
+        self._state_file = self.path / "stages.json"
+        self.state = self._read_state()
+
+    def __truediv__(self, name: str) -> Path:
+        return self.path / name
+
+    def _read_state(self) -> dict:
+        if not self._state_file.exists():
+            return {}
+        try:
+            return json.loads(self._state_file.read_text())
+        except (json.JSONDecodeError, OSError):
+            # A damaged state file only costs recomputation; never a crash.
+            return {}
+
+    # ------------------------------------------------------------------ atomic writes
+
+    @contextlib.contextmanager
+    def atomic(self, name: str):
+        """Yield a temporary path next to ``name``; rename it into place on success."""
+        final = self.path / name
+        final.parent.mkdir(parents=True, exist_ok=True)
+        # Keep the suffix: Keras insists on ``.keras`` when saving.
+        fd, tmp = tempfile.mkstemp(prefix=f".{final.stem}.", suffix=final.suffix or ".tmp", dir=final.parent)
+        os.close(fd)
+        os.unlink(tmp)
+        try:
+            yield Path(tmp)
+            os.replace(tmp, final)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+    def write_json(self, name: str, payload) -> Path:
+        with self.atomic(name) as tmp:
+            tmp.write_text(json.dumps(payload, indent=2, sort_keys=False, default=_jsonable))
+        return self.path / name
+
+    def read_json(self, name: str):
+        return json.loads((self.path / name).read_text())
+
+    def save_model(self, model, name: str) -> Path:
+        with self.atomic(name) as tmp:
+            model.save(tmp)
+        return self.path / name
+
+    # ------------------------------------------------------------------ stage bookkeeping
+
+    def stage_status(self, stage: str, digest: str, inputs: dict, artifacts: list[str]) -> tuple[bool, str]:
+        """(done, why-not) for a stage given its current digest, inputs and artifact names."""
+        record = self.state.get(stage)
+        missing = [a for a in artifacts if not (self.path / a).exists()]
+        if record is None and not missing:
+            return False, "artifacts exist but were not recorded as finished"
+        if record is None:
+            return False, "not run yet"
+        if missing:
+            return False, f"artifact {missing[0]} is missing"
+        if record.get("digest") != digest:
+            before = record.get("inputs", {})
+            changed = sorted(k for k in set(before) | set(inputs) if before.get(k) != inputs.get(k))
+            return False, "config changed since it ran (" + (", ".join(changed) or "an earlier stage changed") + ")"
+        return True, ""
+
+    def mark_done(self, stage: str, digest: str, inputs: dict, seconds: float):
+        self.state[stage] = {"digest": digest, "inputs": inputs, "seconds": round(seconds, 3), "finished": time.time()}
+        self._flush()
+
+    def forget(self, stage: str):
+        if self.state.pop(stage, None) is not None:
+            self._flush()
+
+    def _flush(self):
+        with self.atomic("stages.json") as tmp:
+            tmp.write_text(json.dumps(self.state, indent=2, default=_jsonable))
+
+
+def _jsonable(value):
+    import numpy as np
+
+    if isinstance(value, (np.integer,)):
+        return int(value)
+    if isinstance(value, (np.floating,)):
+        return float(value)
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, (set, tuple)):
+        return list(value)
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
