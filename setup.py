@@ -22,6 +22,7 @@ INSTALL_REQUIRES = [
     "tflite-micro==0.dev20261023182759",
     "absl-py>=1.0,<2",
     "matplotlib",
+    "tensorboard",  # TF 2.21 no longer pulls it in; the TensorBoard callback needs it
     "numpy",
 ]
 

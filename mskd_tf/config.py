@@ -149,7 +149,7 @@ def define_flags(flag_values=None):
     """Define one absl flag per Config field (type, default, help, choices from the field)."""
     from absl import flags
 
-    flag_values = flag_values or flags.FLAGS
+    flag_values = flags.FLAGS if flag_values is None else flag_values
     for f in Config.fields():
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         help_text = f.metadata["help"]
@@ -172,7 +172,7 @@ def define_flags(flag_values=None):
 def config_from_flags(flag_values=None) -> Config:
     from absl import flags
 
-    flag_values = flag_values or flags.FLAGS
+    flag_values = flags.FLAGS if flag_values is None else flag_values
     values = {}
     for f in Config.fields():
         value = flag_values[f.name].value

@@ -222,7 +222,7 @@ def run_teacher(ctx: Context):
         callbacks = [guard, *training.standard_callbacks(str(ctx.wd / "logs" / "teacher"),
                                                          checkpoint=str(best) if d.val is not None else None)]
         history = teacher.fit(d.train, validation_data=d.val, epochs=cfg.epochs, callbacks=callbacks,
-                              verbose=_verbose())
+                              shuffle=False, verbose=_verbose())
         guard.raise_if_tripped("teacher")
         if best.exists():  # restore the best-on-validation weights
             teacher = keras.models.load_model(best)
