@@ -1,0 +1,259 @@
+"""Keras 3 model -> TFLite (float32, dynamic-range, float16, full int8), verified with LiteRT.
+
+Conversion goes through ``model.export(..., format="tf_saved_model")`` and
+``tf.lite.TFLiteConverter.from_saved_model``: converting an ad-hoc ``tf.function``
+keeps resource variables and int8 calibration then fails (DESIGN.md pitfalls).
+
+Nothing here is assumed to work because the converter returned bytes: every
+file is run with the LiteRT interpreter (``ai_edge_litert``) on test images and
+compared with the Keras model (accuracy, argmax agreement, latency per image).
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import tempfile
+import time
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from mskd_tf.errors import MskdError
+
+KINDS = ("float32", "dynamic", "float16", "int8")
+
+
+def dataset_arrays(ds, max_images: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Collect ``(images, labels)`` batches of a ``tf.data`` dataset into numpy arrays.
+
+    Stops after ``max_images`` images (all when ``None``). Images are returned as
+    float32, labels as int64 of shape ``(n,)``.
+    """
+    if ds is None:
+        raise MskdError("A dataset of (images, labels) batches is required here, got None.")
+    images, labels, count = [], [], 0
+    for element in ds:
+        if not isinstance(element, (tuple, list)) or len(element) < 2:
+            raise MskdError(
+                "The dataset must yield (images, labels) batches; got an element of type "
+                f"{type(element).__name__}. Map it with `ds.map(lambda x, y: (x, y))`."
+            )
+        x, y = np.asarray(element[0], dtype=np.float32), np.asarray(element[1])
+        if x.ndim != 4:
+            raise MskdError(
+                f"The dataset yields images of shape {x.shape}; expected batched NHWC images "
+                "(batch, height, width, channels). Call `.batch(n)` on the dataset."
+            )
+        images.append(x)
+        labels.append(y.reshape(len(x), -1).argmax(-1) if y.ndim > 1 and y.shape[-1] > 1 else y.reshape(-1))
+        count += len(x)
+        if max_images is not None and count >= max_images:
+            break
+    if not images:
+        raise MskdError("The dataset is empty: no (images, labels) batch was produced.")
+    x, y = np.concatenate(images), np.concatenate(labels).astype(np.int64)
+    if max_images is not None:
+        x, y = x[:max_images], y[:max_images]
+    return x, y
+
+
+def convert(model: keras.Model, kind: str, *, calibration_images: np.ndarray | None = None) -> bytes:
+    """Convert a Keras 3 model to a TFLite flatbuffer of the given ``kind``.
+
+    ``float32``: no optimisation. ``dynamic``: int8 weights, float activations.
+    ``float16``: float16 weights. ``int8``: full integer with int8 input and output,
+    calibrated on ``calibration_images`` (float32 NHWC images as the model takes them,
+    one per calibration step).
+    """
+    if kind not in KINDS:
+        raise MskdError(f"kind={kind!r} is not a TFLite variant; use one of {', '.join(KINDS)}.")
+    if kind == "int8" and (calibration_images is None or len(calibration_images) == 0):
+        raise MskdError(
+            "kind='int8' needs calibration images (the representative dataset); pass "
+            "representative_ds / --num_calibration > 0."
+        )
+    with tempfile.TemporaryDirectory(prefix="mskd_export_") as tmp:
+        saved = os.path.join(tmp, "saved_model")
+        model.export(saved, format="tf_saved_model", verbose=False)
+        converter = tf.lite.TFLiteConverter.from_saved_model(saved)
+        if kind != "float32":
+            converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        if kind == "float16":
+            converter.target_spec.supported_types = [tf.float16]
+        if kind == "int8":
+            samples = np.asarray(calibration_images, dtype=np.float32)
+
+            def representative():
+                for i in range(len(samples)):
+                    yield [samples[i : i + 1]]
+
+            converter.representative_dataset = representative
+            # Integer-only ops, so the file also runs where there is no float kernel (TFLM, NPUs).
+            converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+            converter.inference_input_type = tf.int8
+            converter.inference_output_type = tf.int8
+        try:
+            return converter.convert()
+        except Exception as err:  # the converter raises ConverterError and plain RuntimeErrors
+            raise MskdError(
+                f"TFLite conversion to {kind} failed for model {model.name!r}: {str(err).strip()[:800]}. "
+                "A layer with no TFLite builtin (e.g. a custom op) cannot be exported as "
+                f"{kind}; replace it or choose another --export_kinds."
+            ) from err
+
+
+def io_details(tflite_bytes: bytes) -> dict:
+    """Input/output tensor facts of a .tflite model: shape, dtype name, scale, zero point.
+
+    ``scale`` is 0.0 for float tensors (LiteRT's convention for "not quantized").
+    """
+    interpreter = _interpreter(tflite_bytes, threads=1)
+
+    def describe(detail):
+        scale, zero_point = detail["quantization"]
+        shape = [int(d) for d in detail["shape_signature"]]
+        return {
+            "shape": [1] + shape[1:],
+            "dtype": np.dtype(detail["dtype"]).name,
+            "scale": float(scale),
+            "zero_point": int(zero_point),
+        }
+
+    return {
+        "input": describe(interpreter.get_input_details()[0]),
+        "output": describe(interpreter.get_output_details()[0]),
+    }
+
+
+def quantize_input(images: np.ndarray, scale: float, zero_point: int, dtype) -> np.ndarray:
+    """Float images -> the integer input a quantized model expects: ``clip(round(x / scale) + zero_point)``."""
+    info = np.iinfo(dtype)
+    return np.clip(np.round(images / scale) + zero_point, info.min, info.max).astype(dtype)
+
+
+def dequantize(values: np.ndarray, scale: float, zero_point: int) -> np.ndarray:
+    """Integer outputs -> float (identity for float tensors, where scale is 0)."""
+    if not scale:
+        return values.astype(np.float32)
+    return (values.astype(np.float32) - zero_point) * scale
+
+
+def _interpreter(tflite_bytes: bytes, threads: int):
+    # Imported here: ai_edge_litert pulls in its own runtime and is only needed at export.
+    from ai_edge_litert.interpreter import Interpreter
+
+    try:
+        interpreter = Interpreter(model_content=tflite_bytes, num_threads=threads)
+        interpreter.allocate_tensors()
+    except (RuntimeError, ValueError) as err:
+        raise MskdError(f"LiteRT could not load the .tflite model ({len(tflite_bytes)} bytes): {err}") from err
+    return interpreter
+
+
+class LiteRTModel:
+    """Run a .tflite model with LiteRT on float images, returning float logits.
+
+    Quantizes the input and dequantizes the output for integer models, so the
+    caller feeds the same float32 [0, 1] images as to the Keras model.
+    """
+
+    def __init__(self, tflite_bytes: bytes, threads: int = 1):
+        self.interpreter = _interpreter(tflite_bytes, threads)
+        self._input = self.interpreter.get_input_details()[0]
+        self._output = self.interpreter.get_output_details()[0]
+        self._batch = 1
+
+    def _prepare(self, images: np.ndarray) -> np.ndarray:
+        scale, zero_point = self._input["quantization"]
+        dtype = self._input["dtype"]
+        if np.issubdtype(dtype, np.integer):
+            return quantize_input(images, scale, zero_point, dtype)
+        return images.astype(dtype)
+
+    def _resize(self, batch: int):
+        if batch != self._batch:
+            self.interpreter.resize_tensor_input(self._input["index"], [batch, *self._input["shape"][1:]])
+            self.interpreter.allocate_tensors()
+            self._batch = batch
+
+    def predict(self, images: np.ndarray, batch_size: int = 64) -> np.ndarray:
+        """Float logits for float32 NHWC images."""
+        outputs = []
+        for start in range(0, len(images), batch_size):
+            chunk = self._prepare(images[start : start + batch_size])
+            self._resize(len(chunk))
+            self.interpreter.set_tensor(self._input["index"], chunk)
+            self.interpreter.invoke()
+            outputs.append(self.interpreter.get_tensor(self._output["index"]).copy())
+        scale, zero_point = self._output["quantization"]
+        return dequantize(np.concatenate(outputs), scale, zero_point)
+
+    def latency_ms(self, images: np.ndarray, repeats: int = 50) -> float:
+        """Median wall time of one single-image ``invoke`` in milliseconds (after a warm-up)."""
+        self._resize(1)
+        samples = [self._prepare(images[i % len(images)][None]) for i in range(repeats)]
+        self.interpreter.set_tensor(self._input["index"], samples[0])
+        self.interpreter.invoke()  # warm-up: first invoke packs weights / prepares XNNPACK
+        times = []
+        for sample in samples:
+            self.interpreter.set_tensor(self._input["index"], sample)
+            start = time.perf_counter()
+            self.interpreter.invoke()
+            times.append(time.perf_counter() - start)
+        return 1000.0 * statistics.median(times)
+
+
+def verify_tflite(
+    tflite_bytes: bytes,
+    images: np.ndarray,
+    labels: np.ndarray,
+    keras_logits: np.ndarray,
+    *,
+    threads: tuple[int, ...] = (1, 2),
+    latency_repeats: int = 50,
+) -> dict:
+    """Run a .tflite file with LiteRT on test images and compare it with the Keras model.
+
+    Returns ``test_acc``, ``keras_acc``, ``agreement`` (fraction of images whose
+    argmax equals the Keras argmax), ``max_abs_logit_diff`` and ``latency_ms``
+    (median per image, keyed by thread count).
+    """
+    if len(images) == 0:
+        raise MskdError("verify_tflite needs at least one test image.")
+    logits = LiteRTModel(tflite_bytes, threads=threads[0]).predict(images)
+    if logits.shape != keras_logits.shape:
+        raise MskdError(
+            f"The .tflite model outputs shape {logits.shape[1:]} but the Keras model {keras_logits.shape[1:]}; "
+            "was the file converted from a different model?"
+        )
+    predicted, keras_predicted = logits.argmax(-1), keras_logits.argmax(-1)
+    return {
+        "test_acc": float(np.mean(predicted == labels)),
+        "keras_acc": float(np.mean(keras_predicted == labels)),
+        "agreement": float(np.mean(predicted == keras_predicted)),
+        "max_abs_logit_diff": float(np.max(np.abs(logits - keras_logits))),
+        "latency_ms": {
+            n: float(f"{LiteRTModel(tflite_bytes, threads=n).latency_ms(images, latency_repeats):.4g}") for n in threads
+        },
+    }
+
+
+def write_atomic(path: str, data: bytes | str) -> str:
+    """Write ``data`` to ``path`` through a temp file in the same folder and a rename."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path), suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data.encode() if isinstance(data, str) else data)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file normal permissions
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
