@@ -76,7 +76,9 @@ class _LogitsTap:
         if self.graph is None:
             out, features = self.model(x, training=training), []
         else:
-            out, *features = self.graph(x, training=training)
+            outputs = self.graph(x, training=training)
+            # A one-output functional model returns a bare tensor, not a list.
+            out, *features = outputs if isinstance(outputs, (list, tuple)) else [outputs]
         if self.dense_head is not None:
             out = ops.matmul(out, self.dense_head.kernel)
             if self.dense_head.use_bias:
@@ -152,7 +154,8 @@ class Distiller(keras.Model):
             student_layer)`` names. Where the student has fewer channels a learned
             1x1 convolution projects it to the teacher's width.
         output_kind: ``"auto"`` (softmax heads are detected), ``"logits"`` or
-            ``"probabilities"``.
+            ``"probabilities"`` (for both models), or a ``(teacher_kind,
+            student_kind)`` pair.
 
     ``fit``/``evaluate`` log ``loss`` (total), ``student_loss`` (CE),
     ``distillation_loss`` (T^2 KL), ``feature_loss`` (when hints are on) and the
@@ -165,8 +168,12 @@ class Distiller(keras.Model):
         for role, model in (("teacher", teacher), ("student", student)):
             if not isinstance(model, keras.Model):
                 raise MskdError(f"{role} must be a keras.Model, got {type(model).__name__}.")
-        if output_kind not in OUTPUT_KINDS:
-            raise MskdError(f"output_kind={output_kind!r} is unknown; use one of {', '.join(OUTPUT_KINDS)}.")
+        kinds = (output_kind, output_kind) if isinstance(output_kind, str) else tuple(output_kind)
+        if len(kinds) != 2 or any(kind not in OUTPUT_KINDS for kind in kinds):
+            raise MskdError(
+                f"output_kind={output_kind!r} is unknown; use one of {', '.join(OUTPUT_KINDS)} "
+                "or a (teacher_kind, student_kind) pair."
+            )
         t_classes, s_classes = teacher.outputs[0].shape[-1], student.outputs[0].shape[-1]
         if t_classes != s_classes:
             raise MskdError(
@@ -182,8 +189,8 @@ class Distiller(keras.Model):
             for role, model, layer_name in (("teacher", teacher, t_name), ("student", student, s_name)):
                 if layer_name not in {layer.name for layer in model.layers}:
                     raise MskdError(f"feature pair layer {layer_name!r} is not a layer of the {role} {model.name!r}.")
-        self._teacher_tap = _LogitsTap(teacher, "teacher", [t for t, _ in self.feature_pairs], output_kind)
-        self._student_tap = _LogitsTap(student, "student", [s for _, s in self.feature_pairs], output_kind)
+        self._teacher_tap = _LogitsTap(teacher, "teacher", [t for t, _ in self.feature_pairs], kinds[0])
+        self._student_tap = _LogitsTap(student, "student", [s for _, s in self.feature_pairs], kinds[1])
         self.projections = [
             self._projection(i, teacher.get_layer(t).output.shape, student.get_layer(s).output.shape)
             for i, (t, s) in enumerate(self.feature_pairs)
