@@ -27,6 +27,11 @@ from mskd_tf.pruning.graph import ChannelMap
 
 _REGISTRY = {}
 
+# Weights that are data statistics, not learned parameters (flops.count leaves them out too).
+STATISTIC_WEIGHTS = frozenset({"moving_mean", "moving_variance", "mean", "variance", "count"})
+# Weights whose size, times the positions a layer is applied at, is its MAC count.
+MAC_WEIGHTS = frozenset({"kernel", "depthwise_kernel", "pointwise_kernel"})
+
 
 def register_handler(layer_class, handler):
     """Use ``handler`` (a :class:`LayerHandler`) for layers of exactly ``layer_class``."""

@@ -15,8 +15,7 @@ import keras
 import numpy as np
 
 from mskd_tf.pruning.graph import DependencyGraph, build_graph
-
-_STATISTICS = {"moving_mean", "moving_variance", "mean", "variance", "count"}
+from mskd_tf.pruning.layers import STATISTIC_WEIGHTS
 
 
 def mask_channels(model, keep, graph: DependencyGraph | None = None):
@@ -46,7 +45,7 @@ def mask_channels(model, keep, graph: DependencyGraph | None = None):
         for weight in layer.weights:
             array = keras.ops.convert_to_numpy(weight).copy()
             for axis, map_name in enumerate(axes.get(weight.name, ())):
-                if map_name == "out" and weight.name not in _STATISTICS:
+                if map_name == "out" and weight.name not in STATISTIC_WEIGHTS:
                     index = [slice(None)] * array.ndim
                     index[axis] = removed
                     array[tuple(index)] = 0.0
