@@ -41,6 +41,7 @@ def build(ctx) -> dict:
     return {
         "teacher": {k: teacher.get(k) for k in ("macs", "params", "val_acc", "test_acc")},
         "candidates": candidates,
+        "jaccard": (_read(wd, "candidates.json") or {}).get("jaccard"),
         "selected": selection.get("selected"),
         "student": distill or None,
         "exports": export.get("exports", []),
@@ -88,18 +89,38 @@ def summary_table(rep: dict) -> str:
     return _table(("model", "MMACs", "Mparams", "val acc %", "test acc %"), rows)
 
 
+def candidates_table(rows, overlap=None) -> str:
+    """Criterion, MACs, params, accuracy before fine-tuning, and the Jaccard overlap of kept channels."""
+    table = _table(("criterion", "MMACs", "Mparams", "MACs ratio", "val acc before fine-tune %"),
+                   [(r["criterion"], _fmt_m(r["macs"]), _fmt_m(r["params"], 3), f"{r['macs_ratio']:.3f}",
+                     _fmt_pct(r.get("val_acc_before_finetune"))) for r in rows])
+    if overlap:
+        names = list(overlap)
+        table += "\n\nJaccard overlap of kept channels:\n\n" + _table(
+            ("", *names), [(a, *(f"{overlap[a][b]:.2f}" for b in names)) for a in names])
+    return table
+
+
+def exports_table(rows) -> str:
+    def ms(row, threads):
+        value = (row.get("latency_ms") or {}).get(threads, (row.get("latency_ms") or {}).get(str(threads)))
+        return "" if value is None else f"{value:.3f}"
+
+    return _table(
+        ("kind", "bytes", "test acc %", "Keras acc %", "agreement %", "ms/img 1 thr", "ms/img 2 thr"),
+        [(r["kind"], r.get("bytes"), _fmt_pct(r.get("test_acc")), _fmt_pct(r.get("keras_acc")),
+          _fmt_pct(r.get("agreement")), ms(r, 1), ms(r, 2)) for r in rows])
+
+
 def markdown(rep: dict) -> str:
     parts = ["# MS-KD report", "", "## Summary", "", summary_table(rep), ""]
     if rep.get("selected"):
         sel = rep["selected"]
         parts += [f"Selected criterion: **{sel.get('criterion')}**. {sel.get('reason', '')}", ""]
+    if rep.get("candidates"):
+        parts += ["## Candidates", "", candidates_table(rep["candidates"], rep.get("jaccard")), ""]
     if rep.get("exports"):
-        rows = [(e.get("kind"), e.get("bytes"), _fmt_pct(e.get("test_acc")), e.get("drop_vs_keras", ""),
-                 *(f"{(e.get('latency_ms') or {}).get(k, ''):.3g}" if (e.get('latency_ms') or {}).get(k) is not None
-                   else "" for k in ("1", "2")))
-                for e in rep["exports"]]
-        parts += ["## TFLite exports", "", _table(("kind", "bytes", "test acc %", "drop vs Keras", "ms (1 thread)",
-                                                    "ms (2 threads)"), rows), ""]
+        parts += ["## TFLite exports", "", exports_table(rep["exports"]), ""]
     if rep.get("micro"):
         m = rep["micro"]
         parts += ["## TFLite Micro", "", f"Arena: {m.get('arena_bytes')} bytes; latency {m.get('latency_ms')} ms.", ""]

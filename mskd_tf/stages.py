@@ -11,6 +11,7 @@ import hashlib
 import importlib
 import json
 import sys
+import time
 
 import numpy as np
 
@@ -36,7 +37,7 @@ STAGE_MODULES = {
     "candidates": "mskd_tf.pruning.clone",
     "select": "mskd_tf.selection",
     "distill": "mskd_tf.distill",
-    "export": "mskd_tf.quantize",
+    "export": "mskd_tf.deploy",
     "report": "mskd_tf.report",
 }
 
@@ -135,6 +136,14 @@ class Context:
             print(f"data: {info.name}: {info.num_train} train / {info.num_val} val / {info.num_test} test images "
                   f"of {info.image_shape}, {info.num_classes} classes", flush=True)
         return self._splits
+
+    @property
+    def calibration(self):
+        """Un-augmented training batches: for data-driven criteria and int8 calibration."""
+        d = self.data
+        if isinstance(d, UserData):
+            return d.train
+        return data_lib.eval_pipeline(d.arrays["train"], self.cfg.batch_size)
 
     def model(self, name: str):
         """Load (once) a .keras artifact from the workdir."""
@@ -248,6 +257,140 @@ def _cost(model) -> dict:
 
 def _pct(value) -> str:
     return "n/a" if value is None else f"{100 * value:.2f}%"
+
+
+# ----------------------------------------------------------------------------- rank, candidates
+
+
+def run_rank(ctx: Context):
+    from mskd_tf.pruning import build_graph, criteria
+
+    cfg = ctx.cfg
+    teacher = ctx.model("teacher.keras")
+    graph = build_graph(teacher, skip=())
+    needs_data = [c for c in cfg.criteria if criteria.REGISTRY[c].needs_data]
+    calibration = ctx.calibration if needs_data else None
+    rankings = criteria.rank(teacher, cfg.criteria, calibration, graph=graph, num_batches=cfg.calibration_batches,
+                             seed=cfg.seed)
+    criteria.save_rankings(str(ctx.wd / "rankings.json"), rankings, graph)
+    print(f"rank: {len(rankings)} criteria x {sum(g.prunable for g in graph.groups)} prunable groups", flush=True)
+
+
+def run_candidates(ctx: Context):
+    from mskd_tf import flops
+    from mskd_tf.pruning import build_graph, criteria, plan_keep, prune
+
+    cfg = ctx.cfg
+    teacher = ctx.model("teacher.keras")
+    graph = build_graph(teacher)
+    rankings = criteria.load_rankings(str(ctx.wd / "rankings.json"))
+    teacher_widths = {g.id: g.size for g in graph.groups if g.prunable}
+    teacher_macs = flops.count(teacher).macs
+    rows, keeps = [], {}
+    for name in cfg.criteria:
+        plan = plan_keep(graph, rankings[name], target_macs=cfg.target_macs, round_to=cfg.round_to,
+                         min_channels=cfg.min_channels, protect=cfg.protect)
+        candidate = prune(teacher, plan.keep, graph)
+        cost = flops.count(candidate)
+        ctx.wd.save_model(candidate, f"candidates/{name}.keras")
+        keeps[name] = plan.keep
+        rows.append({
+            "criterion": name, "macs": int(cost.macs), "params": int(cost.params),
+            "macs_ratio": cost.macs / teacher_macs, "widths": plan.widths(), "teacher_widths": teacher_widths,
+            "val_acc_before_finetune": evaluate(candidate, ctx.data.val),
+            "kept": {k: [int(i) for i in v] for k, v in plan.keep.items()},
+        })
+    names = list(keeps)
+    overlap = {a: {b: round(criteria.jaccard(keeps[a], keeps[b]), 4) for b in names} for a in names}
+    ctx.wd.write_json("candidates.json", {"candidates": rows, "jaccard": overlap})
+    from mskd_tf import report
+
+    print(report.candidates_table(rows, overlap), flush=True)
+
+
+# ----------------------------------------------------------------------------- select, distill, export
+
+
+def run_select(ctx: Context):
+    from mskd_tf import selection
+
+    cfg = ctx.cfg
+    paths = {row["criterion"]: str(ctx.wd / f"candidates/{row['criterion']}.keras")
+             for row in ctx.wd.read_json("candidates.json")["candidates"]}
+    result = selection.select(
+        paths, ctx.data.train, ctx.data.val, workdir=str(ctx.wd.path), epochs=cfg.select_epochs,
+        successive_halving=cfg.successive_halving, tie_tolerance=cfg.tie_tolerance, optimizer=cfg.optimizer,
+        lr=cfg.finetune_lr, weight_decay=cfg.weight_decay, strategy=_strategy(ctx), seed=cfg.seed,
+    )
+    sel = result["selected"]
+    print(f"select: chose {sel['criterion']} ({sel['reason']})", flush=True)
+
+
+def _strategy(ctx: Context):
+    if ctx.cfg.strategy == "default":
+        return None
+    from mskd_tf.distribute import make_strategy
+
+    return make_strategy(ctx.cfg.strategy, ctx.cfg.num_replicas)
+
+
+def run_distill(ctx: Context):
+    import keras
+
+    from mskd_tf import distill
+
+    cfg, d = ctx.cfg, ctx.data
+    teacher = ctx.model("teacher.keras")
+    settings = dict(epochs=cfg.distill_epochs, temperature=cfg.temperature, alpha=cfg.alpha,
+                    feature_kd=cfg.feature_kd, optimizer=cfg.optimizer, lr=cfg.finetune_lr,
+                    weight_decay=cfg.weight_decay, strategy=_strategy(ctx), seed=cfg.seed)
+    out = {}
+    runs = [("kd", True)] + ([("baseline", False)] if cfg.no_distill_baseline else [])
+    for label, kd in runs:
+        keras.utils.set_random_seed(cfg.seed)
+        student = keras.models.load_model(ctx.wd / "selected.keras")  # both runs start from the same weights
+        start = time.perf_counter()
+        student, history = distill.distill(teacher, student, d.train, d.val, kd=kd,
+                                           callbacks=training_logs(ctx, f"distill_{label}"), **settings)
+        prefix = "" if kd else "baseline_"
+        out[f"{prefix}seconds"] = round(time.perf_counter() - start, 3)
+        out[f"{prefix}val_acc"] = evaluate(student, d.val) if d.val is not None else None
+        out[f"{prefix}test_acc"] = evaluate(student, d.test)
+        out[f"{prefix}history"] = {k: [float(v) for v in vals] for k, vals in history.items()}
+        if kd:
+            ctx.wd.save_model(student, "student.keras")
+            ctx.remember("student.keras", student)
+            out.update(_cost(student))
+    if "baseline_test_acc" in out:
+        out["kd_gain"] = out["test_acc"] - out["baseline_test_acc"]
+    ctx.wd.write_json("distill.json", out)
+    print(f"distill: student test acc {_pct(out['test_acc'])} with KD"
+          + (f", {_pct(out['baseline_test_acc'])} with plain cross-entropy" if "baseline_test_acc" in out else ""),
+          flush=True)
+
+
+def training_logs(ctx: Context, name: str):
+    from mskd_tf import training
+
+    return training.standard_callbacks(str(ctx.wd / "logs" / name))
+
+
+def run_export(ctx: Context):
+    from mskd_tf import deploy
+
+    cfg, d = ctx.cfg, ctx.data
+    student = ctx.model("student.keras")
+    qat = {"train_ds": d.train, "teacher": ctx.model("teacher.keras"), "epochs": 1} if cfg.qat else None
+    rows = deploy.export_all(
+        student, str(ctx.wd / "export"), kinds=cfg.export, representative_ds=ctx.calibration, test_ds=d.test,
+        num_calibration=cfg.calibration_samples, class_names=list(d.info.class_names), qat=qat, micro=cfg.micro,
+        seed=cfg.seed,
+    )
+    micro = next((r.get("micro") for r in rows if r.get("micro")), None)
+    ctx.wd.write_json("export.json", {"exports": rows, "micro": micro})
+    from mskd_tf import report
+
+    print(report.exports_table(rows), flush=True)
 
 
 # ----------------------------------------------------------------------------- report
