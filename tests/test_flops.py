@@ -164,3 +164,12 @@ def test_resnet56_conv_dense_macs_exact_and_fast():
     first = 3 * 3 * 16 * 32 * 16 * 16  # the down-sampling conv of stages 2 and 3 costs this
     expected = 3 * 3 * 3 * 16 * 32 * 32 + 18 * stage + 2 * (first + 17 * stage) + 64 * 10
     assert cost.macs == expected == 125_485_696
+
+
+def test_normalization_constants_are_not_params():
+    inputs = keras.Input((4, 4, 3))
+    x = keras.layers.Normalization(mean=[0.5, 0.5, 0.5], variance=[0.04, 0.04, 0.04], name="normalize")(inputs)
+    outputs = keras.layers.Conv2D(2, 1, use_bias=False, name="pointwise")(x)
+    cost = flops.count(keras.Model(inputs, outputs))
+    assert (cost.macs, cost.params) == (3 * 2 * 4 * 4, 3 * 2)
+    assert cost.per_layer["normalize"] == (0, 0)

@@ -205,4 +205,5 @@ def test_option_a_resnet_converts_to_float_and_int8_tflite(tmp_path):
     converter.inference_input_type = converter.inference_output_type = tf.int8
     int8_model = converter.convert()
     spread = float(np.ptp(expected[0]))
-    assert np.max(np.abs(run(int8_model, images[0]) - expected[0])) < 0.2 * spread + 1e-3
+    # Measured: about 1% of the logit range; 5% leaves room for other random weights.
+    assert np.max(np.abs(run(int8_model, images[0]) - expected[0])) < 0.05 * spread
