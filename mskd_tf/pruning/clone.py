@@ -95,7 +95,7 @@ def sliced_weights(graph, record, mask):
 
 def _set_sliced_weights(graph, record, new_layer, mask):
     arrays = sliced_weights(graph, record, mask)
-    expected = [tuple(w.shape) for w in new_layer.weights]
+    expected = [tuple(w.shape) for w in getattr(new_layer, "weights", [])]
     got = [a.shape for a in arrays]
     if expected != got:
         raise MskdError(f"layer {record.path!r} ({type(record.layer).__name__}): sliced weights {got} do not fit "
