@@ -119,10 +119,15 @@ def test_option_a_shortcut_subsamples_and_zero_pads_channels():
     np.testing.assert_array_equal(shortcut, expected)
 
 
-def test_small_cnn_has_a_residual_add():
+def test_small_cnn_has_a_residual_add_and_stays_cheap():
+    from mskd_tf import flops
+
     model = models.build("small_cnn", (28, 28, 1), 10)
     adds = [layer for layer in model.layers if isinstance(layer, keras.layers.Add)]
     assert [layer.name for layer in adds] == ["res_add"]
+    # stem 28x28 1->32, residual 2x 32->32 at 14x14, 32->64 at 14x14, 64->128 at 7x7, fc 128->10
+    expected = 9 * 32 * 784 + 2 * 9 * 32 * 32 * 196 + 9 * 32 * 64 * 196 + 9 * 64 * 128 * 49 + 1280
+    assert flops.count(model).macs == expected == 11_064_960
 
 
 def test_mobilenet_v2_cifar_strides_and_width():
