@@ -1,0 +1,502 @@
+"""The ``select`` stage: fine-tune every candidate briefly, keep the best on validation.
+
+MS-KD trusts no single pruning criterion: each criterion's clone is fine-tuned
+for a short budget and scored on the validation split (never on test).
+
+Protocol (this project's choice; the paper's abstract gives none):
+
+* Budget ``epochs`` (fractional is fine) is what one candidate gets when every
+  candidate is trained fully (``successive_halving=False``).
+* Successive halving (Karnin et al., 2013) with ``n`` candidates runs
+  ``ceil(log2 n)`` rungs. Every rung spends the same share of a total of
+  ``HALVING_BUDGET`` full budgets, split evenly among its survivors; after a rung
+  the better half (rounded up) survives. The whole selection therefore costs
+  about ``HALVING_BUDGET`` (= 2) full fine-tunes for any ``n``.
+* The choice is made among the candidates that reached the largest budget:
+  the best validation accuracy wins, and accuracies within ``tie_tolerance`` of
+  the best go to the candidate with the fewest MACs.
+* Every segment of fine-tuning is checkpointed in ``workdir/selection/``
+  (``<criterion>.keras`` + ``<criterion>.json``, atomic); a restarted selection
+  continues from there and never redoes finished work.
+
+Distribution: the candidates are built, compiled and trained under the given
+``tf.distribute`` strategy; with several replicas BatchNormalization runs
+synchronized so one step equals the single-device step. ``parallel=True``
+instead gives each worker of ``TF_CONFIG`` its own share of the candidates
+(each trains locally); the workers meet at file barriers in the shared workdir
+and the chief writes the result.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import re
+import tempfile
+import time
+from pathlib import Path
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from mskd_tf import flops
+from mskd_tf.distribute import is_chief, make_strategy
+from mskd_tf.errors import MskdError
+from mskd_tf.training import NanGuard, make_optimizer
+
+HALVING_BUDGET = 2.0  # the whole successive-halving selection costs this many full fine-tunes
+SELECTION_DIR = "selection"
+_SAFE_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
+
+
+# ----------------------------------------------------------------------------- public API
+
+
+def select(
+    candidates: dict,
+    train_ds,
+    val_ds,
+    *,
+    workdir,
+    epochs: float = 1.0,
+    successive_halving: bool = True,
+    tie_tolerance: float = 0.002,
+    optimizer: str = "sgd",
+    lr: float = 0.01,
+    weight_decay: float = 5e-4,
+    strategy=None,
+    parallel: bool = False,
+    seed: int = 0,
+    wait_timeout: float = 3600.0,
+    verbose: bool = True,
+) -> dict:
+    """Fine-tune the candidates, choose one, write ``selected.keras`` + ``selection.json``.
+
+    Args:
+      candidates: criterion name -> ``keras.Model`` or path of a ``.keras`` file
+        (functional models that output logits or probabilities).
+      train_ds, val_ds: finite ``tf.data`` datasets of ``(images, int labels)``
+        batches; ``train_ds`` is one epoch (it should reshuffle itself).
+      workdir: folder for ``selection/`` checkpoints and the final artifacts.
+      epochs: the full fine-tuning budget of one candidate, in (fractional) epochs.
+      successive_halving: spend about ``HALVING_BUDGET`` full budgets in rungs
+        that keep the better half; False trains every candidate fully.
+      tie_tolerance: validation accuracies this close to the best are a tie,
+        won by the candidate with the fewest MACs.
+      optimizer, lr, weight_decay: see :func:`mskd_tf.training.make_optimizer`
+        (constant learning rate: candidates must be comparable at every rung).
+      strategy: a ``tf.distribute.Strategy``, a name for
+        :func:`mskd_tf.distribute.make_strategy`, or None for the current one.
+      parallel: candidate-parallel mode: worker ``i`` of ``TF_CONFIG`` trains the
+        candidates ``i, i + N, ...`` locally; all meet at each rung.
+      seed: seeds Keras before each candidate is built.
+      wait_timeout: seconds a worker waits for the others in parallel mode.
+      verbose: print one line per trained segment (chief only).
+
+    Returns:
+      The ``selection.json`` payload: ``candidates`` rows (criterion, macs,
+      params, curve ``[[epoch, val_acc], ...]``, val_acc, budget_epochs, seconds)
+      and ``selected`` (criterion, val_acc, macs, reason), plus ``protocol``.
+    """
+    _check_arguments(candidates, val_ds, epochs, tie_tolerance)
+    strategy = _resolve_strategy(strategy, parallel)
+    rank, workers = _worker_rank() if parallel else (0, 1)
+    chief = is_chief()
+    steps_per_epoch = _steps_per_epoch(train_ds)
+    full_steps = max(1, round(epochs * steps_per_epoch))
+    names = list(candidates)
+    rungs = halving_rungs(len(names), full_steps) if successive_halving else [(len(names), full_steps)]
+    settings = {"optimizer": optimizer, "lr": lr, "weight_decay": weight_decay, "seed": seed,
+                "steps_per_epoch": steps_per_epoch}
+    trainer = _CandidateTrainer(
+        candidates, train_ds, val_ds, workdir=Path(workdir), settings=settings, strategy=strategy,
+        steps_per_epoch=steps_per_epoch, writes=parallel or chief, verbose=verbose and chief,
+    )
+
+    alive = names
+    protocol_rungs = []
+    for index, (_, target) in enumerate(rungs):
+        mine = [n for n in alive if not parallel or names.index(n) % workers == rank]
+        for name in mine:
+            trainer.train_to(name, target, rung=f"{index + 1}/{len(rungs)}")
+        if parallel:
+            trainer.wait_for(alive, target, timeout=wait_timeout, workers=workers)
+        ranked = sorted(alive, key=lambda n: _rank_key(trainer.state[n]))
+        keep = ranked[: math.ceil(len(alive) / 2)] if index < len(rungs) - 1 else ranked
+        protocol_rungs.append({"budget_epochs": round(target / steps_per_epoch, 4), "candidates": alive, "kept": keep})
+        trainer.forget([n for n in alive if n not in keep])
+        alive = keep
+
+    chosen, reason = choose([trainer.state[n] for n in alive], tie_tolerance)
+    spent = sum(trainer.state[n]["steps"] for n in names)
+    payload = {
+        "candidates": [trainer.row(n) for n in names],
+        "selected": {"criterion": chosen["criterion"], "val_acc": chosen["val_acc"], "macs": chosen["macs"],
+                     "reason": reason},
+        "protocol": {
+            "successive_halving": successive_halving,
+            "epochs": epochs,
+            "steps_per_epoch": steps_per_epoch,
+            "full_budget_steps": full_steps,
+            "rungs": protocol_rungs,
+            "total_steps": spent,
+            "cost_in_full_budgets": round(spent / full_steps, 3),
+            "tie_tolerance": tie_tolerance,
+            "replicas": strategy.num_replicas_in_sync,
+            "workers": workers,
+            "split": "validation",
+        },
+    }
+    if chief:
+        write_selection(workdir, payload, trainer.checkpoint(chosen["criterion"]))
+    if verbose and chief:
+        print(f"select: {chosen['criterion']} ({reason}); {payload['protocol']['cost_in_full_budgets']} full "
+              f"fine-tunes spent", flush=True)
+    return payload
+
+
+def halving_rungs(num_candidates: int, full_steps: int, budget: float = HALVING_BUDGET) -> list[tuple[int, int]]:
+    """Successive-halving plan: ``[(survivors, cumulative steps each), ...]`` per rung.
+
+    ``ceil(log2 n)`` rungs; rung ``k`` spends ``budget * full_steps / rungs`` steps
+    split evenly over its ``n_k`` survivors (``n_{k+1} = ceil(n_k / 2)``), at
+    least one step each. One candidate gets the plain full budget.
+
+    >>> halving_rungs(9, 72)
+    [(9, 4), (5, 11), (3, 23), (2, 41)]
+    """
+    if num_candidates < 1:
+        raise MskdError("there are no candidates to select from.")
+    if num_candidates == 1:
+        return [(1, full_steps)]
+    count = math.ceil(math.log2(num_candidates))
+    per_rung = budget * full_steps / count
+    plan, survivors, cumulative = [], num_candidates, 0
+    for _ in range(count):
+        cumulative += max(1, int(per_rung / survivors))
+        plan.append((survivors, cumulative))
+        survivors = math.ceil(survivors / 2)
+    return plan
+
+
+def choose(rows: list[dict], tie_tolerance: float) -> tuple[dict, str]:
+    """The best row by ``val_acc``; rows within ``tie_tolerance`` of it go to the fewest ``macs``.
+
+    Returns ``(row, reason)``. Rows whose fine-tuning failed (``val_acc`` None) never win.
+    """
+    usable = [r for r in rows if r.get("val_acc") is not None]
+    if not usable:
+        failures = "; ".join(f"{r['criterion']}: {r.get('error')}" for r in rows)
+        raise MskdError(f"select: every candidate failed to fine-tune ({failures}). Lower --finetune_lr.")
+    best = max(usable, key=lambda r: (r["val_acc"], -r["macs"]))
+    tied = [r for r in usable if r["val_acc"] >= best["val_acc"] - tie_tolerance]
+    winner = min(tied, key=lambda r: (r["macs"], -r["val_acc"], r["criterion"]))
+    budget = f"after {winner['budget_epochs']:g} epochs"
+    if winner is best:
+        others = len(usable) - 1
+        reason = f"highest validation accuracy {winner['val_acc']:.4f} {budget}"
+        reason += f" among {others + 1} finalists" if others else " (the only finalist)"
+    else:
+        reason = (f"validation accuracy {winner['val_acc']:.4f} {budget} is within tie_tolerance={tie_tolerance:g} "
+                  f"of the best ({best['criterion']}: {best['val_acc']:.4f}) with fewer MACs "
+                  f"({winner['macs'] / 1e6:.3f}M vs {best['macs'] / 1e6:.3f}M)")
+    return winner, reason
+
+
+def write_selection(workdir, payload: dict, selected) -> None:
+    """Write ``workdir/selected.keras`` (a model or a ``.keras`` path) and ``workdir/selection.json`` atomically."""
+    workdir = Path(workdir)
+    model = keras.models.load_model(selected, compile=False) if isinstance(selected, (str, Path)) else selected
+    # Checkpoints carry synchronized BatchNorm (a training aid); the artifact is the plain model.
+    plain = _with_batchnorm_sync(model, False)
+    _atomic(workdir / "selected.keras", plain.save)
+    _atomic(workdir / "selection.json", lambda tmp: Path(tmp).write_text(json.dumps(payload, indent=2)))
+
+
+def finetune_steps(model, train_ds, steps: int, *, start: int = 0, steps_per_epoch: int | None = None) -> NanGuard:
+    """Train a compiled ``model`` for ``steps`` batches of ``train_ds`` beginning at batch ``start``.
+
+    Batches are counted across epochs: ``start`` = 10 on a 4-batch dataset begins
+    at batch 2 of a fresh pass, so a resumed fine-tune sees where it left off.
+    Returns the :class:`NanGuard` that watched the steps.
+    """
+    steps_per_epoch = steps_per_epoch or _steps_per_epoch(train_ds)
+    guard = NanGuard()
+    position, stop = start, start + steps
+    while position < stop and guard.bad_at is None:
+        offset = position % steps_per_epoch
+        chunk = min(stop - position, steps_per_epoch - offset)
+        model.fit(train_ds.skip(offset).take(chunk), epochs=1, verbose=0, callbacks=[guard], shuffle=False)
+        position += chunk
+    return guard
+
+
+# ----------------------------------------------------------------------------- the work
+
+
+class _CandidateTrainer:
+    """Holds each candidate's state (the per-candidate JSON) and its live model."""
+
+    def __init__(self, candidates, train_ds, val_ds, *, workdir, settings, strategy, steps_per_epoch, writes,
+                 verbose):
+        self.sources = candidates
+        self.train_ds, self.val_ds = train_ds, val_ds
+        self.folder = workdir / SELECTION_DIR
+        self.settings, self.strategy = settings, strategy
+        self.steps_per_epoch, self.writes, self.verbose = steps_per_epoch, writes, verbose
+        self.sync_bn = strategy.num_replicas_in_sync > 1
+        self.models: dict[str, keras.Model] = {}
+        self.digests = {name: _source_digest(source) for name, source in candidates.items()}
+        # Read once, before any collective step, so every worker starts from the same state.
+        self.state = {name: self._read_state(name) for name in candidates}
+
+    # ------------------------------------------------------------------ files
+
+    def checkpoint(self, name) -> Path:
+        return self.folder / f"{name}.keras"
+
+    def _record(self, name) -> Path:
+        return self.folder / f"{name}.json"
+
+    def _read_state(self, name):
+        try:
+            state = json.loads(self._record(name).read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+        if state.get("settings") != self.settings or state.get("source") != self.digests[name]:
+            return None  # trained with other settings or from another candidate: start over
+        if not state.get("error") and not self.checkpoint(name).exists():
+            return None
+        return state
+
+    def _save(self, name, model):
+        state = self.state[name]
+        if not self.writes:
+            return
+        if model is not None:
+            _atomic(self.checkpoint(name), model.save)
+        _atomic(self._record(name), lambda tmp: Path(tmp).write_text(json.dumps(state, indent=2)))
+
+    def row(self, name) -> dict:
+        state = self.state[name]
+        keys = ("criterion", "macs", "params", "curve", "val_acc", "budget_epochs", "seconds", "steps", "error")
+        return {k: state[k] for k in keys if k in state}
+
+    def forget(self, names):
+        for name in names:
+            self.models.pop(name, None)
+
+    # ------------------------------------------------------------------ training
+
+    def _source(self, name) -> keras.Model:
+        source = self.sources[name]
+        if isinstance(source, keras.Model):
+            return source
+        try:
+            return keras.models.load_model(source, compile=False)
+        except Exception as exc:  # any unreadable file: name it
+            raise MskdError(f"candidate {name!r}: cannot load {source} as a Keras model ({exc}); re-run the "
+                            "candidates stage or pass a keras.Model.") from exc
+
+    def _live_model(self, name) -> keras.Model:
+        """The candidate under the strategy, compiled, at ``state['steps']`` steps."""
+        if name in self.models:
+            return self.models[name]
+        state = self.state[name]
+        resumed = state is not None and state["steps"] > 0
+        start = keras.models.load_model(self.checkpoint(name), compile=resumed) if resumed else self._source(name)
+        keras.utils.set_random_seed(self.settings["seed"])
+        with self.strategy.scope():
+            model = _with_batchnorm_sync(start, self.sync_bn)
+            model.compile(
+                optimizer=make_optimizer(self.settings["optimizer"], self.settings["lr"], total_steps=1,
+                                         schedule="constant", weight_decay=self.settings["weight_decay"]),
+                loss=keras.losses.SparseCategoricalCrossentropy(from_logits=not _outputs_probabilities(start)),
+                metrics=["accuracy"],
+                jit_compile=False,  # XLA fails under MirroredStrategy on logical CPUs and gains nothing here
+            )
+            if resumed and start.optimizer is not None and start.optimizer.built:
+                model.optimizer.build(model.trainable_variables)
+                for mine, saved in zip(model.optimizer.variables, start.optimizer.variables):
+                    mine.assign(saved)  # momentum and step count continue where they stopped
+        if state is None:
+            cost = flops.count(start)
+            self.state[name] = {
+                "criterion": name, "macs": int(cost.macs), "params": int(cost.params),
+                "curve": [[0.0, self._evaluate(model)]], "val_acc": None, "budget_epochs": 0.0,
+                "seconds": 0.0, "steps": 0, "settings": self.settings, "source": self.digests[name],
+            }
+        self.models[name] = model
+        return model
+
+    def _evaluate(self, model) -> float:
+        return float(model.evaluate(self.val_ds, verbose=0, return_dict=True)["accuracy"])
+
+    def train_to(self, name, target_steps, rung=""):
+        """Fine-tune ``name`` until it has seen ``target_steps`` batches, evaluating at every epoch end."""
+        state = self.state[name]
+        if state is not None and (state["steps"] >= target_steps or state.get("error")):
+            return  # finished earlier (this run or a previous one)
+        began = time.perf_counter()
+        model = self._live_model(name)
+        state = self.state[name]
+        while state["steps"] < target_steps:
+            epoch_end = (state["steps"] // self.steps_per_epoch + 1) * self.steps_per_epoch
+            chunk = min(target_steps, epoch_end) - state["steps"]
+            guard = finetune_steps(model, self.train_ds, chunk, start=state["steps"],
+                                   steps_per_epoch=self.steps_per_epoch)
+            state["steps"] += chunk
+            state["budget_epochs"] = round(state["steps"] / self.steps_per_epoch, 4)
+            if guard.bad_at is not None:
+                state["val_acc"] = None
+                state["error"] = f"loss became {guard.bad_at[2]} after {state['steps']} steps"
+                self.forget([name])
+                break
+            state["val_acc"] = self._evaluate(model)
+            state["curve"].append([state["budget_epochs"], state["val_acc"]])
+        state["seconds"] = round(state["seconds"] + time.perf_counter() - began, 3)
+        self._save(name, None if state.get("error") else model)
+        if self.verbose:
+            result = state.get("error") or f"val acc {100 * state['val_acc']:.2f}%"
+            print(f"select: rung {rung}: {name} at {state['budget_epochs']:g} epochs: {result} "
+                  f"({state['seconds']:.1f} s)", flush=True)
+
+    def wait_for(self, names, target_steps, *, timeout, workers):
+        """Block until every candidate in ``names`` has a record at ``target_steps`` (parallel mode)."""
+        order = list(self.sources)
+        deadline = time.monotonic() + timeout
+        while True:
+            missing = []
+            for name in names:
+                state = self._read_state(name)
+                if state is not None and (state["steps"] >= target_steps or state.get("error")):
+                    self.state[name] = state
+                else:
+                    missing.append(name)
+            if not missing:
+                return
+            if time.monotonic() > deadline:
+                owners = ", ".join(f"{n} (worker {order.index(n) % workers})" for n in missing)
+                raise MskdError(f"select: waited {timeout:g} s for candidates trained by other workers: {owners}. "
+                                "Check that every worker runs with the same flags and a shared --workdir.")
+            time.sleep(0.5)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _rank_key(state):
+    """Sort key: best validation accuracy first, then fewer MACs; failed candidates last."""
+    failed = state.get("val_acc") is None
+    return (failed, -(state.get("val_acc") or 0.0), state["macs"], state["criterion"])
+
+
+def _check_arguments(candidates, val_ds, epochs, tie_tolerance):
+    if not isinstance(candidates, dict) or not candidates:
+        raise MskdError("select: candidates must be a non-empty dict of criterion name -> keras.Model or .keras path.")
+    for name, source in candidates.items():
+        if not isinstance(name, str) or not _SAFE_NAME.match(name):
+            raise MskdError(f"select: candidate name {name!r} must use only letters, digits, '_', '-' and '.' "
+                            "(it names checkpoint files).")
+        if not isinstance(source, (keras.Model, str, os.PathLike)):
+            raise MskdError(f"select: candidate {name!r} is a {type(source).__name__}; pass a keras.Model or the "
+                            "path of a .keras file.")
+    if val_ds is None:
+        raise MskdError("select: val_ds is None; selection scores candidates on a validation split, never on test.")
+    if not (isinstance(epochs, (int, float)) and math.isfinite(epochs) and epochs > 0):
+        raise MskdError(f"select: epochs={epochs!r} must be a positive number (--select_epochs; 0.5 = half an epoch).")
+    if not (isinstance(tie_tolerance, (int, float)) and 0 <= tie_tolerance < 1):
+        raise MskdError(f"select: tie_tolerance={tie_tolerance!r} must be in [0, 1) (an accuracy difference).")
+
+
+def _resolve_strategy(strategy, parallel):
+    if isinstance(strategy, str):
+        strategy = make_strategy(strategy)
+    strategy = strategy or tf.distribute.get_strategy()
+    if parallel and isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        raise MskdError("select: parallel=True trains each worker's candidates locally; use a local strategy "
+                        "(default, one_device, mirrored) with it, not multi_worker.")
+    return strategy
+
+
+def _worker_rank() -> tuple[int, int]:
+    """(this worker's rank, number of workers) from ``TF_CONFIG``: chief first, then workers."""
+    resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
+    cluster = resolver.cluster_spec().as_dict()
+    if not cluster:
+        return 0, 1
+    members = [("chief", i) for i in range(len(cluster.get("chief", [])))]
+    members += [("worker", i) for i in range(len(cluster.get("worker", [])))]
+    me = (resolver.task_type, int(resolver.task_id or 0))
+    if me not in members:
+        raise MskdError(f"TF_CONFIG: task {me[0]}:{me[1]} is not a chief or worker of the cluster {cluster}; "
+                        "candidate-parallel selection runs on chief and worker tasks.")
+    return members.index(me), len(members)
+
+
+def _steps_per_epoch(dataset) -> int:
+    steps = int(dataset.cardinality())
+    if steps == tf.data.INFINITE_CARDINALITY:
+        raise MskdError("select: train_ds is infinite; pass one epoch of batches (no .repeat()).")
+    if steps == tf.data.UNKNOWN_CARDINALITY:
+        steps = sum(1 for _ in dataset)
+    if steps < 1:
+        raise MskdError("select: train_ds is empty; check the data source and the batch size.")
+    return steps
+
+
+def _outputs_probabilities(model) -> bool:
+    last = model.layers[-1]
+    activation = getattr(last, "activation", None)
+    return isinstance(last, keras.layers.Softmax) or getattr(activation, "__name__", "") == "softmax"
+
+
+def _with_batchnorm_sync(model, synchronized: bool) -> keras.Model:
+    """A copy of ``model`` (variables in the current scope) with BatchNorm ``synchronized`` set.
+
+    Synchronized BatchNorm computes batch statistics over the global batch, so a
+    step on N replicas equals the step on one device.
+    """
+
+    def clone_layer(layer):
+        config = layer.get_config()
+        if isinstance(layer, keras.layers.BatchNormalization):
+            config["synchronized"] = synchronized
+        return layer.__class__.from_config(config)
+
+    copy = keras.models.clone_model(model, clone_function=clone_layer, recursive=True)
+    copy.set_weights(model.get_weights())
+    return copy
+
+
+def _source_digest(source) -> str:
+    """Identifies a candidate: its file's bytes, or its weights; a changed candidate restarts."""
+    h = hashlib.sha256()
+    if isinstance(source, keras.Model):
+        for w in source.get_weights():
+            h.update(np.ascontiguousarray(w).tobytes())
+    else:
+        try:
+            h.update(Path(source).read_bytes())
+        except OSError as exc:
+            raise MskdError(f"select: cannot read candidate file {source} ({exc.strerror}); re-run the "
+                            "candidates stage.") from None
+    return h.hexdigest()[:16]
+
+
+def _atomic(path: Path, write) -> None:
+    """Call ``write(tmp)`` on a temporary name beside ``path``, then rename it into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    os.unlink(tmp)  # Keras refuses to overwrite without asking in some versions; give it a fresh name
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
