@@ -1,0 +1,75 @@
+"""Quantization-aware training through tf_keras + tfmot (mskd_tf.compat). Slow: tfmot import, tracing, fine-tuning."""
+
+import os
+
+import keras
+import numpy as np
+import pytest
+
+from mskd_tf import deploy, quantize
+from mskd_tf.errors import MskdError
+from tiny_fashion import as_dataset, trained_tiny_cnn
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def compat():
+    from mskd_tf import compat
+
+    return compat
+
+
+@pytest.fixture(scope="module")
+def trained():
+    return trained_tiny_cnn()
+
+
+def test_import_leaves_keras_3_selected(compat):
+    before = os.environ.get("TF_USE_LEGACY_KERAS")
+    compat.load_tf_keras()
+    assert os.environ.get("TF_USE_LEGACY_KERAS") == before
+
+
+def test_tf_keras_rebuild_has_identical_outputs(compat, trained):
+    model, _, (x_test, _) = trained
+    rebuilt = compat.to_tf_keras(model)
+    assert type(rebuilt).__module__.startswith("tf_keras")
+    assert [layer.name for layer in rebuilt.layers] == [layer.name for layer in model.layers]
+    np.testing.assert_allclose(rebuilt.predict(x_test[:64], verbose=0), model.predict(x_test[:64], verbose=0), atol=1e-4)
+
+
+def test_rebuild_names_an_unsupported_layer(compat):
+    inputs = keras.Input((8, 8, 1))
+    x = keras.layers.Conv2D(4, 3)(inputs)
+    x = keras.layers.LayerNormalization(name="odd_norm")(x)
+    model = keras.Model(inputs, keras.layers.Dense(2)(keras.layers.Flatten()(x)))
+    with pytest.raises(MskdError, match="layer 'odd_norm' \\(LayerNormalization\\) cannot be rebuilt"):
+        compat.to_tf_keras(model)
+
+
+def test_qat_int8_converts_runs_and_keeps_accuracy(compat, trained):
+    model, (x_train, y_train), (x_test, y_test) = trained
+    tflite = compat.qat_int8(
+        model,
+        train_ds=as_dataset(x_train, y_train),
+        calibration_images=x_train[:100],
+        teacher=model,  # self-distillation: the Distiller loss path with a teacher
+        epochs=1,
+        steps_per_epoch=20,
+    )
+    io = quantize.io_details(tflite)
+    assert io["input"]["dtype"] == "int8" and io["output"]["dtype"] == "int8"
+    keras_logits = model.predict(x_test, verbose=0)
+    result = quantize.verify_tflite(tflite, x_test, y_test, keras_logits, latency_repeats=5)
+    assert result["test_acc"] >= result["keras_acc"] - 0.05
+    assert result["agreement"] >= 0.85  # QAT changes the weights, so agreement is not exact
+    assert "CONV_2D" in deploy.check_micro_ops(tflite)
+
+
+def test_qat_rejects_bad_options(compat, trained):
+    model, (x_train, _), _ = trained
+    with pytest.raises(MskdError, match="epochs >= 1 and lr > 0"):
+        compat.qat_int8(model, train_ds=None, calibration_images=x_train[:4], epochs=0)
+    with pytest.raises(MskdError, match="needs train_ds"):
+        compat.qat_int8(model, train_ds=None, calibration_images=x_train[:4])
