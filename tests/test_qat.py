@@ -73,3 +73,26 @@ def test_qat_rejects_bad_options(compat, trained):
         compat.qat_int8(model, train_ds=None, calibration_images=x_train[:4], epochs=0)
     with pytest.raises(MskdError, match="needs train_ds"):
         compat.qat_int8(model, train_ds=None, calibration_images=x_train[:4])
+
+
+def test_export_all_adds_a_verified_qat_variant(trained, tmp_path):
+    model, (x_train, y_train), (x_test, y_test) = trained
+    results = deploy.export_all(
+        model,
+        str(tmp_path),
+        kinds=("int8",),
+        representative_ds=as_dataset(x_train[:500], y_train[:500]),
+        test_ds=as_dataset(x_test[:200], y_test[:200]),
+        num_calibration=50,
+        qat={"train_ds": as_dataset(x_train, y_train), "teacher": model, "epochs": 1, "steps_per_epoch": 5},
+        micro_images=20,
+    )
+    by_kind = {r["kind"]: r for r in results}
+    assert list(by_kind) == ["int8", "int8_qat"]
+    qat = by_kind["int8_qat"]
+    assert os.path.getsize(qat["path"]) == qat["bytes"] and qat["test_acc"] >= qat["keras_acc"] - 0.05
+    # The QAT file is the one deployed: micro check and both kits use it.
+    assert qat["micro"]["agreement_with_litert"] >= 0.95
+    assert open(qat["android_kit"]["model"], "rb").read() == open(qat["path"], "rb").read()
+    source = open(qat["micro_kit"]["source"]).read()
+    assert deploy.parse_c_array(source) == open(qat["path"], "rb").read()
