@@ -45,7 +45,7 @@ import tensorflow as tf
 from mskd_tf import flops
 from mskd_tf.distribute import is_chief, make_strategy
 from mskd_tf.errors import MskdError
-from mskd_tf.training import NanGuard, make_optimizer
+from mskd_tf.training import make_optimizer
 
 HALVING_BUDGET = 2.0  # the whole successive-halving selection costs this many full fine-tunes
 SELECTION_DIR = "selection"
@@ -146,7 +146,7 @@ def select(
             "cost_in_full_budgets": round(spent / full_steps, 3),
             "tie_tolerance": tie_tolerance,
             "replicas": strategy.num_replicas_in_sync,
-            "workers": workers,
+            "parallel_workers": workers,
             "split": "validation",
         },
     }
@@ -216,22 +216,81 @@ def write_selection(workdir, payload: dict, selected) -> None:
     _atomic(workdir / "selection.json", lambda tmp: Path(tmp).write_text(json.dumps(payload, indent=2)))
 
 
-def finetune_steps(model, train_ds, steps: int, *, start: int = 0, steps_per_epoch: int | None = None) -> NanGuard:
-    """Train a compiled ``model`` for ``steps`` batches of ``train_ds`` beginning at batch ``start``.
+class Finetuner:
+    """Train and evaluate one classifier under a ``tf.distribute`` strategy with a custom loop.
 
-    Batches are counted across epochs: ``start`` = 10 on a 4-batch dataset begins
-    at batch 2 of a fresh pass, so a resumed fine-tune sees where it left off.
-    Returns the :class:`NanGuard` that watched the steps.
+    Exact under replicas: each replica's summed cross-entropy is divided by the
+    *global* number of examples in the step (all-reduced, so uneven last batches
+    are right too), and the optimizer sums the replicas' gradients. Accuracy is
+    counted, not averaged. (Keras 3 ``fit``/``evaluate`` fail under
+    ``MultiWorkerMirroredStrategy``, keras-team/keras#20585, so this loop serves
+    every strategy alike.) ``model`` and ``optimizer`` must belong to ``strategy``.
     """
-    steps_per_epoch = steps_per_epoch or _steps_per_epoch(train_ds)
-    guard = NanGuard()
-    position, stop = start, start + steps
-    while position < stop and guard.bad_at is None:
-        offset = position % steps_per_epoch
-        chunk = min(stop - position, steps_per_epoch - offset)
-        model.fit(train_ds.skip(offset).take(chunk), epochs=1, verbose=0, callbacks=[guard], shuffle=False)
-        position += chunk
-    return guard
+
+    def __init__(self, model, optimizer, strategy=None, *, from_logits: bool = True):
+        self.model, self.optimizer = model, optimizer
+        self.strategy = strategy or tf.distribute.get_strategy()
+        self.from_logits = from_logits
+        self._train_step = tf.function(self._distributed_train_step, reduce_retracing=True)
+        self._eval_step = tf.function(self._distributed_eval_step, reduce_retracing=True)
+
+    def train(self, train_ds, steps: int, *, start: int = 0, steps_per_epoch: int | None = None) -> float | None:
+        """Train ``steps`` batches of ``train_ds`` beginning at batch ``start`` (counted across epochs).
+
+        ``start`` = 10 on a 4-batch dataset begins at batch 2 of a fresh pass, so a
+        resumed fine-tune continues where it stopped. Returns None, or the first
+        non-finite loss (training stops there).
+        """
+        steps_per_epoch = steps_per_epoch or _steps_per_epoch(train_ds)
+        position, stop = start, start + steps
+        while position < stop:
+            offset = position % steps_per_epoch
+            chunk = min(stop - position, steps_per_epoch - offset)
+            batches = self.strategy.experimental_distribute_dataset(train_ds.skip(offset).take(chunk))
+            for batch in batches:
+                loss = float(self._train_step(batch))
+                if not math.isfinite(loss):
+                    return loss
+            position += chunk
+        return None
+
+    def accuracy(self, dataset) -> float:
+        """Top-1 accuracy over all of ``dataset``."""
+        correct = total = 0
+        for batch in self.strategy.experimental_distribute_dataset(dataset):
+            right, count = self._eval_step(batch)
+            correct, total = correct + int(right), total + int(count)
+        if total == 0:
+            raise MskdError("select: the validation dataset is empty.")
+        return correct / total
+
+    def _distributed_train_step(self, batch):
+        per_replica = self.strategy.run(self._replica_train_step, args=batch)
+        return self.strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None)
+
+    def _replica_train_step(self, images, labels):
+        context = tf.distribute.get_replica_context()
+        labels = tf.reshape(labels, [-1])
+        global_count = context.all_reduce(tf.distribute.ReduceOp.SUM, tf.cast(tf.size(labels), tf.float32))
+        with tf.GradientTape() as tape:
+            outputs = self.model(images, training=True)
+            per_example = keras.losses.sparse_categorical_crossentropy(labels, outputs, from_logits=self.from_logits)
+            loss = tf.reduce_sum(per_example) / tf.maximum(global_count, 1.0)
+            if self.model.losses:  # regularizers: each replica adds its share
+                loss += tf.add_n(self.model.losses) / context.num_replicas_in_sync
+        gradients = tape.gradient(loss, self.model.trainable_variables)
+        self.optimizer.apply_gradients(zip(gradients, self.model.trainable_variables))
+        return loss
+
+    def _distributed_eval_step(self, batch):
+        right, count = self.strategy.run(self._replica_eval_step, args=batch)
+        total = lambda v: self.strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None)  # noqa: E731
+        return total(right), total(count)
+
+    def _replica_eval_step(self, images, labels):
+        labels = tf.cast(tf.reshape(labels, [-1]), tf.int64)
+        predicted = tf.argmax(self.model(images, training=False), axis=-1, output_type=tf.int64)
+        return tf.reduce_sum(tf.cast(predicted == labels, tf.int64)), tf.size(labels, out_type=tf.int64)
 
 
 # ----------------------------------------------------------------------------- the work
@@ -248,7 +307,7 @@ class _CandidateTrainer:
         self.settings, self.strategy = settings, strategy
         self.steps_per_epoch, self.writes, self.verbose = steps_per_epoch, writes, verbose
         self.sync_bn = strategy.num_replicas_in_sync > 1
-        self.models: dict[str, keras.Model] = {}
+        self.models: dict[str, Finetuner] = {}
         self.digests = {name: _source_digest(source) for name, source in candidates.items()}
         # Read once, before any collective step, so every worker starts from the same state.
         self.state = {name: self._read_state(name) for name in candidates}
@@ -282,7 +341,8 @@ class _CandidateTrainer:
 
     def row(self, name) -> dict:
         state = self.state[name]
-        keys = ("criterion", "macs", "params", "curve", "val_acc", "budget_epochs", "seconds", "steps", "error")
+        keys = ("criterion", "macs", "params", "curve", "val_acc", "budget_epochs", "seconds", "steps", "weights",
+                "error")
         return {k: state[k] for k in keys if k in state}
 
     def forget(self, names):
@@ -301,8 +361,8 @@ class _CandidateTrainer:
             raise MskdError(f"candidate {name!r}: cannot load {source} as a Keras model ({exc}); re-run the "
                             "candidates stage or pass a keras.Model.") from exc
 
-    def _live_model(self, name) -> keras.Model:
-        """The candidate under the strategy, compiled, at ``state['steps']`` steps."""
+    def _live_model(self, name) -> Finetuner:
+        """The candidate's :class:`Finetuner` under the strategy, at ``state['steps']`` steps."""
         if name in self.models:
             return self.models[name]
         state = self.state[name]
@@ -311,29 +371,24 @@ class _CandidateTrainer:
         keras.utils.set_random_seed(self.settings["seed"])
         with self.strategy.scope():
             model = _with_batchnorm_sync(start, self.sync_bn)
-            model.compile(
-                optimizer=make_optimizer(self.settings["optimizer"], self.settings["lr"], total_steps=1,
-                                         schedule="constant", weight_decay=self.settings["weight_decay"]),
-                loss=keras.losses.SparseCategoricalCrossentropy(from_logits=not _outputs_probabilities(start)),
-                metrics=["accuracy"],
-                jit_compile=False,  # XLA fails under MirroredStrategy on logical CPUs and gains nothing here
-            )
+            optimizer = make_optimizer(self.settings["optimizer"], self.settings["lr"], total_steps=1,
+                                       schedule="constant", weight_decay=self.settings["weight_decay"])
+            optimizer.build(model.trainable_variables)
             if resumed and start.optimizer is not None and start.optimizer.built:
-                model.optimizer.build(model.trainable_variables)
-                for mine, saved in zip(model.optimizer.variables, start.optimizer.variables):
+                for mine, saved in zip(optimizer.variables, start.optimizer.variables):
                     mine.assign(saved)  # momentum and step count continue where they stopped
+            # Compiled only so that checkpoints carry the optimizer state.
+            model.compile(optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+        tuner = Finetuner(model, optimizer, self.strategy, from_logits=not _outputs_probabilities(start))
         if state is None:
             cost = flops.count(start)
             self.state[name] = {
                 "criterion": name, "macs": int(cost.macs), "params": int(cost.params),
-                "curve": [[0.0, self._evaluate(model)]], "val_acc": None, "budget_epochs": 0.0,
+                "curve": [[0.0, tuner.accuracy(self.val_ds)]], "val_acc": None, "budget_epochs": 0.0,
                 "seconds": 0.0, "steps": 0, "settings": self.settings, "source": self.digests[name],
             }
-        self.models[name] = model
-        return model
-
-    def _evaluate(self, model) -> float:
-        return float(model.evaluate(self.val_ds, verbose=0, return_dict=True)["accuracy"])
+        self.models[name] = tuner
+        return tuner
 
     def train_to(self, name, target_steps, rung=""):
         """Fine-tune ``name`` until it has seen ``target_steps`` batches, evaluating at every epoch end."""
@@ -341,24 +396,25 @@ class _CandidateTrainer:
         if state is not None and (state["steps"] >= target_steps or state.get("error")):
             return  # finished earlier (this run or a previous one)
         began = time.perf_counter()
-        model = self._live_model(name)
+        tuner = self._live_model(name)
         state = self.state[name]
         while state["steps"] < target_steps:
             epoch_end = (state["steps"] // self.steps_per_epoch + 1) * self.steps_per_epoch
             chunk = min(target_steps, epoch_end) - state["steps"]
-            guard = finetune_steps(model, self.train_ds, chunk, start=state["steps"],
-                                   steps_per_epoch=self.steps_per_epoch)
+            bad_loss = tuner.train(self.train_ds, chunk, start=state["steps"], steps_per_epoch=self.steps_per_epoch)
             state["steps"] += chunk
             state["budget_epochs"] = round(state["steps"] / self.steps_per_epoch, 4)
-            if guard.bad_at is not None:
+            if bad_loss is not None:
                 state["val_acc"] = None
-                state["error"] = f"loss became {guard.bad_at[2]} after {state['steps']} steps"
+                state["error"] = f"the loss became {bad_loss} within {state['steps']} steps"
                 self.forget([name])
                 break
-            state["val_acc"] = self._evaluate(model)
+            state["val_acc"] = tuner.accuracy(self.val_ds)
             state["curve"].append([state["budget_epochs"], state["val_acc"]])
         state["seconds"] = round(state["seconds"] + time.perf_counter() - began, 3)
-        self._save(name, None if state.get("error") else model)
+        if not state.get("error"):
+            state["weights"] = _weights_digest(tuner.model)  # each worker's copy; equal when synchronous
+        self._save(name, None if state.get("error") else tuner.model)
         if self.verbose:
             result = state.get("error") or f"val acc {100 * state['val_acc']:.2f}%"
             print(f"select: rung {rung}: {name} at {state['budget_epochs']:g} epochs: {result} "
@@ -472,19 +528,22 @@ def _with_batchnorm_sync(model, synchronized: bool) -> keras.Model:
     return copy
 
 
+def _weights_digest(model) -> str:
+    h = hashlib.sha256()
+    for w in model.get_weights():
+        h.update(np.ascontiguousarray(w).tobytes())
+    return h.hexdigest()[:16]
+
+
 def _source_digest(source) -> str:
     """Identifies a candidate: its file's bytes, or its weights; a changed candidate restarts."""
-    h = hashlib.sha256()
     if isinstance(source, keras.Model):
-        for w in source.get_weights():
-            h.update(np.ascontiguousarray(w).tobytes())
-    else:
-        try:
-            h.update(Path(source).read_bytes())
-        except OSError as exc:
-            raise MskdError(f"select: cannot read candidate file {source} ({exc.strerror}); re-run the "
-                            "candidates stage.") from None
-    return h.hexdigest()[:16]
+        return _weights_digest(source)
+    try:
+        return hashlib.sha256(Path(source).read_bytes()).hexdigest()[:16]
+    except OSError as exc:
+        raise MskdError(f"select: cannot read candidate file {source} ({exc.strerror}); re-run the "
+                        "candidates stage.") from None
 
 
 def _atomic(path: Path, write) -> None:
