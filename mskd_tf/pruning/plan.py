@@ -160,6 +160,7 @@ class _Planner:
         self.round_to = round_to
         protected = _resolve_protect(graph, protect)
         self.groups = [g for g in graph.groups if g.prunable and g.id not in protected]
+        self.protected = [g for g in graph.groups if g.prunable and g.id in protected]
         self.order, self.normalised, self.minimum = {}, {}, {}
         for group in self.groups:
             score = scores.get(group.id)
@@ -182,7 +183,7 @@ class _Planner:
         return int(min(group.size, max(n, lowest)))
 
     def _keep(self, widths):
-        keep = {}
+        keep = {g.id: np.arange(g.size) for g in self.protected}
         for group in self.groups:
             order = self.order[group.id]
             chosen = set(order[: widths[group.id]].tolist())

@@ -1,0 +1,109 @@
+"""plan_keep(): ratios, global ranking, MACs targets, rounding, minimum widths, protection."""
+
+import keras
+import numpy as np
+import pytest
+
+from mskd_tf import flops, models
+from mskd_tf.errors import MskdError
+from mskd_tf.pruning import build_graph, plan_keep, prune
+from test_pruning_helpers import L, random_scores
+
+
+def _chain(widths=(16, 24, 32)):
+    """Convs with no coupling: every group is one layer."""
+    inputs = keras.Input((12, 12, 3))
+    x = inputs
+    for i, width in enumerate(widths):
+        x = L.Conv2D(width, 3, padding="same", name=f"conv{i}")(x)
+        x = L.BatchNormalization(name=f"bn{i}")(x)
+        x = L.ReLU(name=f"relu{i}")(x)
+    x = L.GlobalAveragePooling2D()(x)
+    return keras.Model(inputs, L.Dense(5, name="out")(x))
+
+
+@pytest.fixture(scope="module")
+def chain_graph():
+    return build_graph(_chain())
+
+
+@pytest.fixture(scope="module")
+def resnet_graph():
+    return build_graph(models.build("resnet20", (32, 32, 3), 10))
+
+
+def test_uniform_ratio_keeps_the_top_scores_of_every_group(chain_graph):
+    scores = random_scores(chain_graph, seed=3)
+    plan = plan_keep(chain_graph, scores, keep_ratio=0.25, mode="uniform")
+    assert plan.widths() == {"conv0": 4, "conv1": 6, "conv2": 8}
+    for group_id, kept in plan.keep.items():
+        np.testing.assert_array_equal(kept, np.sort(np.argsort(-scores[group_id])[: len(kept)]))
+
+
+def test_global_ranking_uses_mean_normalised_scores(chain_graph):
+    rng = np.random.default_rng(5)
+    # Raw scales differ 100x between groups; normalisation makes them comparable.
+    scores = {"conv0": rng.uniform(0, 1, 16) * 100, "conv1": rng.uniform(0, 1, 24), "conv2": rng.uniform(0, 1, 32) ** 3}
+    plan = plan_keep(chain_graph, scores, keep_ratio=0.5, mode="global")
+    pooled = np.concatenate([scores[g] / np.mean(np.abs(scores[g])) for g in ("conv0", "conv1", "conv2")])
+    threshold = np.sort(pooled)[::-1][35]  # 36 = half of the 72 channels
+    for group_id in ("conv0", "conv1", "conv2"):
+        normalised = scores[group_id] / np.mean(np.abs(scores[group_id]))
+        np.testing.assert_array_equal(plan.keep[group_id], np.flatnonzero(normalised >= threshold))
+
+
+def test_per_layer_ratio_names_must_be_producers(chain_graph):
+    with pytest.raises(MskdError, match="'bn2' is neither a group id nor a layer producing"):
+        plan_keep(chain_graph, keep_ratio={"conv1": 0.5, "bn2": 0.25}, mode="uniform")
+
+
+def test_per_layer_ratio_dict(chain_graph):
+    plan = plan_keep(chain_graph, keep_ratio={"conv1": 0.5}, mode="uniform")
+    assert plan.widths() == {"conv0": 16, "conv1": 12, "conv2": 32}
+
+
+@pytest.mark.parametrize("mode", ["uniform", "global"])
+@pytest.mark.parametrize("target", [0.5, 0.3])
+def test_macs_target_is_hit_within_one_percent_and_matches_flops(resnet_graph, mode, target):
+    plan = plan_keep(resnet_graph, random_scores(resnet_graph, 1), target_macs=target, mode=mode)
+    assert abs(plan.macs / (target * plan.base_macs) - 1) <= 0.01
+    assert plan.base_macs == flops.count(resnet_graph.model).macs
+    cost = flops.count(prune(resnet_graph.model, plan.keep, graph=resnet_graph))
+    assert (cost.macs, cost.params) == (plan.macs, plan.params)
+
+
+def test_round_to_minimum_width_and_protect(chain_graph):
+    plan = plan_keep(chain_graph, random_scores(chain_graph), target_macs=0.4, round_to=8, protect=["conv2"])
+    assert plan.widths()["conv2"] == 32
+    assert all(width % 8 == 0 for width in plan.widths().values())
+    plan = plan_keep(chain_graph, keep_ratio=0.05, mode="uniform", min_channels=3)
+    assert plan.widths() == {"conv0": 3, "conv1": 3, "conv2": 3}
+    plan = plan_keep(chain_graph, keep_ratio=0.05, mode="uniform", min_ratio=0.5)
+    assert plan.widths() == {"conv0": 8, "conv1": 12, "conv2": 16}
+
+
+def test_unreachable_target_names_the_smallest_reachable_macs(chain_graph):
+    smallest = plan_keep(chain_graph, keep_ratio=0.01, mode="uniform", min_channels=8)
+    expected = f"smallest reachable is {smallest.macs / 1e6:.3f}M MACs"
+    with pytest.raises(MskdError, match=expected.replace(".", r"\.")):
+        plan_keep(chain_graph, target_macs=0.05, min_channels=8)
+
+
+def test_coupled_producers_each_keep_their_minimum(resnet_graph):
+    plan = plan_keep(resnet_graph, target_macs=0.2, min_channels=2)
+    for group in resnet_graph.groups:
+        for ref in group.producers if group.prunable else ():
+            assert np.isin(np.unique(ref.indices), plan.keep[group.id]).sum() >= 2, ref.layer
+
+
+def test_bad_arguments_are_errors(chain_graph):
+    with pytest.raises(MskdError, match="exactly one of keep_ratio"):
+        plan_keep(chain_graph, keep_ratio=0.5, target_macs=0.5)
+    with pytest.raises(MskdError, match=r"keep_ratio=1\.5 must be in \(0, 1\]"):
+        plan_keep(chain_graph, keep_ratio=1.5)
+    with pytest.raises(MskdError, match=r"scores\['conv0'\] must be 16 finite numbers"):
+        plan_keep(chain_graph, {"conv0": np.ones(3)}, keep_ratio=0.5)
+    with pytest.raises(MskdError, match="protect: 'nope'"):
+        plan_keep(chain_graph, keep_ratio=0.5, protect=["nope"])
+    with pytest.raises(MskdError, match="mode='best'"):
+        plan_keep(chain_graph, keep_ratio=0.5, mode="best")
