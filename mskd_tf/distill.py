@@ -95,6 +95,14 @@ def _is_softmax(layer) -> bool:
     return activation is not None and getattr(activation, "__name__", "") == "softmax"
 
 
+# Layers whose 4-D output is an image-like feature map on the main path.
+_FEATURE_MAP_LAYERS = (
+    keras.layers.Conv2D, keras.layers.DepthwiseConv2D, keras.layers.SeparableConv2D,
+    keras.layers.BatchNormalization, keras.layers.ReLU, keras.layers.Activation, keras.layers.Add,
+    keras.layers.Concatenate, keras.layers.MaxPooling2D, keras.layers.AveragePooling2D,
+)
+
+
 def stage_ends(model: keras.Model) -> list[str]:
     """Names of the last layer at each spatial resolution (4-D outputs), in depth order.
 
@@ -103,7 +111,7 @@ def stage_ends(model: keras.Model) -> list[str]:
     """
     last_at = {}
     for layer in model.layers:
-        if isinstance(layer, keras.layers.InputLayer):
+        if not isinstance(layer, _FEATURE_MAP_LAYERS):  # skips reshapes/padding that fake 4-D shapes
             continue
         try:
             shape = layer.output.shape

@@ -1,0 +1,87 @@
+"""Cost of distillation vs its parts: KD epoch / (student CE epoch + teacher predict).
+
+Distillation should cost the student's training plus one teacher forward pass,
+nothing more. This times, on the same data and batch size, after a warm-up
+epoch (tracing):
+
+  - student fit epoch with plain cross-entropy (``distill(..., kd=False)``),
+  - ``teacher.predict`` over the same data,
+  - Distiller fit epoch (``distill(..., kd=True)``), optionally with hints,
+
+and prints the median of ``--repeats`` epochs and the ratio (target <= 1.10).
+
+    .venv/bin/python benchmarks/distill_overhead.py --arch resnet20 --samples 512
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import keras
+import numpy as np
+import tensorflow as tf
+from absl import app, flags
+
+from mskd_tf import models
+from mskd_tf.distill import distill
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("arch", "resnet20", "Teacher architecture (mskd_tf.models.build name).")
+flags.DEFINE_float("student_width", 0.5, "Student = same architecture at this width (a pruned-clone stand-in).")
+flags.DEFINE_integer("samples", 512, "Synthetic 32x32x3 training images.")
+flags.DEFINE_integer("batch_size", 64, "Batch size.")
+flags.DEFINE_integer("repeats", 3, "Timed epochs after one warm-up epoch.")
+flags.DEFINE_float("feature_kd", 0.0, "Weight of the FitNets hint loss (0 = logits only).")
+
+
+class EpochTimer(keras.callbacks.Callback):
+    def __init__(self):
+        super().__init__()
+        self.seconds = []
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._start = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.seconds.append(time.perf_counter() - self._start)
+
+
+def timed_fit(teacher, student, data, kd, feature_kd):
+    timer = EpochTimer()
+    distill(teacher, student, data, None, epochs=1 + FLAGS.repeats, kd=kd, feature_kd=feature_kd,
+            callbacks=[timer], verbose=0)
+    return statistics.median(timer.seconds[1:])  # epoch 0 includes tracing
+
+
+def main(_):
+    rng = np.random.default_rng(0)
+    x = rng.random((FLAGS.samples, 32, 32, 3), dtype=np.float32)
+    y = rng.integers(0, 10, FLAGS.samples).astype("int32")
+    data = tf.data.Dataset.from_tensor_slices((x, y)).batch(FLAGS.batch_size).cache().prefetch(2)
+    for _ in data:  # fill the cache so no run pays for it
+        pass
+    teacher = models.build(FLAGS.arch, (32, 32, 3), 10)
+    student = lambda: models.build(FLAGS.arch, (32, 32, 3), 10, width=FLAGS.student_width)  # noqa: E731
+
+    student_epoch = timed_fit(teacher, student(), data, kd=False, feature_kd=0.0)
+    teacher.predict(data, verbose=0)  # warm-up / tracing
+    predict_times = []
+    for _ in range(FLAGS.repeats):
+        start = time.perf_counter()
+        teacher.predict(data, verbose=0)
+        predict_times.append(time.perf_counter() - start)
+    teacher_predict = statistics.median(predict_times)
+    kd_epoch = timed_fit(teacher, student(), data, kd=True, feature_kd=FLAGS.feature_kd)
+
+    ratio = kd_epoch / (student_epoch + teacher_predict)
+    print(f"arch={FLAGS.arch} student_width={FLAGS.student_width} samples={FLAGS.samples} "
+          f"batch={FLAGS.batch_size} feature_kd={FLAGS.feature_kd}")
+    print(f"student CE epoch   {student_epoch:7.3f} s")
+    print(f"teacher predict    {teacher_predict:7.3f} s")
+    print(f"KD epoch           {kd_epoch:7.3f} s")
+    print(f"ratio KD / (CE + predict) = {ratio:.3f}  (target <= 1.10)")
+
+
+if __name__ == "__main__":
+    app.run(main)
