@@ -1,0 +1,91 @@
+"""The stage runner: resume, invalidation by config, damaged artifacts, atomic writes."""
+
+import json
+
+import numpy as np
+import pytest
+
+from mskd_tf.api import run_pipeline
+from mskd_tf.config import Config
+from mskd_tf.errors import MskdError
+from mskd_tf.workdir import Workdir
+
+
+def make_npz(path, n_train=240, n_test=60, size=12, classes=3, seed=0):
+    """Learnable toy images: the class decides which third of the image is bright."""
+    rng = np.random.default_rng(seed)
+
+    def draw(n):
+        y = rng.integers(0, classes, n)
+        x = rng.integers(0, 60, (n, size, size, 1)).astype(np.uint8)
+        band = size // classes
+        for i, label in enumerate(y):
+            x[i, label * band:(label + 1) * band] += 150
+        return x, y
+
+    (x_train, y_train), (x_test, y_test) = draw(n_train), draw(n_test)
+    np.savez(path, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
+    return path
+
+
+@pytest.fixture
+def tiny_cfg(tmp_path):
+    data = make_npz(tmp_path / "toy.npz")
+    return Config(dataset=f"npz:{data}", model="small_cnn", width=0.25, epochs=1, batch_size=32, lr=0.05,
+                  workdir=str(tmp_path / "wd"), val_fraction=0.2)
+
+
+def test_teacher_stage_resumes_and_detects_changes(tiny_cfg, capsys):
+    run_pipeline(tiny_cfg, stop_after="teacher")
+    wd = tiny_cfg.workdir
+    first = json.loads(open(f"{wd}/teacher.json").read())
+    assert 0 <= first["test_acc"] <= 1 and first["macs"] > 0
+    capsys.readouterr()
+
+    run_pipeline(tiny_cfg, stop_after="teacher")
+    assert "[teacher] done already" in capsys.readouterr().out
+
+    tiny_cfg.lr = 0.02
+    run_pipeline(tiny_cfg, stop_after="teacher")
+    assert "config changed since it ran (lr)" in capsys.readouterr().out
+
+
+def test_damaged_artifact_is_redone(tiny_cfg, capsys):
+    run_pipeline(tiny_cfg, stop_after="teacher")
+    path = f"{tiny_cfg.workdir}/teacher.keras"
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[: len(data) // 2])  # a truncated archive, as after a crash mid-copy
+    capsys.readouterr()
+    run_pipeline(tiny_cfg, stop_after="teacher")
+    assert "damaged" in capsys.readouterr().out
+    import keras
+
+    keras.models.load_model(path)  # whole again
+
+
+def test_restart_from_redoes_that_stage(tiny_cfg, capsys):
+    run_pipeline(tiny_cfg, stop_after="teacher")
+    tiny_cfg.restart_from = "teacher"
+    capsys.readouterr()
+    run_pipeline(tiny_cfg, stop_after="teacher")
+    assert "--restart_from=teacher" in capsys.readouterr().out
+
+
+def test_nan_loss_stops_with_clear_error_and_saves_nothing(tmp_path):
+    data = make_npz(tmp_path / "toy.npz")
+    cfg = Config(dataset=f"npz:{data}", model="small_cnn", width=0.25, epochs=1, batch_size=32, lr=1e30,
+                 schedule="constant", workdir=str(tmp_path / "wd"))
+    with pytest.raises(MskdError, match="teacher: the training loss became"):
+        run_pipeline(cfg, stop_after="teacher")
+    assert not (tmp_path / "wd" / "teacher.keras").exists()
+
+
+def test_atomic_write_leaves_old_artifact_on_failure(tmp_path):
+    wd = Workdir(tmp_path)
+    wd.write_json("a.json", {"v": 1})
+    with pytest.raises(RuntimeError):
+        with wd.atomic("a.json") as tmp:
+            tmp.write_text('{"v": 2, "trunc')
+            raise RuntimeError("killed mid-write")
+    assert json.loads((tmp_path / "a.json").read_text()) == {"v": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["a.json"]  # no temporary left behind
