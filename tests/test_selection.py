@@ -1,0 +1,225 @@
+"""Selection: halving plan, choice rule, exact custom loop, artifacts, resumption, bad input."""
+
+import json
+import math
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from mskd_tf import selection
+from mskd_tf.errors import MskdError
+from mskd_tf.selection import Finetuner, choose, halving_rungs, select
+from mskd_tf.training import make_optimizer
+from multiworker_select import tiny_arrays, tiny_candidate, tiny_datasets
+
+
+def weights_of(model):
+    return [np.array(w) for w in model.get_weights()]
+
+
+# ----------------------------------------------------------------------------- plan and choice
+
+
+def test_halving_plan_for_nine_candidates():
+    # 4 rungs of 2 * 72 / 4 = 36 steps each, split over 9, 5, 3, 2 survivors.
+    assert halving_rungs(9, 72) == [(9, 4), (5, 11), (3, 23), (2, 41)]
+    assert halving_rungs(1, 50) == [(1, 50)]
+    assert halving_rungs(2, 50) == [(2, 50)]  # two candidates: each gets the full budget
+
+
+@pytest.mark.parametrize("count", range(2, 17))
+def test_halving_costs_at_most_two_full_budgets(count):
+    full = 400
+    plan = halving_rungs(count, full)
+    spent, previous = 0, 0
+    for survivors, cumulative in plan:
+        spent += survivors * (cumulative - previous)
+        previous = cumulative
+    assert spent <= 2 * full
+    assert spent >= 2 * full - 2 * len(plan) * count  # only rounding is lost
+    assert plan[-1][0] == 2 and [s for s, _ in plan] == sorted((s for s, _ in plan), reverse=True)
+
+
+def row(name, acc, macs, budget=1.0):
+    return {"criterion": name, "val_acc": acc, "macs": macs, "budget_epochs": budget}
+
+
+def test_choice_prefers_fewer_macs_within_tolerance():
+    winner, reason = choose([row("l1", 0.900, 2e6), row("bn", 0.899, 1e6), row("taylor", 0.850, 0.5e6)], 0.002)
+    assert winner["criterion"] == "bn"
+    assert "within tie_tolerance=0.002 of the best (l1: 0.9000)" in reason and "1.000M vs 2.000M" in reason
+
+
+def test_choice_outside_tolerance_takes_the_best_and_skips_failures():
+    rows = [row("l1", 0.900, 2e6), row("bn", 0.890, 1e6), {**row("nan", None, 1), "error": "the loss became nan"}]
+    winner, reason = choose(rows, 0.002)
+    assert winner["criterion"] == "l1" and reason.startswith("highest validation accuracy 0.9000")
+    with pytest.raises(MskdError, match="every candidate failed to fine-tune .*nan: the loss became nan"):
+        choose([rows[2]], 0.002)
+
+
+# ----------------------------------------------------------------------------- the training loop
+
+
+def test_one_step_equals_keras_train_on_batch():
+    x, y = tiny_arrays(48)
+    reference, ours = tiny_candidate(6, "a", seed=3), tiny_candidate(6, "b", seed=3)
+    reference.compile(make_optimizer("sgd", 0.1, total_steps=1, schedule="constant"),
+                      keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    reference.train_on_batch(x, y)
+    optimizer = make_optimizer("sgd", 0.1, total_steps=1, schedule="constant")
+    bad = Finetuner(ours, optimizer).train(tf.data.Dataset.from_tensor_slices((x, y)).batch(48), 1)
+    assert bad is None
+    for mine, theirs in zip(weights_of(ours), weights_of(reference)):
+        np.testing.assert_allclose(mine, theirs, atol=1e-6)
+    assert not np.allclose(weights_of(ours)[0], weights_of(tiny_candidate(6, "c", seed=3))[0])
+
+
+def test_accuracy_counts_every_example_with_a_ragged_last_batch():
+    x, y = tiny_arrays(53)
+    model = tiny_candidate(4, "a", seed=5)
+    expected = float(np.mean(np.argmax(model.predict(x, verbose=0), axis=-1) == y))
+    tuner = Finetuner(model, make_optimizer("sgd", 0.1, total_steps=1))
+    assert tuner.accuracy(tf.data.Dataset.from_tensor_slices((x, y)).batch(16)) == pytest.approx(expected, abs=1e-12)
+
+
+def test_training_resumes_at_the_batch_where_it_stopped():
+    """Steps 0-2 then 3-4 see the same batches as steps 0-4 in one go (unshuffled data, plain SGD)."""
+    x, y = tiny_arrays(64)
+    data = tf.data.Dataset.from_tensor_slices((x, y)).batch(16)  # 4 batches an epoch
+    whole, split = tiny_candidate(4, "a", seed=2, batchnorm=False), tiny_candidate(4, "b", seed=2, batchnorm=False)
+    sgd = lambda: make_optimizer("sgd", 0.05, total_steps=1, schedule="constant", momentum=0.0)  # noqa: E731
+    Finetuner(whole, sgd()).train(data, 5)
+    resumed = Finetuner(split, sgd())
+    resumed.train(data, 3)
+    resumed.train(data, 2, start=3)  # batch 3, then batch 0 of the next pass
+    for a, b in zip(weights_of(whole), weights_of(split)):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_diverging_candidate_reports_the_loss():
+    x, y = tiny_arrays(32)
+    model = tiny_candidate(4, "a", seed=1, batchnorm=False)
+    kernel = model.get_layer("logits").kernel
+    kernel.assign(np.full(kernel.shape, np.inf, np.float32))
+    bad = Finetuner(model, make_optimizer("sgd", 0.1, total_steps=1)).train(
+        tf.data.Dataset.from_tensor_slices((x, y)).batch(16), 2)
+    assert bad is not None and not math.isfinite(bad)
+
+
+# ----------------------------------------------------------------------------- select end to end
+
+
+@pytest.fixture(scope="module")
+def data():
+    return tiny_datasets()  # 6 training batches of 32, 2 validation batches
+
+
+def three_candidates():
+    return {f"w{w}": tiny_candidate(w, f"w{w}", seed=w) for w in (4, 6, 8)}
+
+
+def test_select_writes_artifacts_and_follows_the_plan(tmp_path, data):
+    payload = select(three_candidates(), *data, workdir=tmp_path, epochs=1.0, lr=0.05, verbose=False)
+    rows = {r["criterion"]: r for r in payload["candidates"]}
+    # 3 candidates, 6 steps a full budget: rungs of 2*6/2 = 6 steps -> 2 each, then 3 more for 2 finalists.
+    assert [r["budget_epochs"] for r in payload["protocol"]["rungs"]] == [round(2 / 6, 4), round(5 / 6, 4)]
+    assert sorted(r["steps"] for r in rows.values()) == [2, 5, 5]
+    assert payload["protocol"]["total_steps"] == 12 and payload["protocol"]["cost_in_full_budgets"] == 2.0
+    for r in rows.values():
+        assert r["curve"][0][0] == 0.0 and r["curve"][-1] == [r["budget_epochs"], r["val_acc"]]
+        assert 0.0 <= r["val_acc"] <= 1.0 and r["macs"] > 0 and r["params"] > 0 and r["seconds"] > 0
+    chosen = payload["selected"]["criterion"]
+    finalists = payload["protocol"]["rungs"][-1]["candidates"]
+    assert chosen in finalists
+    assert rows[chosen]["val_acc"] == max(rows[n]["val_acc"] for n in finalists) or "tie_tolerance" in \
+        payload["selected"]["reason"]
+    assert json.loads((tmp_path / "selection.json").read_text()) == payload
+    selected = keras.models.load_model(tmp_path / "selected.keras")
+    assert selection._weights_digest(selected) == rows[chosen]["weights"]
+    assert sorted(p.name for p in (tmp_path / "selection").iterdir()) == sorted(
+        f"w{w}.{ext}" for w in (4, 6, 8) for ext in ("json", "keras"))
+
+
+def test_without_halving_every_candidate_gets_the_full_budget(tmp_path, data):
+    payload = select(three_candidates(), *data, workdir=tmp_path, epochs=0.5, successive_halving=False,
+                     verbose=False)
+    assert [r["steps"] for r in payload["candidates"]] == [3, 3, 3]
+    assert [r["budget_epochs"] for r in payload["candidates"]] == [0.5, 0.5, 0.5]
+    assert payload["protocol"]["cost_in_full_budgets"] == 3.0
+
+
+def test_resume_skips_finished_work_and_continues_partial_work(tmp_path, data, monkeypatch):
+    candidates = three_candidates()
+    first = select(candidates, *data, workdir=tmp_path, epochs=0.5, successive_halving=False, verbose=False)
+    calls = []
+    original = Finetuner.train
+    monkeypatch.setattr(Finetuner, "train", lambda self, ds, steps, **kw: calls.append((steps, kw["start"]))
+                        or original(self, ds, steps, **kw))
+    (tmp_path / "selection.json").unlink()
+    again = select(candidates, *data, workdir=tmp_path, epochs=0.5, successive_halving=False, verbose=False)
+    assert calls == [] and again["selected"] == first["selected"]
+    assert [r["weights"] for r in again["candidates"]] == [r["weights"] for r in first["candidates"]]
+    longer = select(candidates, *data, workdir=tmp_path, epochs=1.0, successive_halving=False, verbose=False)
+    assert calls == [(3, 3)] * 3  # only the missing half epoch, from batch 3
+    assert [len(r["curve"]) for r in longer["candidates"]] == [3, 3, 3]  # 0, 0.5 and 1 epoch
+
+
+def test_changed_candidate_or_settings_start_over(tmp_path, data):
+    candidates = three_candidates()
+    digests = lambda payload: [r["weights"] for r in payload["candidates"]]  # noqa: E731
+    first = digests(select(candidates, *data, workdir=tmp_path, epochs=0.5, successive_halving=False, verbose=False))
+    candidates["w4"] = tiny_candidate(4, "w4", seed=99)
+    second = digests(select(candidates, *data, workdir=tmp_path, epochs=0.5, successive_halving=False, verbose=False))
+    assert second[0] != first[0] and second[1:] == first[1:]  # only the changed candidate was retrained
+    third = digests(select(candidates, *data, workdir=tmp_path, epochs=0.5, successive_halving=False, lr=0.05,
+                           verbose=False))
+    assert all(a != b for a, b in zip(third, second))
+
+
+def test_candidates_given_as_keras_files(tmp_path, data):
+    paths = {}
+    for name, model in three_candidates().items():
+        paths[name] = str(tmp_path / f"{name}.keras")
+        model.save(paths[name])
+    payload = select(paths, *data, workdir=tmp_path / "work", epochs=0.5, verbose=False)
+    assert {r["criterion"] for r in payload["candidates"]} == set(paths)
+    with pytest.raises(MskdError, match="cannot read candidate file .*missing.keras"):
+        select({"gone": str(tmp_path / "missing.keras")}, *data, workdir=tmp_path / "w2", verbose=False)
+
+
+def test_a_diverging_candidate_is_recorded_and_never_chosen(tmp_path, data):
+    candidates = three_candidates()
+    kernel = candidates["w8"].get_layer("logits").kernel
+    kernel.assign(np.full(kernel.shape, np.nan, np.float32))
+    payload = select(candidates, *data, workdir=tmp_path, epochs=0.5, successive_halving=False, verbose=False)
+    failed = next(r for r in payload["candidates"] if r["criterion"] == "w8")
+    assert failed["val_acc"] is None and "the loss became nan" in failed["error"]
+    assert payload["selected"]["criterion"] != "w8"
+
+
+# ----------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"candidates": {}}, "candidates must be a non-empty dict"),
+        ({"candidates": {"a/b": None}}, "candidate name 'a/b' must use only letters"),
+        ({"candidates": {"ok": 3}}, "candidate 'ok' is a int; pass a keras.Model"),
+        ({"val_ds": None}, "val_ds is None; selection scores candidates on a validation split"),
+        ({"epochs": 0}, r"epochs=0 must be a positive number \(--select_epochs"),
+        ({"tie_tolerance": -0.1}, r"tie_tolerance=-0.1 must be in \[0, 1\)"),
+        ({"train_ds": "repeat"}, "train_ds is infinite"),
+    ],
+)
+def test_bad_arguments(tmp_path, data, change, message):
+    kwargs = {"candidates": {"w4": tiny_candidate(4, "w4")}, "train_ds": data[0], "val_ds": data[1]}
+    kwargs.update(change)
+    if kwargs["train_ds"] == "repeat":
+        kwargs["train_ds"] = data[0].repeat()
+    candidates, train, val = kwargs.pop("candidates"), kwargs.pop("train_ds"), kwargs.pop("val_ds")
+    with pytest.raises(MskdError, match=message):
+        select(candidates, train, val, workdir=tmp_path, verbose=False, **kwargs)
