@@ -9,7 +9,7 @@ import pytest
 import tensorflow as tf
 
 from mskd_tf.errors import MskdError
-from mskd_tf.pruning import build_graph, plan_keep
+from mskd_tf.pruning import build_graph, plan_keep, prune
 from mskd_tf.pruning import criteria as C
 
 EPS32 = float(np.finfo(np.float32).eps)
@@ -229,6 +229,12 @@ def test_resnet20_option_a_group_scores_every_channel_once():
         assert all(np.all(np.isfinite(s)) for s in per_group.values())
     # The stem group couples 16/32/64-channel stages; every one of its 64 channels gets a score > 0.
     assert prunable["stem_conv"] == 64 and np.all(scores["l1"]["stem_conv"] > 0)
+    # Per-layer widths of a plan are what the pruned clone's convolutions have.
+    plan = plan_keep(graph, scores["l1"], keep_ratio=0.5, mode="uniform")
+    widths = C.layer_widths(graph, plan.keep)
+    clone = prune(model, plan.keep, graph=graph)
+    assert widths == {name: clone.get_layer(name).filters for name in widths}
+    assert widths["stage1_block1_conv2"] < widths["stage3_block1_conv2"]
 
 
 # --------------------------------------------------------------------------- registry and errors
@@ -323,7 +329,7 @@ def test_candidates_at_one_target_with_table(capsys):
     candidates = C.build_candidates(model, rankings, target_macs=0.5, graph=graph, evaluate=accuracy)
     assert [c.criterion for c in candidates] == ["l1", "random"]
     for c in candidates:
-        assert c.widths == {graph.groups[0].id: 2} and c.model.count_params() < model.count_params()
+        assert c.widths == {"conv_a": 2, "conv_b": 2} and c.model.count_params() < model.count_params()
         assert 0.0 <= c.accuracy <= 1.0
     table = C.candidates_table(candidates)
     assert "| l1 |" in table and "| random |" in table

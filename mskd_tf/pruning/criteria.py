@@ -267,6 +267,7 @@ def hrank(activation, gradient):
     that tolerance.
     """
     import tensorflow as tf  # eigvalsh has no keras.ops equivalent
+
     if len(activation.shape) != 4:  # a vector or scalar per channel: rank is 1 unless all zero
         axes = _spatial_axes(activation)
         nonzero = ops.not_equal(activation, 0)
@@ -314,13 +315,17 @@ def rank(model, criteria, calibration=None, *, graph=None, num_batches=10, seed=
         raise MskdError(f"criteria: unknown {unknown}; registered are {sorted(REGISTRY)}." if unknown
                         else "criteria: give at least one criterion name.")
     graph = graph if graph is not None else build_graph(model)
+    if graph.model is not model:
+        raise MskdError("rank(): `graph` was built from a different model; pass graph=build_graph(model).")
     groups = [g for g in graph.groups if g.prunable]
     context = CriterionContext(graph, model, seed)
     rankings = {}
     data_driven = [REGISTRY[n] for n in dict.fromkeys(names) if REGISTRY[n].needs_data]
     if data_driven:
         if calibration is None:
-            raise MskdError(f"criterion {data_driven[0].name!r} is data-driven: pass calibration data "
+            listed = ", ".join(repr(c.name) for c in data_driven)
+            verb = "is" if len(data_driven) == 1 else "are"
+            raise MskdError(f"criterion {listed} {verb} data-driven: pass calibration data "
                             "(a tf.data dataset of (images, labels) batches from the training split), "
                             "or choose data-free criteria (l1, l2, fpgm, bn_gamma, random).")
         rankings.update(_data_driven_scores(model, graph, groups, data_driven, calibration, num_batches, loss))
@@ -328,15 +333,19 @@ def rank(model, criteria, calibration=None, *, graph=None, num_batches=10, seed=
         criterion = REGISTRY[name]
         if criterion.needs_data:
             continue
-        scores = {}
-        for group in groups:
-            score = np.asarray(criterion.fn(group, context), dtype=np.float64).reshape(-1)
-            if score.shape != (group.size,) or not np.all(np.isfinite(score)):
-                raise MskdError(f"criterion {name!r} returned {score.shape} scores for group {group.id!r} "
-                                f"(or non-finite values); it must return {group.size} finite numbers.")
-            scores[group.id] = score
-        rankings[name] = scores
+        rankings[name] = {group.id: _checked(name, group, criterion.fn(group, context)) for group in groups}
     return {name: rankings[name] for name in dict.fromkeys(names)}
+
+
+def _checked(name, group, score):
+    score = np.asarray(score, dtype=np.float64).reshape(-1)
+    if score.shape != (group.size,):
+        raise MskdError(f"criterion {name!r} returned {score.size} scores for group {group.id!r}; "
+                        f"it must return one per channel ({group.size}).")
+    if not np.all(np.isfinite(score)):
+        raise MskdError(f"criterion {name!r} gave non-finite scores for group {group.id!r} (layers "
+                        f"{group.layers[:4]}): the model produces NaN/inf on the calibration data.")
+    return score
 
 
 def _tap_refs(group):
@@ -436,7 +445,7 @@ def _data_driven_scores(model, graph, groups, criteria, calibration, num_batches
         scores = {}
         for group in groups:
             per_layer = [(ref, means[taps[ref.layer]][ref.positions]) for ref in _tap_refs(group)]
-            scores[group.id] = aggregate(group, per_layer)
+            scores[group.id] = _checked(criterion.name, group, aggregate(group, per_layer))
         rankings[criterion.name] = scores
     return rankings
 
@@ -535,7 +544,7 @@ class Candidate:
     keep: dict
     macs: int
     params: int
-    widths: dict  # group id (its first producer layer) -> kept channels
+    widths: dict  # producer layer name -> output channels it keeps
     accuracy: float | None = None
 
     def row(self):
@@ -572,8 +581,23 @@ def build_candidates(model, rankings, *, target_macs, graph=None, evaluate=None,
         clone_cost = flops.count(clone)
         accuracy = float(evaluate(clone)) if evaluate is not None else None
         candidates.append(Candidate(name, clone, plan.keep, int(clone_cost.macs), int(clone_cost.params),
-                                    plan.widths(), accuracy))
+                                    layer_widths(graph, plan.keep), accuracy))
     return candidates
+
+
+def layer_widths(graph, keep):
+    """``{producer layer: output channels kept}`` over prunable groups, in graph order.
+
+    Per layer, not per group: an option-A shortcut couples stages of different widths.
+    """
+    widths = {}
+    for group in graph.groups:
+        if not group.prunable:
+            continue
+        kept = np.asarray(keep.get(group.id, np.arange(group.size)))
+        for ref in group.producers:
+            widths[ref.layer] = int(np.isin(ref.indices, kept).sum())
+    return widths
 
 
 def candidates_table(candidates, base=None):
