@@ -13,12 +13,12 @@
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import json
 import os
 import re
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -28,9 +28,8 @@ import numpy as np
 from mskd_tf import quantize
 from mskd_tf.errors import MskdError
 
-# Below a few hundred bytes the TFLM runtime crashes the whole process (it cannot
-# even place its own allocator object, measured: 400 B segfaults, 500 B raises),
-# so smaller arenas are refused before TFLM sees them.
+# Below a few hundred bytes TFLM cannot even place its own allocator object
+# (measured: 400 B segfaults, 500 B raises): no model fits, so refuse at once.
 MIN_ARENA_BYTES = 2048
 # Arena sizes are searched to this granularity (TFLM aligns buffers to 16 bytes).
 ARENA_ALIGN = 16
@@ -125,21 +124,42 @@ def check_micro_ops(tflite_bytes: bytes) -> list[str]:
 # --------------------------------------------------------------------------- TFLM runtime
 
 
-@contextlib.contextmanager
-def _captured_native_stderr():
-    """Collect what C++ code writes to file descriptor 2 (TFLM reports errors there)."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    with tempfile.TemporaryFile() as sink:
-        os.dup2(sink.fileno(), 2)
-        captured = {"text": ""}
-        try:
-            yield captured
-        finally:
-            os.dup2(saved, 2)
-            os.close(saved)
-            sink.seek(0)
-            captured["text"] = sink.read().decode(errors="replace").strip()
+# Run in a child process: when TFLM runs out of arena while placing its persistent
+# ("tail") buffers it can crash the whole process (measured: ResNet-20 at 8 KB
+# segfaults, 16 KB raises), so no arena size is tried in-process before a child
+# has shown it works.
+_PROBE = """
+import sys
+import numpy as np
+from tflite_micro.python.tflite_micro import runtime
+with open(sys.argv[1], "rb") as handle:
+    data = handle.read()
+try:
+    interpreter = runtime.Interpreter.from_bytes(data, arena_size=int(sys.argv[2]))
+    detail = interpreter.get_input_details(0)
+    interpreter.set_input(np.zeros(detail["shape"], detail["dtype"]), 0)
+    interpreter.invoke()
+except RuntimeError as err:
+    sys.stderr.write(str(err))
+    sys.exit(3)
+"""
+
+
+def probe_arena(tflite_bytes: bytes, arena_size: int) -> tuple[bool, str]:
+    """(works, TFLM's messages): load and invoke the model with ``arena_size`` bytes in a child process."""
+    with tempfile.NamedTemporaryFile(suffix=".tflite") as model_file:
+        model_file.write(tflite_bytes)
+        model_file.flush()
+        child = subprocess.run(
+            [sys.executable, "-c", _PROBE, model_file.name, str(int(arena_size))],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+    if child.returncode == 0:
+        return True, ""
+    how = "crashed" if child.returncode < 0 else "failed"
+    return False, f"TFLM {how}: " + " ".join(child.stderr.split())[-300:]
 
 
 class MicroModel:
@@ -158,18 +178,13 @@ class MicroModel:
                 "needs for its own bookkeeping; use find_arena_size() or a larger --micro_arena."
             )
         check_micro_ops(tflite_bytes)
-        with _captured_native_stderr() as log:
-            try:
-                self.interpreter = runtime.Interpreter.from_bytes(bytes(tflite_bytes), arena_size=arena_size)
-                error = None
-            except RuntimeError as err:
-                error = err
-        if error is not None:
+        works, log = probe_arena(tflite_bytes, arena_size)
+        if not works:
             raise MskdError(
                 f"TFLite Micro could not allocate the model's tensors in an arena of {arena_size} bytes "
-                f"({error}; TFLM said: {log['text'][-300:] or 'nothing'}). Use a larger arena; "
-                "find_arena_size() searches the smallest that works."
-            ) from error
+                f"({log}). Use a larger arena; find_arena_size() searches the smallest that works."
+            )
+        self.interpreter = runtime.Interpreter.from_bytes(bytes(tflite_bytes), arena_size=arena_size)
         self.input = self.interpreter.get_input_details(0)
         self.output = self.interpreter.get_output_details(0)
 
@@ -194,25 +209,17 @@ class MicroModel:
         return quantize.dequantize(np.stack(outputs), scale, zero_point), 1000.0 * statistics.median(times)
 
 
-def _arena_works(tflite_bytes: bytes, arena_size: int, probe: np.ndarray) -> bool:
-    try:
-        MicroModel(tflite_bytes, arena_size).predict(probe)
-    except MskdError:
-        return False
-    return True
+def find_arena_size(tflite_bytes: bytes, *, max_bytes: int = 64 << 20) -> int:
+    """Smallest tensor arena (bytes, a multiple of 16) in which TFLM loads and runs the model.
 
-
-def find_arena_size(tflite_bytes: bytes, probe_image: np.ndarray, *, max_bytes: int = 64 << 20) -> int:
-    """Smallest tensor arena (bytes, a multiple of 16) in which TFLM loads the model and runs ``probe_image``.
-
-    Doubles from :data:`MIN_ARENA_BYTES` until one works, then bisects. Sizes are
-    those of this 64-bit host; a 32-bit MCU needs somewhat less, optimised kernels
+    Doubles from :data:`MIN_ARENA_BYTES` until one works, then bisects; every
+    size is tried in a child process (:func:`probe_arena`). Sizes are those of
+    this 64-bit host; a 32-bit MCU needs somewhat less, optimised kernels
     (CMSIS-NN) may need scratch space more, hence the margin in the kit.
     """
     check_micro_ops(tflite_bytes)
-    probe = np.asarray(probe_image, dtype=np.float32).reshape(1, *np.shape(probe_image)[-3:])
     low, high = MIN_ARENA_BYTES, MIN_ARENA_BYTES
-    while not _arena_works(tflite_bytes, high, probe):
+    while not probe_arena(tflite_bytes, high)[0]:
         low, high = high, high * 2
         if high > max_bytes:
             raise MskdError(
@@ -226,7 +233,7 @@ def find_arena_size(tflite_bytes: bytes, probe_image: np.ndarray, *, max_bytes: 
         middle = (low + high) // 2 // ARENA_ALIGN * ARENA_ALIGN
         if middle <= low:
             break
-        if _arena_works(tflite_bytes, middle, probe):
+        if probe_arena(tflite_bytes, middle)[0]:
             high = middle
         else:
             low = middle
@@ -525,7 +532,7 @@ def export_all(
         entry = by_kind[micro_kind]
         tflite_bytes = _read(entry["path"])
         ops = check_micro_ops(tflite_bytes)
-        arena = find_arena_size(tflite_bytes, images[0])
+        arena = find_arena_size(tflite_bytes)
         subset = slice(0, min(micro_images, len(images)))
         litert_logits = quantize.LiteRTModel(tflite_bytes).predict(images[subset])
         entry["micro"] = {
