@@ -113,7 +113,7 @@ def select(
                 "steps_per_epoch": steps_per_epoch}
     trainer = _CandidateTrainer(
         candidates, train_ds, val_ds, workdir=Path(workdir), settings=settings, strategy=strategy,
-        steps_per_epoch=steps_per_epoch, writes=parallel or chief, verbose=verbose and chief,
+        steps_per_epoch=steps_per_epoch, writes=parallel or chief, verbose=verbose and chief, rank=rank,
     )
 
     alive = names
@@ -300,12 +300,12 @@ class _CandidateTrainer:
     """Holds each candidate's state (the per-candidate JSON) and its live model."""
 
     def __init__(self, candidates, train_ds, val_ds, *, workdir, settings, strategy, steps_per_epoch, writes,
-                 verbose):
+                 verbose, rank):
         self.sources = candidates
         self.train_ds, self.val_ds = train_ds, val_ds
         self.folder = workdir / SELECTION_DIR
         self.settings, self.strategy = settings, strategy
-        self.steps_per_epoch, self.writes, self.verbose = steps_per_epoch, writes, verbose
+        self.steps_per_epoch, self.writes, self.verbose, self.rank = steps_per_epoch, writes, verbose, rank
         self.sync_bn = strategy.num_replicas_in_sync > 1
         self.models: dict[str, Finetuner] = {}
         self.digests = {name: _source_digest(source) for name, source in candidates.items()}
@@ -342,7 +342,7 @@ class _CandidateTrainer:
     def row(self, name) -> dict:
         state = self.state[name]
         keys = ("criterion", "macs", "params", "curve", "val_acc", "budget_epochs", "seconds", "steps", "weights",
-                "error")
+                "worker", "error")
         return {k: state[k] for k in keys if k in state}
 
     def forget(self, names):
@@ -386,6 +386,7 @@ class _CandidateTrainer:
                 "criterion": name, "macs": int(cost.macs), "params": int(cost.params),
                 "curve": [[0.0, tuner.accuracy(self.val_ds)]], "val_acc": None, "budget_epochs": 0.0,
                 "seconds": 0.0, "steps": 0, "settings": self.settings, "source": self.digests[name],
+                "worker": self.rank,
             }
         self.models[name] = tuner
         return tuner

@@ -44,13 +44,15 @@ def tiny_arrays(n: int = 256, seed: int = 0):
     return x, y
 
 
-def tiny_datasets(n_train: int = 192, n_val: int = 64, batch: int = 32, seed: int = 0):
-    """(train, val): a seeded, reshuffled training pipeline and an unshuffled validation one."""
+def tiny_datasets(n_train: int = 192, n_val: int = 64, batch: int = 32, seed: int = 0, shuffle: bool = True):
+    """(train, val): a seeded, reshuffled (when ``shuffle``) training pipeline and an unshuffled validation one."""
     import tensorflow as tf
 
     x, y = tiny_arrays(n_train + n_val, seed)
     train = tf.data.Dataset.from_tensor_slices((x[:n_train], y[:n_train]))
-    train = train.shuffle(n_train, seed=seed, reshuffle_each_iteration=True).batch(batch)
+    if shuffle:
+        train = train.shuffle(n_train, seed=seed, reshuffle_each_iteration=True)
+    train = train.batch(batch)
     val = tf.data.Dataset.from_tensor_slices((x[n_train:], y[n_train:])).batch(batch)
     return train, val
 

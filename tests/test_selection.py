@@ -167,6 +167,7 @@ def test_resume_skips_finished_work_and_continues_partial_work(tmp_path, data, m
     assert [len(r["curve"]) for r in longer["candidates"]] == [3, 3, 3]  # 0, 0.5 and 1 epoch
 
 
+@pytest.mark.slow  # three selections: ~8 s
 def test_changed_candidate_or_settings_start_over(tmp_path, data):
     candidates = three_candidates()
     digests = lambda payload: [r["weights"] for r in payload["candidates"]]  # noqa: E731
