@@ -156,6 +156,19 @@ def test_hrank_matches_numpy_matrix_rank():
     np.testing.assert_allclose(scores, normalised(ranks), rtol=1e-6)
 
 
+def test_group_without_activation_reads_its_last_per_channel_layer():
+    inputs = keras.Input((8, 8, 2))
+    x = keras.layers.Conv2D(3, 1, name="conv")(inputs)
+    x = keras.layers.BatchNormalization(name="bn")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    model = keras.Model(inputs, keras.layers.Dense(3, name="head")(x))
+    model.get_layer("bn").beta.assign(np.array([0.0, 5.0, -1.0], np.float32))
+    x = np.random.default_rng(6).normal(size=(16, 8, 8, 2)).astype(np.float32)
+    score = C.rank(model, "activation", dataset(x, np.zeros(16)), num_batches=2)["activation"]["conv"]
+    bn_out = keras.Model(model.inputs, model.get_layer("bn").output).predict(x, verbose=0)
+    np.testing.assert_allclose(score, normalised(np.abs(bn_out).mean(axis=(0, 1, 2))), rtol=1e-4)
+
+
 def test_data_driven_criteria_share_one_pass():
     model = conv_net(filters=4)
     x = np.random.default_rng(4).random((40, 8, 8, 2))
