@@ -182,8 +182,8 @@ class Distiller(keras.Model):
                 f"output_kind={output_kind!r} is unknown; use one of {', '.join(OUTPUT_KINDS)} "
                 "or a (teacher_kind, student_kind) pair."
             )
-        t_classes, s_classes = teacher.outputs[0].shape[-1], student.outputs[0].shape[-1]
-        if t_classes != s_classes:
+        t_classes, s_classes = (getattr(m, "outputs", None) and m.outputs[0].shape[-1] for m in (teacher, student))
+        if t_classes and s_classes and t_classes != s_classes:
             raise MskdError(
                 f"teacher {teacher.name!r} predicts {t_classes} classes but student {student.name!r} "
                 f"predicts {s_classes}; distillation needs the same classes."

@@ -299,28 +299,30 @@ def fashion_cnn(width, name, seed):
     return keras.Model(inputs, keras.layers.Dense(10, name="fc")(x), name=name)
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # ~2 min: a teacher on 12k images, then 3 seeds x (KD, CE) students
 @pytest.mark.skipif(not os.path.isdir(FASHION), reason="Fashion-MNIST not on this machine")
 def test_kd_beats_plain_fine_tuning_on_fashion_mnist():
-    images = read_idx("train-images-idx3-ubyte.gz")[:4000, :, :, None].astype("float32") / 255.0
-    labels = read_idx("train-labels-idx1-ubyte.gz")[:4000].astype("int32")
+    images = read_idx("train-images-idx3-ubyte.gz")[:12000, :, :, None].astype("float32") / 255.0
+    labels = read_idx("train-labels-idx1-ubyte.gz")[:12000].astype("int32")
     test_x = read_idx("t10k-images-idx3-ubyte.gz")[:2000, :, :, None].astype("float32") / 255.0
     test_y = read_idx("t10k-labels-idx1-ubyte.gz")[:2000].astype("int32")
 
     teacher = fashion_cnn(32, "teacher", seed=0)
     teacher.compile(keras.optimizers.Adam(1e-3), keras.losses.SparseCategoricalCrossentropy(from_logits=True),
                     metrics=["accuracy"])
-    teacher.fit(images, labels, batch_size=64, epochs=4, verbose=0)
+    teacher.fit(images, labels, batch_size=64, epochs=3, verbose=0)
     teacher_accuracy = teacher.evaluate(test_x, test_y, verbose=0)[1]
 
     # The student sees a small subset: where labels are scarce, the teacher's soft targets matter most.
     train = batches(images[:600], labels[:600], 32)
-    accuracy = {}
-    for kd in (True, False):
-        trained, _ = distill(teacher, fashion_cnn(4, "student", seed=3), train, None, epochs=8, kd=kd, lr=0.05,
-                             seed=3, verbose=0)
-        trained.compile(metrics=["accuracy"], loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-        accuracy[kd] = trained.evaluate(test_x, test_y, verbose=0)[1]
+    accuracy = {True: [], False: []}
+    for seed in (3, 4, 5):
+        for kd in (True, False):
+            trained, _ = distill(teacher, fashion_cnn(4, "student", seed=seed), train, None, epochs=15, kd=kd,
+                                 lr=0.05, seed=seed, verbose=0)
+            trained.compile(metrics=["accuracy"], loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+            accuracy[kd].append(trained.evaluate(test_x, test_y, verbose=0)[1])
     print("teacher", teacher_accuracy, "kd", accuracy[True], "ce", accuracy[False])
     assert teacher_accuracy > 0.8
-    assert accuracy[True] > accuracy[False]
+    # Measured: teacher 0.861; KD 0.814/0.819/0.820 vs CE 0.813/0.793/0.785 (mean +2.1 points).
+    assert np.mean(accuracy[True]) > np.mean(accuracy[False]) + 0.005
