@@ -498,7 +498,8 @@ def load_rankings(path, graph=None):
     except FileNotFoundError:
         raise MskdError(f"rankings file {path} does not exist; run the rank stage first.") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise MskdError(f"rankings file {path} is not valid JSON ({exc}); delete it and rerun the rank stage.") from None
+        raise MskdError(f"rankings file {path} is not valid JSON ({exc}); "
+                        "delete it and rerun the rank stage.") from None
     if not isinstance(payload, dict) or payload.get("format") != RANKINGS_FORMAT or "criteria" not in payload:
         raise MskdError(f"rankings file {path} is not a format-{RANKINGS_FORMAT} rankings file; "
                         "delete it and rerun the rank stage.")
@@ -606,9 +607,13 @@ def candidates_table(candidates, base=None):
     ``base`` (a ``flops.Cost`` of the unpruned model) adds the MACs/params ratios.
     """
     lines = ["| criterion | MACs | params | widths | accuracy |", "| --- | ---: | ---: | --- | ---: |"]
+
+    def ratio(value, whole):
+        return f" ({value / whole:.1%})" if whole else ""
+
     for c in candidates:
-        macs = f"{c.macs / 1e6:.3f}M" + (f" ({c.macs / base.macs:.1%})" if base is not None and base.macs else "")
-        params = f"{c.params / 1e3:.1f}k" + (f" ({c.params / base.params:.1%})" if base is not None and base.params else "")
+        macs = f"{c.macs / 1e6:.3f}M" + (ratio(c.macs, base.macs) if base is not None else "")
+        params = f"{c.params / 1e3:.1f}k" + (ratio(c.params, base.params) if base is not None else "")
         widths = " ".join(str(w) for w in c.widths.values())
         accuracy = "-" if c.accuracy is None else f"{c.accuracy:.2%}"
         lines.append(f"| {c.criterion} | {macs} | {params} | {widths} | {accuracy} |")
