@@ -50,7 +50,7 @@ def test_assorted_layers_separable_transpose_prelu_dense_chain():
     x = L.Dropout(0.1)(x)
     x = L.GlobalMaxPooling2D()(x)
     x = L.Dense(16, name="hidden")(x)
-    x = L.BatchNormalization(name="hidden_bn")(x)
+    x = L.BatchNormalization(scale=False, name="hidden_bn")(x)  # no gamma, as in Inception
     x = L.ReLU()(x)
     model = keras.Model(inputs, L.Dense(3, name="out")(x))
     randomize_batchnorm(model)
@@ -122,10 +122,13 @@ SLOW_MODELS = {
     "app_ResNet50": lambda: keras.applications.ResNet50(weights=None, input_shape=(32, 32, 3), classes=10),
     "app_DenseNet121": lambda: keras.applications.DenseNet121(weights=None, input_shape=(32, 32, 3), classes=10),
     "app_EfficientNetB0": lambda: keras.applications.EfficientNetB0(weights=None, input_shape=(32, 32, 3), classes=10),
+    # BatchNormalization(scale=False) everywhere; 75 px is its smallest input.
+    "app_InceptionV3": lambda: keras.applications.InceptionV3(weights=None, input_shape=(75, 75, 3), classes=10),
 }
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(SLOW_MODELS))
 def test_larger_models_prune_exactly(name):
-    _assert_correct(check_pruning(SLOW_MODELS[name](), (32, 32, 3)))
+    model = SLOW_MODELS[name]()
+    _assert_correct(check_pruning(model, tuple(model.input.shape[1:])))

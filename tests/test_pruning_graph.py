@@ -75,6 +75,20 @@ def test_grouped_conv_couples_ranks_across_conv_groups():
     assert tuple(pruned.get_layer("a").kernel.shape) == (1, 1, 8, 4)
 
 
+def test_conv_with_one_channel_per_group_is_depthwise():
+    inputs = keras.Input((8, 8, 3))
+    x = L.Conv2D(6, 1, name="a")(inputs)
+    x = L.Conv2D(12, 3, groups=6, name="dw_like")(x)  # ConvNeXt's depthwise, multiplier 2
+    model = keras.Model(inputs, L.Dense(3, name="out")(L.GlobalAveragePooling2D()(x)))
+    graph = build_graph(model)
+    assert [g.id for g in graph.groups] == ["a", "out"]
+    assert graph.group("a").size == 6 and [r.layer for r in graph.group("a").channelwise] == ["dw_like"]
+    pruned = prune(model, {"a": [0, 4, 5]}, graph=graph)
+    assert pruned.get_layer("dw_like").get_config()["groups"] == 3
+    np.testing.assert_array_equal(pruned.get_layer("dw_like").kernel.numpy(),
+                                  model.get_layer("dw_like").kernel.numpy()[..., [0, 1, 8, 9, 10, 11]])
+
+
 def test_nested_functional_model_and_sequential_are_walked():
     block_in = keras.Input((8, 8, 6))
     block = keras.Model(block_in, L.ReLU(name="inner_relu")(L.Conv2D(5, 3, padding="same", name="inner")(block_in)),

@@ -447,7 +447,7 @@ def _attach_refs(groups, records, channel_of_atom, group_of_channel):
                 positions=positions, indices=channels[positions] - group.offset))
 
     for record in records.values():
-        kind = record.handler.kind
+        kind = record.handler.role(record.layer)
         if kind in _ROLE_MAPS:
             role, map_name = _ROLE_MAPS[kind]
             add(role, record, map_name)

@@ -92,6 +92,10 @@ class LayerHandler:
         """Maps indexing the in-axis of this layer's (first) kernel: the layer consumes them."""
         return ()
 
+    def role(self, layer):
+        """The layer's part in a group (``kind`` unless it depends on the layer's config)."""
+        return self.kind
+
 
 class ActivationHandler(LayerHandler):
     kind = "activation"
@@ -111,6 +115,9 @@ class ProducerHandler(LayerHandler):
         atoms = _need_channels_last(layer, ctx, in_maps[0])
         groups = getattr(layer, "groups", 1) or 1
         out_count = getattr(layer, self.count_attr)
+        if self._is_channelwise(layer):
+            # groups == input channels (ConvNeXt's depthwise conv): a depthwise conv in disguise.
+            return [ChannelMap(np.repeat(atoms, out_count // groups))]
         if groups > 1:
             # Keras needs equal channel counts per conv group: couple rank r of every group, so
             # removing a channel removes it from all groups at once.
@@ -124,7 +131,17 @@ class ProducerHandler(LayerHandler):
             out = ctx.new_atoms(out_count)
         return [ChannelMap(out)]
 
+    @staticmethod
+    def _is_channelwise(layer):
+        groups = getattr(layer, "groups", 1) or 1
+        return groups > 1 and layer.kernel.shape[-2] == 1 and not isinstance(layer, keras.layers.Dense)
+
+    def role(self, layer):
+        return "channelwise" if self._is_channelwise(layer) else "producer"
+
     def _in_map(self, layer):
+        if self._is_channelwise(layer):
+            return None  # kernel in-axis has size 1
         return "in_group" if (getattr(layer, "groups", 1) or 1) > 1 else "in"
 
     def weight_axes(self, layer):
@@ -136,11 +153,13 @@ class ProducerHandler(LayerHandler):
         return axes
 
     def configure(self, layer, config, kept):
+        if self._is_channelwise(layer):
+            config["groups"] = kept.count("in")
         config[self.count_attr] = kept.count("out")
         return config
 
     def consumed_maps(self, layer):
-        return (self._in_map(layer),)
+        return () if self._is_channelwise(layer) else (self._in_map(layer),)
 
 
 class DepthwiseHandler(LayerHandler):
@@ -218,6 +237,19 @@ class LastAxisWeightsHandler(LayerHandler):
 
     def configure(self, layer, config, kept):
         return _slice_config_values(config, ("mean", "variance"), kept)
+
+
+class LayerScaleHandler(LayerHandler):
+    """keras.applications ConvNeXt ``LayerScale``: ``x * gamma`` with one gamma per channel."""
+
+    kind = "channelwise"
+
+    def weight_axes(self, layer):
+        return {w.name: ("out",) for w in layer.weights}
+
+    def configure(self, layer, config, kept):
+        config["projection_dim"] = kept.count("out")
+        return config
 
 
 class RescalingHandler(LayerHandler):
@@ -395,3 +427,17 @@ _PASSTHROUGH = (
 for _cls in _PASSTHROUGH:
     register_handler(_cls, LayerHandler())
 del _cls
+
+
+def _register_applications_layers():
+    """The two custom layers keras.applications models use (their modules may move)."""
+    try:
+        from keras.src.applications.convnext import LayerScale
+        from keras.src.applications.inception_resnet_v2 import CustomScaleLayer
+    except ImportError:  # pragma: no cover - other Keras versions
+        return
+    register_handler(LayerScale, LayerScaleHandler())
+    register_handler(CustomScaleLayer, MergeHandler())  # inputs[0] + inputs[1] * scale
+
+
+_register_applications_layers()

@@ -1,7 +1,7 @@
 """Soft pruning: a same-shape copy of the model whose removed channels output zero.
 
-Zeroing the removed channels' producer filters and biases, and the gamma and beta of every
-per-channel layer on them (BatchNormalization, LayerNormalization, depthwise bias), makes each
+Zeroing the removed channels' producer filters and biases, and the gamma, beta and moving mean
+of every per-channel layer on them (BatchNormalization, LayerNormalization, depthwise bias), makes each
 removed channel 0 after its normalisation, and 0 stays 0 through ReLU/swish/pooling/products.
 The masked model then computes what the pruned model computes: ``tests`` use it to prove that
 ``prune`` kept the right weights, and a sensitivity criterion can use it to try a removal
@@ -15,7 +15,10 @@ import keras
 import numpy as np
 
 from mskd_tf.pruning.graph import DependencyGraph, build_graph
-from mskd_tf.pruning.layers import STATISTIC_WEIGHTS
+
+# Zeroed too on removed channels: a BN without gamma (scale=False, Inception) maps the zero
+# input of a removed channel to 0 only if its moving mean is 0 as well.
+_KEEP_AS_IS = frozenset({"moving_variance", "variance", "count", "mean"})
 
 
 def mask_channels(model, keep, graph: DependencyGraph | None = None):
@@ -34,7 +37,7 @@ def mask_channels(model, keep, graph: DependencyGraph | None = None):
     masked = keras.models.clone_model(model)
     masked.set_weights(model.get_weights())
     for record in graph.records.values():
-        if record.handler.kind not in ("producer", "channelwise"):
+        if record.handler.role(record.layer) not in ("producer", "channelwise"):
             continue
         axes = record.handler.weight_axes(record.layer)
         removed = np.flatnonzero(~mask[graph.channel_of_atom[record.maps["out"].atoms]])
@@ -45,7 +48,7 @@ def mask_channels(model, keep, graph: DependencyGraph | None = None):
         for weight in layer.weights:
             array = keras.ops.convert_to_numpy(weight).copy()
             for axis, map_name in enumerate(axes.get(weight.name, ())):
-                if map_name == "out" and weight.name not in STATISTIC_WEIGHTS:
+                if map_name == "out" and weight.name not in _KEEP_AS_IS:
                     index = [slice(None)] * array.ndim
                     index[axis] = removed
                     array[tuple(index)] = 0.0
