@@ -85,7 +85,7 @@ def sliced_weights(graph, record, mask):
     axes = record.handler.weight_axes(record.layer)
     arrays = []
     for weight in getattr(record.layer, "weights", []):
-        array = keras.ops.convert_to_numpy(weight)
+        array = np.asarray(weight.numpy())
         for axis, map_name in enumerate(axes.get(weight.name, ())):
             if map_name is not None:
                 array = np.take(array, kept.positions(map_name), axis=axis)

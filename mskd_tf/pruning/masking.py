@@ -46,7 +46,7 @@ def mask_channels(model, keep, graph: DependencyGraph | None = None):
         layer = _find(masked, record.path)
         arrays = []
         for weight in layer.weights:
-            array = keras.ops.convert_to_numpy(weight).copy()
+            array = np.array(weight.numpy())
             for axis, map_name in enumerate(axes.get(weight.name, ())):
                 if map_name == "out" and weight.name not in _KEEP_AS_IS:
                     index = [slice(None)] * array.ndim
