@@ -27,7 +27,7 @@ import numpy as np
 import tensorflow as tf
 from absl import app, flags
 
-from mskd_tf import models
+from mskd_tf import models, report
 from mskd_tf.pruning import build_graph, plan_keep
 from mskd_tf.pruning import criteria as C
 
@@ -91,7 +91,7 @@ def main(argv):
         print(f"  sum alone: {sum(alone.values()):6.1f} s vs shared {driven_s:.1f} s")
     keeps = {name: plan_keep(graph, scores, target_macs=0.5).keep for name, scores in {**free, **driven}.items()}
     print("\nJaccard overlap of kept channels at 50% MACs:")
-    print(C.overlap_table(keeps))
+    print(report.overlap_table(C.overlap_matrix(keeps)))
 
 
 if __name__ == "__main__":

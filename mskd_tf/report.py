@@ -89,16 +89,18 @@ def summary_table(rep: dict) -> str:
     return _table(("model", "MMACs", "Mparams", "val acc %", "test acc %"), rows)
 
 
-def candidates_table(rows, overlap=None) -> str:
-    """Criterion, MACs, params, accuracy before fine-tuning, and the Jaccard overlap of kept channels."""
-    table = _table(("criterion", "MMACs", "Mparams", "MACs ratio", "val acc before fine-tune %"),
-                   [(r["criterion"], _fmt_m(r["macs"]), _fmt_m(r["params"], 3), f"{r['macs_ratio']:.3f}",
-                     _fmt_pct(r.get("val_acc_before_finetune"))) for r in rows])
-    if overlap:
-        names = list(overlap)
-        table += "\n\nJaccard overlap of kept channels:\n\n" + _table(
-            ("", *names), [(a, *(f"{overlap[a][b]:.2f}" for b in names)) for a in names])
-    return table
+def candidates_table(rows) -> str:
+    """Criterion, MACs, params, per-layer widths, accuracy before fine-tuning (from candidates.json rows)."""
+    return _table(("criterion", "MMACs", "Mparams", "MACs ratio", "widths", "val acc before fine-tune %"),
+                  [(r["criterion"], _fmt_m(r["macs"]), _fmt_m(r["params"], 3), f"{r['macs_ratio']:.3f}",
+                    " ".join(str(w) for w in (r.get("widths") or {}).values()), _fmt_pct(r.get("val_acc_before_finetune")))
+                   for r in rows])
+
+
+def overlap_table(matrix) -> str:
+    """The Jaccard overlap of kept channels between criteria, ``{a: {b: overlap}}``."""
+    names = list(matrix)
+    return _table(("", *names), [(a, *(f"{matrix[a][b]:.2f}" for b in names)) for a in names])
 
 
 def exports_table(rows) -> str:
@@ -118,7 +120,9 @@ def markdown(rep: dict) -> str:
         sel = rep["selected"]
         parts += [f"Selected criterion: **{sel.get('criterion')}**. {sel.get('reason', '')}", ""]
     if rep.get("candidates"):
-        parts += ["## Candidates", "", candidates_table(rep["candidates"], rep.get("jaccard")), ""]
+        parts += ["## Candidates", "", candidates_table(rep["candidates"]), ""]
+        if rep.get("jaccard"):
+            parts += ["Jaccard overlap of kept channels between criteria:", "", overlap_table(rep["jaccard"]), ""]
     if rep.get("exports"):
         parts += ["## TFLite exports", "", exports_table(rep["exports"]), ""]
     if rep.get("micro"):

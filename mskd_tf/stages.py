@@ -277,35 +277,32 @@ def run_rank(ctx: Context):
 
 
 def run_candidates(ctx: Context):
-    from mskd_tf import flops
-    from mskd_tf.pruning import build_graph, criteria, plan_keep, prune
+    from mskd_tf import flops, report
+    from mskd_tf.pruning import build_graph, criteria
 
     cfg = ctx.cfg
     teacher = ctx.model("teacher.keras")
     graph = build_graph(teacher)
-    rankings = criteria.load_rankings(str(ctx.wd / "rankings.json"))
-    teacher_widths = {g.id: g.size for g in graph.groups if g.prunable}
+    rankings = criteria.load_rankings(str(ctx.wd / "rankings.json"), graph=graph)
+    rankings = {name: rankings[name] for name in cfg.criteria}
+    candidates = criteria.build_candidates(
+        teacher, rankings, target_macs=cfg.target_macs, graph=graph,
+        evaluate=lambda clone: evaluate(clone, ctx.data.val), round_to=cfg.round_to,
+        min_channels=cfg.min_channels, protect=cfg.protect,
+    )
     teacher_macs = flops.count(teacher).macs
-    rows, keeps = [], {}
-    for name in cfg.criteria:
-        plan = plan_keep(graph, rankings[name], target_macs=cfg.target_macs, round_to=cfg.round_to,
-                         min_channels=cfg.min_channels, protect=cfg.protect)
-        candidate = prune(teacher, plan.keep, graph)
-        cost = flops.count(candidate)
-        ctx.wd.save_model(candidate, f"candidates/{name}.keras")
-        keeps[name] = plan.keep
-        rows.append({
-            "criterion": name, "macs": int(cost.macs), "params": int(cost.params),
-            "macs_ratio": cost.macs / teacher_macs, "widths": plan.widths(), "teacher_widths": teacher_widths,
-            "val_acc_before_finetune": evaluate(candidate, ctx.data.val),
-            "kept": {k: [int(i) for i in v] for k, v in plan.keep.items()},
-        })
-    names = list(keeps)
-    overlap = {a: {b: round(criteria.jaccard(keeps[a], keeps[b]), 4) for b in names} for a in names}
+    teacher_widths = criteria.layer_widths(graph, {})
+    rows = []
+    for c in candidates:
+        ctx.wd.save_model(c.model, f"candidates/{c.criterion}.keras")
+        row = c.row()
+        row["val_acc_before_finetune"] = row.pop("accuracy")
+        rows.append(dict(row, macs_ratio=c.macs / teacher_macs, teacher_widths=teacher_widths,
+                         kept={k: [int(i) for i in v] for k, v in c.keep.items()}))
+    overlap = criteria.overlap_matrix({c.criterion: c.keep for c in candidates})
     ctx.wd.write_json("candidates.json", {"candidates": rows, "jaccard": overlap})
-    from mskd_tf import report
-
-    print(report.candidates_table(rows, overlap), flush=True)
+    print(report.candidates_table(rows) + "\n\nJaccard overlap of kept channels:\n\n"
+          + report.overlap_table(overlap), flush=True)
 
 
 # ----------------------------------------------------------------------------- select, distill, export

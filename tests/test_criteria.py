@@ -346,9 +346,14 @@ def test_candidates_at_one_target_with_table():
         assert 0.0 <= c.accuracy <= 1.0
     from mskd_tf import flops
 
-    table = C.candidates_table(candidates, base=flops.count(model))
-    assert "| l1 | " in table and "| random | " in table and "(50.0%)" in table
-    assert "| l1 | 1.00 |" in C.overlap_table({c.criterion: c.keep for c in candidates})
+    from mskd_tf import report
+
+    base = flops.count(model).macs
+    rows = [dict(c.row(), macs_ratio=c.macs / base, val_acc_before_finetune=c.accuracy) for c in candidates]
+    table = report.candidates_table(rows)
+    assert "| l1 | " in table and "| random | " in table and "| 0.500 |" in table
+    overlap = C.overlap_matrix({c.criterion: c.keep for c in candidates})
+    assert overlap["l1"]["l1"] == 1.0 and "| l1 | 1.00 |" in report.overlap_table(overlap)
 
 
 # --------------------------------------------------------------------------- trained model
@@ -377,7 +382,9 @@ def test_criteria_disagree_on_a_trained_model():
                       num_batches=8)
     keeps = {name: plan_keep(graph, scores, keep_ratio=0.5, mode="uniform").keep
              for name, scores in rankings.items()}
-    print("\n" + C.overlap_table(keeps))
+    from mskd_tf import report
+
+    print("\n" + report.overlap_table(C.overlap_matrix(keeps)))
     names = list(keeps)
     overlaps = {(a, b): C.jaccard(keeps[a], keeps[b]) for i, a in enumerate(names) for b in names[i + 1:]}
     assert all(v < 1.0 for (a, b), v in overlaps.items() if {a, b} != {"l1", "l2"}), overlaps

@@ -601,29 +601,9 @@ def layer_widths(graph, keep):
     return widths
 
 
-def candidates_table(candidates, base=None):
-    """Markdown table: criterion, MACs, params, per-group widths, accuracy before fine-tuning.
+def overlap_matrix(keeps):
+    """Pairwise :func:`jaccard` overlaps ``{a: {b: overlap}}`` of ``{criterion: keep dict}``.
 
-    ``base`` (a ``flops.Cost`` of the unpruned model) adds the MACs/params ratios.
+    Rendered by :func:`mskd_tf.report.overlap_table`.
     """
-    lines = ["| criterion | MACs | params | widths | accuracy |", "| --- | ---: | ---: | --- | ---: |"]
-
-    def ratio(value, whole):
-        return f" ({value / whole:.1%})" if whole else ""
-
-    for c in candidates:
-        macs = f"{c.macs / 1e6:.3f}M" + (ratio(c.macs, base.macs) if base is not None else "")
-        params = f"{c.params / 1e3:.1f}k" + (ratio(c.params, base.params) if base is not None else "")
-        widths = " ".join(str(w) for w in c.widths.values())
-        accuracy = "-" if c.accuracy is None else f"{c.accuracy:.2%}"
-        lines.append(f"| {c.criterion} | {macs} | {params} | {widths} | {accuracy} |")
-    return "\n".join(lines)
-
-
-def overlap_table(keeps):
-    """Markdown matrix of pairwise :func:`jaccard` overlaps of ``{criterion: keep dict}``."""
-    names = list(keeps)
-    lines = ["| | " + " | ".join(names) + " |", "| --- |" + " ---: |" * len(names)]
-    for a in names:
-        lines.append(f"| {a} | " + " | ".join(f"{jaccard(keeps[a], keeps[b]):.2f}" for b in names) + " |")
-    return "\n".join(lines)
+    return {a: {b: jaccard(keeps[a], keeps[b]) for b in keeps} for a in keeps}
