@@ -1,14 +1,17 @@
-"""Shared training pieces: optimizer + schedule, callbacks, NaN guard.
+"""Shared training pieces: runtime settings, optimizer + schedule, callbacks, NaN guard.
 
 Teacher training, candidate fine-tuning (selection) and distillation all build
 their optimizer and callbacks here, so one flag means the same thing in every
-stage.
+stage. Every stage calls :func:`configure_runtime` once before training and
+passes ``**compile_kwargs()`` to ``compile``: the speed settings measured in
+``benchmarks/throughput.py`` live here and nowhere else.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import threading
 
 import keras
 
@@ -16,6 +19,118 @@ from mskd_tf.errors import MskdError
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "onecycle", "constant")
+
+
+# ----------------------------------------------------------------------------- runtime
+
+# Measured on the 2-core CI machine (benchmarks/throughput.md): Keras 3's
+# BatchNormalization runs as ~15 small element-wise ops per layer and direction
+# on the TF backend; TF's FusedBatchNormV3 does the same in one kernel each way
+# (and oneDNN folds the following ReLU into it).
+_ORIGINAL_BN_CALL = keras.layers.BatchNormalization.call
+_RUNTIME_LOCK = threading.Lock()
+_RUNTIME = {"fused_batchnorm": False, "threads": None}
+
+
+def _fusable(layer, inputs, mask) -> bool:
+    """Whether FusedBatchNormV3 computes exactly what ``layer`` would (else Keras' own path)."""
+    return (
+        keras.backend.backend() == "tensorflow"
+        and mask is None
+        and not layer.renorm
+        and not layer.synchronized
+        and len(inputs.shape) == 4
+        and layer.axis in (-1, 3)
+        and keras.backend.standardize_dtype(inputs.dtype) == "float32"
+        and keras.backend.standardize_dtype(layer.moving_mean.dtype) == "float32"
+        and layer.epsilon > 1.001e-5  # the fused kernel's lower bound
+    )
+
+
+def _batchnorm_call(self, inputs, training=None, mask=None):
+    """``BatchNormalization.call`` through TF's fused kernel; same maths as Keras 3's.
+
+    Normalises with the biased batch variance and updates the moving averages with
+    it (as Keras 3 does; the fused kernel itself would apply Bessel's correction).
+    Anything the fused kernel cannot do exactly goes through the original ``call``.
+    """
+    import tensorflow as tf
+
+    if not (_RUNTIME["fused_batchnorm"] and _fusable(self, inputs, mask)):
+        return _ORIGINAL_BN_CALL(self, inputs, training=training, mask=mask)
+    gamma = self.gamma if self.scale else tf.ones_like(self.moving_mean)
+    beta = self.beta if self.center else tf.zeros_like(self.moving_mean)
+    if training and self.trainable:
+        outputs, mean, unbiased_variance, *_ = tf.raw_ops.FusedBatchNormV3(
+            x=inputs, scale=gamma, offset=beta, mean=tf.zeros([0]), variance=tf.zeros([0]),
+            epsilon=self.epsilon, exponential_avg_factor=1.0, data_format="NHWC", is_training=True,
+        )
+        count = tf.cast(tf.reduce_prod(tf.shape(inputs)[:-1]), unbiased_variance.dtype)
+        variance = unbiased_variance * (count - 1.0) / tf.maximum(count, 1.0)
+        self.moving_mean.assign(self.moving_mean * self.momentum + mean * (1.0 - self.momentum))
+        self.moving_variance.assign(self.moving_variance * self.momentum + variance * (1.0 - self.momentum))
+        return outputs
+    outputs, *_ = tf.raw_ops.FusedBatchNormV3(
+        x=inputs, scale=gamma, offset=beta, mean=self.moving_mean, variance=self.moving_variance,
+        epsilon=self.epsilon, data_format="NHWC", is_training=False,
+    )
+    return outputs
+
+
+def configure_runtime(*, fused_batchnorm: bool = True, intra_op_threads: int | None = None,
+                      inter_op_threads: int | None = None) -> dict:
+    """Apply the measured speed settings for training on this CPU; call once per process.
+
+    * ``fused_batchnorm``: run every ``keras.layers.BatchNormalization`` (4-D input,
+      channels last, float32, no renorm/synchronized/mask) through TF's fused kernel.
+      Layers, weights and saved files are unchanged; only the op graph traced from
+      now on differs. ``False`` restores Keras' own implementation.
+    * ``intra_op_threads`` / ``inter_op_threads``: TF thread pools; ``None`` keeps
+      TF's default (one thread per core). They can only be set before TF runs its
+      first op; later calls keep the pools TF already has (reported in the result).
+
+    Idempotent. Returns the settings in effect, e.g. for a run report.
+    """
+    import tensorflow as tf
+
+    with _RUNTIME_LOCK:
+        _RUNTIME["fused_batchnorm"] = bool(fused_batchnorm)
+        keras.layers.BatchNormalization.call = _batchnorm_call
+        wanted = (intra_op_threads, inter_op_threads)
+        if wanted != (None, None) and _RUNTIME["threads"] != wanted:
+            for value, name in ((intra_op_threads, "intra_op_threads"), (inter_op_threads, "inter_op_threads")):
+                if value is not None and (not isinstance(value, int) or value < 0):
+                    raise MskdError(f"{name}={value!r} must be a non-negative integer (0 = TF's default).")
+            try:
+                if intra_op_threads is not None:
+                    tf.config.threading.set_intra_op_parallelism_threads(intra_op_threads)
+                if inter_op_threads is not None:
+                    tf.config.threading.set_inter_op_parallelism_threads(inter_op_threads)
+                _RUNTIME["threads"] = wanted
+            except RuntimeError:  # TF already started: its pools are fixed for this process
+                pass
+        return {
+            "fused_batchnorm": _RUNTIME["fused_batchnorm"],
+            "intra_op_threads": tf.config.threading.get_intra_op_parallelism_threads(),
+            "inter_op_threads": tf.config.threading.get_inter_op_parallelism_threads(),
+        }
+
+
+def compile_kwargs(**overrides) -> dict:
+    """Keyword arguments every stage passes to ``Model.compile`` (after its own).
+
+    ``jit_compile=False``: XLA on CPU replaces oneDNN's convolutions with slower
+    Eigen ones here, and fails under MirroredStrategy on logical CPUs.
+    """
+    settings = dict(COMPILE_KWARGS)
+    settings.update(overrides)
+    return settings
+
+
+COMPILE_KWARGS = {"jit_compile": False, "steps_per_execution": 1}
+
+
+# ----------------------------------------------------------------------------- optimizer
 
 
 def make_optimizer(

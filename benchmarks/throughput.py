@@ -1,0 +1,393 @@
+"""Training images/s of mskd_tf vs a minimal PyTorch loop, measured back to back.
+
+Three workloads, each on the same data (CIFAR-10, pad-4 crop + flip applied to
+every batch), batch and model on both sides:
+
+  teacher  ResNet-20 ``fit`` (mskd_tf.models + training.make_optimizer)
+  clone    ``fit`` of its 50%-MACs pruned clone (mskd_tf.pruning)
+  distill  ``Distiller(teacher, clone).fit`` (frozen teacher forward + KD loss)
+
+The PyTorch side mirrors each Keras model layer by layer (same channel counts,
+strides and shortcut) and trains it with SGD + batch-level tensor augmentation.
+Blocks of ``--steps`` training steps alternate TF, torch, TF, torch ... in one
+process so both see the same machine load; every pair gives one ratio, and the
+spread of the ratios is printed next to their median.
+
+    .venv/bin/python benchmarks/throughput.py --quick
+    .venv/bin/python benchmarks/throughput.py --pairs 5 --steps 12
+    .venv/bin/python benchmarks/throughput.py --nofused_batchnorm --notorch  # a lever off
+    .venv/bin/python benchmarks/throughput.py --profile /tmp/tp --workloads teacher --notorch
+
+torch is an optional benchmark-only dependency: ``pip install torch==2.13.0``.
+"""
+
+from __future__ import annotations
+
+import collections
+import glob
+import os
+import statistics
+import time
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("dataset", "folder:/work/shared/data/cifar10-jpeg.tar.gz", "mskd_tf.data source.")
+flags.DEFINE_integer("train_subset", 10000, "Training images (trimmed to whole batches).")
+flags.DEFINE_integer("batch_size", 128, "Training batch size (both frameworks).")
+flags.DEFINE_string("arch", "resnet20", "Teacher architecture (mskd_tf.models.build name).")
+flags.DEFINE_list("workloads", ["teacher", "clone", "distill"], "Which of teacher, clone, distill to time.")
+flags.DEFINE_integer("pairs", 3, "Alternating (TF block, torch block) pairs per workload.")
+flags.DEFINE_integer("steps", 10, "Training steps per timed block.")
+flags.DEFINE_bool("quick", False, "Short run: 2 pairs of 6-step blocks.")
+flags.DEFINE_bool("torch", True, "Also time the PyTorch reference (when torch is installed).")
+flags.DEFINE_bool("fused_batchnorm", True, "training.configure_runtime(fused_batchnorm=...).")
+flags.DEFINE_integer("intra_op_threads", None, "TF intra-op threads (default: the library's choice).")
+flags.DEFINE_integer("inter_op_threads", None, "TF inter-op threads (default: the library's choice).")
+flags.DEFINE_integer("steps_per_execution", None, "Override training.compile_kwargs()'s steps_per_execution.")
+flags.DEFINE_bool("jit_compile", None, "Override training.compile_kwargs()'s jit_compile.")
+flags.DEFINE_string("profile", "", "If set, trace one TF block per workload here and print op-level times.")
+flags.DEFINE_integer("seed", 0, "Seed for data order, augmentation and initial weights.")
+
+KD_TEMPERATURE, KD_ALPHA, LR = 4.0, 0.5, 0.05
+
+
+# ----------------------------------------------------------------------------- TF side
+
+
+def tf_models(info):
+    """Teacher and its 50%-MACs clone (pruned; a width-0.7 model when pruning is unavailable)."""
+    from mskd_tf import models
+
+    teacher = models.build(FLAGS.arch, info.image_shape, info.num_classes, normalization=(info.mean, info.std))
+    try:
+        from mskd_tf.pruning import build_graph, plan_keep, prune
+
+        graph = build_graph(teacher)
+        clone = prune(teacher, plan_keep(graph, None, target_macs=0.5).keep, graph)
+    except ImportError:
+        clone = models.build(FLAGS.arch, info.image_shape, info.num_classes,
+                             normalization=(info.mean, info.std), width=0.7)
+    return teacher, clone
+
+
+def tf_trainers(teacher, clone):
+    """``{workload: fit-able compiled keras.Model}`` built as the library's stages build them."""
+    import keras
+
+    from mskd_tf import training
+    from mskd_tf.distill import Distiller
+
+    overrides = {}
+    if FLAGS.steps_per_execution is not None:
+        overrides["steps_per_execution"] = FLAGS.steps_per_execution
+    if FLAGS.jit_compile is not None:
+        overrides["jit_compile"] = FLAGS.jit_compile
+    kwargs = training.compile_kwargs(**overrides)
+    optimizer = lambda: training.make_optimizer("sgd", LR, total_steps=10_000)  # noqa: E731
+    ce = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+    trainers = {}
+    if "teacher" in FLAGS.workloads:
+        teacher.compile(optimizer=optimizer(), loss=ce, metrics=["accuracy"], **kwargs)
+        trainers["teacher"] = teacher
+    if "clone" in FLAGS.workloads:
+        fine_tuned = keras.models.clone_model(clone)
+        fine_tuned.set_weights(clone.get_weights())
+        fine_tuned.compile(optimizer=optimizer(), loss=ce, metrics=["accuracy"], **kwargs)
+        trainers["clone"] = fine_tuned
+    if "distill" in FLAGS.workloads:
+        frozen = keras.models.clone_model(teacher)  # Distiller freezes its teacher: not the one trained above
+        frozen.set_weights(teacher.get_weights())
+        distiller = Distiller(frozen, clone)
+        distiller.compile(optimizer(), temperature=KD_TEMPERATURE, alpha=KD_ALPHA, **kwargs)
+        trainers["distill"] = distiller
+    return trainers
+
+
+def tf_block(model, dataset, steps):
+    """Images/s of ``model.fit`` over ``steps`` batches."""
+    start = time.perf_counter()
+    model.fit(dataset, epochs=1, steps_per_epoch=steps, verbose=0)
+    return steps * FLAGS.batch_size / (time.perf_counter() - start)
+
+
+def print_profile(logdir, top=14):
+    """Sum the TF op events of a profiler trace by op type; print the largest."""
+    from tensorflow.tsl.profiler.protobuf import xplane_pb2
+
+    space = xplane_pb2.XSpace()
+    with open(sorted(glob.glob(f"{logdir}/**/*.xplane.pb", recursive=True))[-1], "rb") as f:
+        space.ParseFromString(f.read())
+    per_op = collections.Counter()
+    for plane in space.planes:
+        for line in plane.lines:
+            if not line.name.startswith("tf_Compute"):
+                continue
+            for event in line.events:
+                name = plane.event_metadata[event.metadata_id].name
+                if not name.startswith("ExecutorState"):  # the envelope around the ops
+                    per_op[name.rsplit(":", 1)[-1]] += event.duration_ps / 1e9
+    total = sum(per_op.values())
+    print(f"  op time (summed over threads): {total:.0f} ms")
+    for op, ms in per_op.most_common(top):
+        print(f"  {ms:8.1f} ms {100 * ms / total:5.1f}%  {op}")
+
+
+# ----------------------------------------------------------------------------- PyTorch side
+
+
+def mirror_spec(model):
+    """The layer graph of a Keras CIFAR model as plain data a PyTorch process can rebuild.
+
+    Covers what mskd_tf's ResNets, VGGs and small CNNs are made of: a list of
+    ``(name, kind, parent names, arguments)`` in topological order.
+    """
+    import keras
+    import numpy as np
+
+    L, spec = keras.layers, []
+    for layer in model.operations:
+        parents = [node.operation.name for node in layer._inbound_nodes[0].parent_nodes]
+        if isinstance(layer, L.Conv2D):
+            k = tuple(layer.kernel.shape)
+            args = dict(cin=k[2], cout=k[3], kernel=k[:2], stride=tuple(layer.strides),
+                        padding=k[0] // 2 if layer.padding == "same" else 0, bias=layer.use_bias)
+        elif isinstance(layer, L.BatchNormalization):
+            args = dict(channels=layer.moving_mean.shape[0], eps=layer.epsilon, momentum=1 - layer.momentum)
+        elif isinstance(layer, L.Dense):
+            args = dict(cin=layer.kernel.shape[0], cout=layer.kernel.shape[1])
+        elif isinstance(layer, L.Normalization):
+            args = dict(mean=np.asarray(layer.mean).ravel().tolist(),
+                        std=np.sqrt(np.asarray(layer.variance)).ravel().tolist())
+        elif isinstance(layer, L.ZeroPadding2D):  # mskd_tf's shortcut A: pads the channel axis
+            args = dict(pad=tuple(layer.padding[1]))
+        elif isinstance(layer, (L.AveragePooling2D, L.MaxPooling2D)):
+            args = dict(size=layer.pool_size[0], stride=layer.strides[0])
+        elif isinstance(layer, (L.InputLayer, L.ReLU, L.Add, L.Reshape, L.GlobalAveragePooling2D, L.Dropout,
+                                L.Flatten)):
+            args = {}
+        else:
+            raise NotImplementedError(f"no torch mirror for {type(layer).__name__} ({layer.name})")
+        spec.append((layer.name, type(layer).__name__, parents, args))
+    return spec
+
+
+def torch_worker(conn, images, labels, specs, batch_size, seed):
+    """PyTorch reference in its own process (no TF threads around): runs blocks on request.
+
+    Receives ``(workload, steps)`` and answers images/s; ``None`` ends it. ``specs`` maps
+    ``teacher``/``clone`` to :func:`mirror_spec` output. Batch-level pad-4 crop + flip
+    on in-memory uint8 NHWC images, SGD with Nesterov momentum, KD with T=4, alpha=0.5.
+    """
+    import torch
+    from torch import nn
+    from torch.nn import functional as F
+
+    torch.manual_seed(seed)
+
+    class Mirror(nn.Module):
+        def __init__(self, spec):
+            super().__init__()
+            self.spec, self.mods = spec, nn.ModuleDict()
+            for name, kind, _, a in spec:
+                if kind == "Conv2D":
+                    self.mods[name] = nn.Conv2d(a["cin"], a["cout"], a["kernel"], a["stride"], a["padding"],
+                                                bias=a["bias"])
+                elif kind == "BatchNormalization":
+                    self.mods[name] = nn.BatchNorm2d(a["channels"], eps=a["eps"], momentum=a["momentum"])
+                elif kind == "Dense":
+                    self.mods[name] = nn.Linear(a["cin"], a["cout"])
+                elif kind == "Normalization":
+                    self.register_buffer(f"{name}_mean", torch.tensor(a["mean"]).reshape(1, -1, 1, 1))
+                    self.register_buffer(f"{name}_std", torch.tensor(a["std"]).reshape(1, -1, 1, 1))
+
+        def forward(self, x):
+            values = {}
+            for name, kind, parents, a in self.spec:
+                ins = [values[p] for p in parents]
+                if kind == "InputLayer":
+                    out = x
+                elif name in self.mods:
+                    out = self.mods[name](ins[0])
+                elif kind == "Normalization":
+                    out = (ins[0] - getattr(self, f"{name}_mean")) / getattr(self, f"{name}_std")
+                elif kind == "ReLU":
+                    out = F.relu(ins[0])
+                elif kind == "Add":
+                    out = sum(ins[1:], ins[0])
+                elif kind == "ZeroPadding2D":
+                    out = F.pad(ins[0], (0, 0, 0, 0, *a["pad"]))
+                elif kind == "AveragePooling2D":
+                    stride = a["stride"]
+                    out = ins[0][:, :, ::stride, ::stride] if a["size"] == 1 else F.avg_pool2d(ins[0], a["size"], stride)
+                elif kind == "MaxPooling2D":
+                    out = F.max_pool2d(ins[0], a["size"], a["stride"])
+                elif kind == "GlobalAveragePooling2D":
+                    out = ins[0].mean((2, 3))
+                elif kind == "Flatten":
+                    out = ins[0].flatten(1)
+                else:  # Reshape around the channel pad, Dropout at benchmark level: no-ops
+                    out = ins[0]
+                values[name] = out
+            return out
+
+    images, labels = torch.from_numpy(images), torch.from_numpy(labels)
+    state = {"order": torch.randperm(len(labels)), "cursor": 0}
+
+    def batch():
+        if state["cursor"] + batch_size > len(labels):
+            state["order"], state["cursor"] = torch.randperm(len(labels)), 0
+        index = state["order"][state["cursor"]:state["cursor"] + batch_size]
+        state["cursor"] += batch_size
+        x = images[index].permute(0, 3, 1, 2).float() / 255.0
+        n, _, height, width = x.shape
+        padded = F.pad(x, (4, 4, 4, 4))
+        rows = torch.randint(0, 9, (n, 1)) + torch.arange(height)
+        cols = torch.randint(0, 9, (n, 1)) + torch.arange(width)
+        cols = torch.where(torch.rand(n, 1) < 0.5, cols.flip(1), cols)
+        x = padded[torch.arange(n)[:, None, None], :, rows[:, :, None], cols[:, None, :]]  # n, h, w, c
+        return x.permute(0, 3, 1, 2).contiguous(), labels[index]
+
+    def trainer(student, teacher=None):
+        optimizer = torch.optim.SGD(student.parameters(), lr=LR, momentum=0.9, nesterov=True, weight_decay=5e-4)
+        student.train()
+        if teacher is not None:
+            teacher.eval()
+
+        def step():
+            x, y = batch()
+            logits = student(x)
+            loss = F.cross_entropy(logits, y)
+            if teacher is not None:
+                with torch.no_grad():
+                    soft = F.softmax(teacher(x) / KD_TEMPERATURE, dim=1)
+                kd = F.kl_div(F.log_softmax(logits / KD_TEMPERATURE, dim=1), soft, reduction="batchmean")
+                loss = KD_ALPHA * loss + (1 - KD_ALPHA) * KD_TEMPERATURE**2 * kd
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+        return step
+
+    steps = {
+        "teacher": trainer(Mirror(specs["teacher"])),
+        "clone": trainer(Mirror(specs["clone"])),
+        "distill": trainer(Mirror(specs["clone"]), teacher=Mirror(specs["teacher"])),
+    }
+    conn.send(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    while (request := conn.recv()) is not None:
+        workload, count = request
+        start = time.perf_counter()
+        for _ in range(count):
+            steps[workload]()
+        conn.send(count * batch_size / (time.perf_counter() - start))
+
+
+def start_torch_worker(arrays, specs):
+    """A torch_worker process and a ``run(workload, steps) -> images/s`` function (None without torch)."""
+    import importlib.util
+    import multiprocessing
+
+    if importlib.util.find_spec("torch") is None:
+        print("torch is not installed (pip install torch==2.13.0): TF figures only")
+        return None, None
+    parent, child = multiprocessing.get_context("spawn").Pipe()
+    process = multiprocessing.get_context("spawn").Process(
+        target=torch_worker, args=(child, arrays.x, arrays.y, specs, FLAGS.batch_size, FLAGS.seed), daemon=True)
+    process.start()
+    print(parent.recv())
+
+    def run(workload, steps):
+        parent.send((workload, steps))
+        return parent.recv()
+
+    return process, (run, parent)
+
+
+# ----------------------------------------------------------------------------- driver
+
+
+def spread(values):
+    return f"{statistics.median(values):.2f} ({min(values):.2f}-{max(values):.2f})"
+
+
+def main(argv):
+    del argv
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from mskd_tf import training
+
+    runtime_args = {"fused_batchnorm": FLAGS.fused_batchnorm}
+    if FLAGS.intra_op_threads is not None:
+        runtime_args["intra_op_threads"] = FLAGS.intra_op_threads
+    if FLAGS.inter_op_threads is not None:
+        runtime_args["inter_op_threads"] = FLAGS.inter_op_threads
+    runtime = training.configure_runtime(**runtime_args)
+
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    from mskd_tf import data
+
+    pairs, steps = (2, 6) if FLAGS.quick else (FLAGS.pairs, FLAGS.steps)
+    unknown = set(FLAGS.workloads) - {"teacher", "clone", "distill"}
+    if unknown:
+        raise app.UsageError(f"--workloads: unknown {sorted(unknown)}; use teacher, clone, distill.")
+    splits = data.load(FLAGS.dataset, batch_size=FLAGS.batch_size, train_subset=FLAGS.train_subset, seed=FLAGS.seed)
+    arrays = splits.arrays["train"]
+    whole = len(arrays) // FLAGS.batch_size * FLAGS.batch_size  # full batches only: one traced shape
+    arrays = data.Arrays(arrays.x[:whole], arrays.y[:whole])
+    train = data.train_pipeline(arrays, FLAGS.batch_size, augment=True, seed=FLAGS.seed).repeat()
+
+    keras.utils.set_random_seed(FLAGS.seed)
+    teacher, clone = tf_models(splits.info)
+    trainers = tf_trainers(teacher, clone)
+    torch_run = None
+    if FLAGS.torch:
+        worker, handle = start_torch_worker(arrays, {"teacher": mirror_spec(teacher), "clone": mirror_spec(clone)})
+        torch_run = handle[0] if handle else None
+
+    print(f"tf {tf.__version__}, keras {keras.__version__}, runtime {runtime}, "
+          f"compile {training.compile_kwargs()}, oneDNN env {os.environ.get('TF_ENABLE_ONEDNN_OPTS', 'default')}")
+    print(f"{len(arrays)} images {arrays.x.shape[1:]}, batch {FLAGS.batch_size}, {pairs} pairs x {steps} steps")
+    for name, model in trainers.items():  # warm-up: tracing, first calls, oneDNN primitive caches
+        model.fit(train, epochs=1, steps_per_epoch=4 * model.steps_per_execution, verbose=0)
+        if torch_run:
+            torch_run(name, 8)
+
+    results = {name: {"tf": [], "torch": []} for name in trainers}
+    for pair in range(pairs):
+        for name, model in trainers.items():
+            results[name]["tf"].append(tf_block(model, train, steps))
+            if torch_run:
+                results[name]["torch"].append(torch_run(name, steps))
+            row = results[name]
+            ratio = f", ratio {row['tf'][-1] / row['torch'][-1]:.2f}" if row["torch"] else ""
+            torch_text = f", torch {row['torch'][-1]:.0f}" if row["torch"] else ""
+            print(f"pair {pair + 1} {name:8s}: tf {row['tf'][-1]:.0f}{torch_text} images/s{ratio}", flush=True)
+
+    print("\nworkload   tf images/s        torch images/s     tf/torch ratio: median (min-max)")
+    for name, row in results.items():
+        tf_text = f"{statistics.median(row['tf']):6.0f} ({min(row['tf']):.0f}-{max(row['tf']):.0f})"
+        if row["torch"]:
+            torch_text = f"{statistics.median(row['torch']):6.0f} ({min(row['torch']):.0f}-{max(row['torch']):.0f})"
+            ratio = spread([t / r for t, r in zip(row["tf"], row["torch"])])
+        else:
+            torch_text, ratio = "-", "-"
+        print(f"{name:9s}  {tf_text:18s} {torch_text:18s} {ratio}")
+
+    if FLAGS.profile:
+        for name, model in trainers.items():
+            logdir = os.path.join(FLAGS.profile, name)
+            tf.profiler.experimental.start(logdir)
+            rate = tf_block(model, train, steps)
+            tf.profiler.experimental.stop()
+            print(f"\nprofile {name} ({rate:.0f} images/s while tracing):")
+            print_profile(logdir)
+    if torch_run:
+        handle[1].send(None)
+        worker.join(timeout=30)
+
+
+if __name__ == "__main__":
+    app.run(main)
