@@ -28,7 +28,6 @@ def test_toy_model_identity_masking_and_cost():
     assert [layer.name for layer in pruned.layers] == [layer.name for layer in result["graph"].model.layers]
 
 
-@pytest.mark.slow
 def test_project_resnet20_prunes_exactly():
     _assert_correct(check_pruning(models.build("resnet20", (32, 32, 3), 10), (32, 32, 3)))
 
