@@ -27,6 +27,7 @@ import numpy as np
 
 from mskd_tf import quantize
 from mskd_tf.errors import MskdError
+from mskd_tf.workdir import write_atomic
 
 # Below a few hundred bytes TFLM cannot even place its own allocator object
 # (measured: 400 B segfaults, 500 B raises): no model fits, so refuse at once.
@@ -381,12 +382,12 @@ def write_micro_kit(
     io = quantize.io_details(tflite_bytes)
     header_name = f"{ident}_data.h"
     paths = {
-        "header": quantize.write_atomic(
+        "header": write_atomic(
             os.path.join(out_dir, header_name),
             c_header(name, arena_bytes=with_margin, io=io, class_names=class_names),
         ),
-        "ops_header": quantize.write_atomic(os.path.join(out_dir, f"{ident}_ops.h"), c_ops_header(name, ops)),
-        "source": quantize.write_atomic(
+        "ops_header": write_atomic(os.path.join(out_dir, f"{ident}_ops.h"), c_ops_header(name, ops)),
+        "source": write_atomic(
             os.path.join(out_dir, f"{ident}_data.cc"), c_array_source(tflite_bytes, name, header=header_name)
         ),
     }
@@ -403,7 +404,7 @@ def _copy_templates(kind: str, out_dir: str) -> dict:
             path = os.path.join(source, entry)
             if os.path.isfile(path):
                 with open(path, "rb") as handle:
-                    copied[entry] = quantize.write_atomic(os.path.join(out_dir, entry), handle.read())
+                    copied[entry] = write_atomic(os.path.join(out_dir, entry), handle.read())
     return copied
 
 
@@ -452,9 +453,9 @@ def write_android_kit(
         if abs(inp["scale"] * 255.0 - 1.0) < 1e-6:
             info["normalisation"]["shortcut"] = f"q = pixel + ({inp['zero_point']})"
     paths = {
-        "model": quantize.write_atomic(os.path.join(out_dir, "model.tflite"), tflite_bytes),
-        "labels": quantize.write_atomic(os.path.join(out_dir, "labels.txt"), "\n".join(names) + "\n"),
-        "info": quantize.write_atomic(os.path.join(out_dir, "model_info.json"), json.dumps(info, indent=2) + "\n"),
+        "model": write_atomic(os.path.join(out_dir, "model.tflite"), tflite_bytes),
+        "labels": write_atomic(os.path.join(out_dir, "labels.txt"), "\n".join(names) + "\n"),
+        "info": write_atomic(os.path.join(out_dir, "model_info.json"), json.dumps(info, indent=2) + "\n"),
     }
     paths.update(_copy_templates("android", out_dir))
     return {"paths": paths, "info": info}
@@ -520,7 +521,7 @@ def export_all(
     results = []
     for kind, build in variants:
         tflite_bytes = build()
-        path = quantize.write_atomic(os.path.join(out_dir, f"model_{kind}.tflite"), tflite_bytes)
+        path = write_atomic(os.path.join(out_dir, f"model_{kind}.tflite"), tflite_bytes)
         checked = quantize.verify_tflite(tflite_bytes, images, labels, keras_logits, threads=tuple(threads))
         entry = {"kind": kind, "path": path, "bytes": len(tflite_bytes), **checked}
         entry["drop_vs_keras"] = entry["keras_acc"] - entry["test_acc"]
@@ -551,7 +552,7 @@ def export_all(
         _read(by_kind[android_kind]["path"]), os.path.join(out_dir, "android"), class_names=class_names, kind=android_kind
     )
     by_kind[android_kind]["android_kit"] = android["paths"]
-    quantize.write_atomic(os.path.join(out_dir, "export.json"), json.dumps(results, indent=2, default=str) + "\n")
+    write_atomic(os.path.join(out_dir, "export.json"), json.dumps(results, indent=2, default=str) + "\n")
     return results
 
 

@@ -29,6 +29,7 @@ from keras import ops
 
 from mskd_tf.errors import MskdError
 from mskd_tf.training import NanGuard, make_optimizer
+from mskd_tf.workdir import atomic_path
 
 OUTPUT_KINDS = ("auto", "logits", "probabilities")
 _TINY = 1e-30  # floor before log(probabilities); far below any softmax value that matters at T >= 1
@@ -312,11 +313,9 @@ def _reject_sample_weight(sample_weight):
 
 def save_student(student: keras.Model, workdir: str, filename: str = "student.keras") -> str:
     """Atomically write ``workdir/student.keras`` (temp name, then rename); returns the path."""
-    os.makedirs(workdir, exist_ok=True)
     path = os.path.join(workdir, filename)
-    partial = path + ".partial.keras"
-    student.save(partial)
-    os.replace(partial, path)
+    with atomic_path(path) as tmp:
+        student.save(tmp)
     return path
 
 

@@ -238,22 +238,3 @@ def verify_tflite(
             n: float(f"{LiteRTModel(tflite_bytes, threads=n).latency_ms(images, latency_repeats):.4g}") for n in threads
         },
     }
-
-
-def write_atomic(path: str, data: bytes | str) -> str:
-    """Write ``data`` to ``path`` through a temp file in the same folder and a rename."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix="." + os.path.basename(path), suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data.encode() if isinstance(data, str) else data)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file normal permissions
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path

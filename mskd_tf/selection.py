@@ -34,7 +34,6 @@ import json
 import math
 import os
 import re
-import tempfile
 import time
 from pathlib import Path
 
@@ -46,6 +45,7 @@ from mskd_tf import flops
 from mskd_tf.distribute import is_chief, make_strategy
 from mskd_tf.errors import MskdError
 from mskd_tf.training import make_optimizer
+from mskd_tf.workdir import atomic_path
 
 HALVING_BUDGET = 2.0  # the whole successive-halving selection costs this many full fine-tunes
 SELECTION_DIR = "selection"
@@ -549,14 +549,6 @@ def _source_digest(source) -> str:
 
 def _atomic(path: Path, write) -> None:
     """Call ``write(tmp)`` on a temporary name beside ``path``, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
-    os.close(fd)
-    os.unlink(tmp)  # Keras refuses to overwrite without asking in some versions; give it a fresh name
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(path) as tmp:
+        write(str(tmp))
 

@@ -20,14 +20,42 @@ from pathlib import Path
 from mskd_tf.errors import MskdError
 
 
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike):
+    """Yield a fresh temporary path beside ``path``; rename it onto ``path`` when the block succeeds.
+
+    The temporary name keeps the suffix (Keras insists on ``.keras``) and does not exist yet,
+    so writers create it with normal permissions. On any failure it is removed and ``path``
+    keeps its old content.
+    """
+    final = Path(path)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{final.stem}.", suffix=final.suffix or ".tmp", dir=final.parent)
+    os.close(fd)
+    os.unlink(tmp)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, final)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_atomic(path: str | os.PathLike, data: bytes | str) -> str:
+    """Write bytes or text to ``path`` atomically; returns ``str(path)``."""
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data.encode() if isinstance(data, str) else data)
+    return str(path)
+
+
 class Workdir:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         try:
             self.path.mkdir(parents=True, exist_ok=True)
-            probe = self.path / ".write_probe"
-            probe.write_text("ok")
-            probe.unlink()
+            # A private probe name: several workers may open the same workdir at once.
+            with tempfile.NamedTemporaryFile(dir=self.path, prefix=".write_probe."):
+                pass
         except OSError as exc:
             raise MskdError(f"--workdir={self.path}: cannot write there ({exc.strerror}); choose a writable folder.") from exc
         self._state_file = self.path / "stages.json"
@@ -47,21 +75,9 @@ class Workdir:
 
     # ------------------------------------------------------------------ atomic writes
 
-    @contextlib.contextmanager
     def atomic(self, name: str):
-        """Yield a temporary path next to ``name``; rename it into place on success."""
-        final = self.path / name
-        final.parent.mkdir(parents=True, exist_ok=True)
-        # Keep the suffix: Keras insists on ``.keras`` when saving.
-        fd, tmp = tempfile.mkstemp(prefix=f".{final.stem}.", suffix=final.suffix or ".tmp", dir=final.parent)
-        os.close(fd)
-        os.unlink(tmp)
-        try:
-            yield Path(tmp)
-            os.replace(tmp, final)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        """:func:`atomic_path` for an artifact of this workdir."""
+        return atomic_path(self.path / name)
 
     def write_json(self, name: str, payload) -> Path:
         with self.atomic(name) as tmp:

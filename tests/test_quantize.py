@@ -7,6 +7,7 @@ import pytest
 
 from mskd_tf import quantize
 from mskd_tf.errors import MskdError
+from mskd_tf.workdir import write_atomic
 from tiny_fashion import as_dataset, trained_tiny_cnn
 
 
@@ -105,7 +106,7 @@ def test_verify_refuses_a_model_with_other_outputs(trained, converted):
 
 def test_write_atomic_replaces_and_leaves_no_temp_file(tmp_path):
     target = tmp_path / "sub" / "model.tflite"
-    quantize.write_atomic(str(target), b"first")
-    quantize.write_atomic(str(target), b"second")
+    write_atomic(str(target), b"first")
+    write_atomic(str(target), b"second")
     assert target.read_bytes() == b"second"
     assert os.listdir(target.parent) == ["model.tflite"]

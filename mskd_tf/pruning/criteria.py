@@ -62,8 +62,6 @@ import dataclasses
 import functools
 import itertools
 import json
-import os
-import tempfile
 import zlib
 
 import keras
@@ -73,6 +71,7 @@ from keras import ops
 from mskd_tf.errors import MskdError
 from mskd_tf.pruning.graph import build_graph
 from mskd_tf.pruning.layers import MAC_WEIGHTS
+from mskd_tf.workdir import write_atomic
 
 RANKINGS_FORMAT = 1
 
@@ -473,17 +472,7 @@ def save_rankings(path, rankings, graph):
         "criteria": {name: {g: [float(v) for v in np.asarray(s).reshape(-1)] for g, s in scores.items()}
                      for name, scores in rankings.items()},
     }
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".rankings.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(payload, handle, indent=1)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    write_atomic(path, json.dumps(payload, indent=1))
 
 
 def load_rankings(path, graph=None):
