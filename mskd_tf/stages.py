@@ -94,6 +94,8 @@ def user_data(model, train, val, test, *, batch_size: int, seed: int, class_name
             return data_lib.eval_pipeline(arrays, 2 * batch_size)
         raise MskdError(f"{name}: expected a tf.data.Dataset or an (x, y) tuple of arrays, got {type(value).__name__}.")
 
+    if not isinstance(train, (tf.data.Dataset, tuple, list)):
+        as_dataset("train", train, True)  # raises the error that names the argument
     if val is None and isinstance(train, (tuple, list)) and len(train) == 2:
         x, y = np.asarray(train[0]), np.asarray(train[1]).reshape(-1)
         tr, va = data_lib.split_validation(x, y, 0.1, seed)

@@ -1,0 +1,131 @@
+"""The whole pipeline: compress() end to end, resume after SIGKILL, damaged artifacts."""
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+
+import mskd_tf
+from mskd_tf.errors import MskdError
+from test_pipeline import make_npz
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def toy_teacher(shape=(12, 12, 1), classes=3):
+    keras.utils.set_random_seed(0)
+    from mskd_tf import models
+
+    return models.build("small_cnn", shape, classes, width=0.25)
+
+
+def toy_arrays(tmp_path):
+    with np.load(make_npz(tmp_path / "toy.npz")) as z:
+        return (z["x_train"] / 255.0, z["y_train"]), (z["x_test"] / 255.0, z["y_test"])
+
+
+def test_compress_end_to_end_and_resume(tmp_path, capsys):
+    (x, y), (xt, yt) = toy_arrays(tmp_path)
+    teacher = toy_teacher()
+    teacher.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
+    teacher.fit(x, y, epochs=3, batch_size=32, verbose=0)
+    result = mskd_tf.compress(
+        teacher, (x, y), test=(xt, yt), criteria=("l1", "taylor", "random"), target_macs=0.5,
+        selection={"select_epochs": 0.5, "calibration_batches": 2},
+        distill={"distill_epochs": 1, "no_distill_baseline": True}, export=("float32",),
+        workdir=str(tmp_path / "wd"), seed=0,
+    )
+    assert result.criterion in ("l1", "taylor", "random")
+    assert [c["criterion"] for c in result.candidates] == ["l1", "taylor", "random"]
+    for row in result.candidates:
+        assert 0.4 <= row["macs_ratio"] <= 0.6 and row["params"] < result.teacher["params"]
+    assert result.student is not None and result.student_metrics["macs"] < result.teacher["macs"]
+    assert 0 <= result.student_metrics["test_acc"] <= 1 and "baseline_test_acc" in result.student_metrics
+    (export,) = result.exports
+    assert export["kind"] == "float32" and Path(export["path"]).stat().st_size == export["bytes"]
+    assert export["agreement"] > 0.99  # float32 TFLite == Keras
+    report = json.loads((tmp_path / "wd" / "report.json").read_text())
+    assert report["selected"]["criterion"] == result.criterion and set(report["timings"]) >= {"teacher", "export"}
+    assert (tmp_path / "wd" / "plot_accuracy_vs_macs.png").stat().st_size > 1000
+    assert "student (KD)" in result.summary()
+
+    capsys.readouterr()
+    again = mskd_tf.compress(
+        teacher, (x, y), test=(xt, yt), criteria=("l1", "taylor", "random"), target_macs=0.5,
+        selection={"select_epochs": 0.5, "calibration_batches": 2},
+        distill={"distill_epochs": 1, "no_distill_baseline": True}, export=("float32",),
+        workdir=str(tmp_path / "wd"), seed=0,
+    )
+    out = capsys.readouterr().out
+    # Nothing changed: every stage, the report included, is reused.
+    assert out.count("done already") == 7 and again.criterion == result.criterion
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"train": "images.npy"}, "train: expected a tf.data.Dataset or an \\(x, y\\) tuple"),
+        ({"target_macs": 2.0}, "target_macs=2.0: is a fraction"),
+        ({"criteria": ("l1", "vibes")}, "criteria=.*unknown \\['vibes'\\]"),
+        ({"selection": {"epochs_please": 3}}, "selection: unknown setting 'epochs_please'"),
+        ({"export": ("int4",)}, "export=.*unknown \\['int4'\\]"),
+        ({"model": "resnet20"}, "model: expected a keras.Model, got str"),
+    ],
+)
+def test_compress_rejects_bad_arguments(tmp_path, kwargs, message):
+    args = {"model": toy_teacher(), "train": (np.zeros((8, 12, 12, 1)), np.zeros(8)), "workdir": str(tmp_path)}
+    args.update(kwargs)
+    model, train = args.pop("model"), args.pop("train")
+    with pytest.raises(MskdError, match=message):
+        mskd_tf.compress(model, train, **args)
+
+
+def _sha(path):
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _cli_args(tmp_path):
+    data = make_npz(tmp_path / "toy.npz")
+    return [sys.executable, "-m", "mskd_tf.run", f"--dataset=npz:{data}", "--model=small_cnn", "--width=0.25",
+            "--epochs=2", "--batch_size=32", f"--workdir={tmp_path / 'wd'}", "--criteria=l1,fpgm,taylor",
+            "--calibration_batches=2", "--select_epochs=0.5", "--distill_epochs=2", "--export=float32",
+            "--nomicro"]
+
+
+def _run_until(args, marker, timeout=600):
+    """Start the CLI, SIGKILL it as soon as ``marker`` appears on its stdout."""
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(args, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if marker in line:
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait(timeout=timeout)
+    assert proc.returncode == -signal.SIGKILL, "".join(seen[-30:])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("stage, finished", [("candidates", ["teacher.keras", "rankings.json"]),
+                                             ("distill", ["teacher.keras", "rankings.json", "selected.keras",
+                                                          "candidates/l1.keras"])])
+def test_sigkill_loses_only_the_stage_in_progress(tmp_path, stage, finished):
+    args = _cli_args(tmp_path)
+    _run_until(args, f"==== [{stage}] running")
+    wd = tmp_path / "wd"
+    before = {name: _sha(wd / name) for name in finished}
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    proc = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for name in finished:
+        assert _sha(wd / name) == before[name], f"{name} was redone after the kill"
+    assert f"==== [{stage}] running (not run yet)" in proc.stdout
+    assert (wd / "report.json").exists()
