@@ -63,9 +63,50 @@ def test_validate_names_the_flag(field, value, message):
         config_lib.Config(**{field: value}).validate()
 
 
+def _teacher_file(tmp_path, kind):
+    """Small saved teachers for the toy npz data (12x12x1, 3 classes)."""
+    import keras
+
+    inputs = keras.Input((16, 16, 1) if kind == "wrong_shape" else (12, 12, 1))
+    x = keras.layers.Conv2D(8, 3, padding="same", name="conv")(inputs)
+    if kind == "groupnorm":
+        x = keras.layers.GroupNormalization(groups=2, name="gn")(x)
+    x = keras.layers.ReLU()(x)
+    x = keras.layers.Conv2D(8, 3, padding="same", name="conv2")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    path = tmp_path / f"{kind}.keras"
+    keras.Model(inputs, keras.layers.Dense(3, name="classifier")(x)).save(path)
+    return path
+
+
+def _corrupt_folder(tmp_path):
+    from test_data import _write_folder
+
+    root = _write_folder(tmp_path / "imgs")
+    (root / "train" / "cat" / "2.png").write_bytes(b"garbage")
+    return root
+
+
+TOY = ["--criteria=l1", "--calibration_batches=1", "--epochs=1", "--batch_size=32", "--model=small_cnn", "--width=0.25"]
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
+        pytest.param(["--dataset=npz:{toy}", "--teacher={teacher_groupnorm}", *TOY], "gn.*GroupNormalization",
+                     marks=pytest.mark.slow),
+        (["--dataset=npz:{toy}", "--teacher={teacher_wrong_shape}", *TOY], "inputs of shape \\(16, 16, 1\\)"),
+        pytest.param(["--dataset=npz:{toy}", "--teacher={teacher_plain}", "--target_macs=0.001", *TOY],
+                     "smallest reachable", marks=pytest.mark.slow),
+        pytest.param(["--dataset=npz:{toy}", "--lr=1e30", "--schedule=constant", *TOY],
+                     "teacher: the training loss became", marks=pytest.mark.slow),
+        (["--dataset=folder:{corrupt}", *TOY], "cannot decode image .*2.png"),
+        (["--dataset=npz:{badkeys}"], "lacks arrays"),
+        (["--dataset=tfds:mnist", "--data_dir={tmp}/tfds"], "not prepared.*--download"),
+        (["--export=int4"], "--export=.*unknown \\['int4'\\]"),
+        (["--criteria=l1,vibes"], "--criteria=.*unknown \\['vibes'\\]"),
+        (["--target_macs=0"], "--target_macs=0.0: is a fraction"),
+        (["--restart_from=deploy"], "--restart_from=deploy: value should be one of"),
         (["--lr=-1"], "--lr=-1.0: must be > 0"),
         (["--no_such_flag=3"], "Unknown command line flag 'no_such_flag'"),
         (["--epochs=many"], "flag --epochs=many"),
@@ -77,6 +118,22 @@ def test_validate_names_the_flag(field, value, message):
     ],
 )
 def test_cli_bad_input_one_line_exit_2(tmp_path, args, message):
+    places = {"tmp": tmp_path}
+    if any("{toy}" in a for a in args):
+        from test_pipeline import make_npz
+
+        places["toy"] = make_npz(tmp_path / "toy.npz", n_train=120, n_test=30)
+    for kind in ("groupnorm", "wrong_shape", "plain"):
+        if any(f"{{teacher_{kind}}}" in a for a in args):
+            places[f"teacher_{kind}"] = _teacher_file(tmp_path, kind)
+    if any("{corrupt}" in a for a in args):
+        places["corrupt"] = _corrupt_folder(tmp_path)
+    if any("{badkeys}" in a for a in args):
+        import numpy as np
+
+        places["badkeys"] = tmp_path / "bad.npz"
+        np.savez(places["badkeys"], x_train=np.zeros((2, 4, 4)), y_train=np.zeros(2))
+    args = [a.format(**places) for a in args]
     if not any(a.startswith("--workdir") for a in args):
         args = [*args, f"--workdir={tmp_path / 'wd'}"]
     proc = _run_cli(*args)
