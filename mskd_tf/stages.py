@@ -342,7 +342,7 @@ def run_distill(ctx: Context):
     teacher = ctx.model("teacher.keras")
     settings = dict(epochs=cfg.distill_epochs, temperature=cfg.temperature, alpha=cfg.alpha,
                     feature_kd=cfg.feature_kd, optimizer=cfg.optimizer, lr=cfg.finetune_lr,
-                    weight_decay=cfg.weight_decay, strategy=_strategy(ctx), seed=cfg.seed)
+                    weight_decay=cfg.weight_decay, strategy=_strategy(ctx), seed=cfg.seed, verbose=_verbose())
     out = {}
     runs = [("kd", True)] + ([("baseline", False)] if cfg.no_distill_baseline else [])
     for label, kd in runs:
