@@ -50,7 +50,8 @@ def build(ctx) -> dict:
         "config": ctx.cfg.to_dict(),
         "versions": versions(),
         "history": {"teacher": teacher.get("history"), "select": [c.get("curve") for c in candidates],
-                    "distill": distill.get("history") if distill else None},
+                    "distill": distill.get("history") if distill else None,
+                    "baseline": distill.get("baseline_history") if distill else None},
     }
 
 
@@ -69,24 +70,30 @@ def _table(headers, rows) -> str:
 
 
 def summary_table(rep: dict) -> str:
-    """The end-of-run table: model, MACs, params, accuracies."""
+    """The end-of-run table: model, MACs, params, accuracies, and the training each row had."""
     if not rep:
         return "(no report yet)"
+    cfg = rep.get("config") or {}
+    chosen = (rep.get("selected") or {}).get("criterion")
     rows = []
     t = rep.get("teacher") or {}
     rows.append(("teacher", _fmt_m(t.get("macs")), _fmt_m(t.get("params"), 3), _fmt_pct(t.get("val_acc")),
-                 _fmt_pct(t.get("test_acc"))))
+                 _fmt_pct(t.get("test_acc")), f"{cfg.get('epochs', '')} epochs" if cfg.get("dataset") != "user" else ""))
     for c in rep.get("candidates", []):
-        rows.append((f"candidate {c['criterion']}", _fmt_m(c.get("macs")), _fmt_m(c.get("params"), 3),
-                     _fmt_pct(c.get("val_acc")), ""))
+        budget = c.get("budget_epochs")
+        note = f"fine-tuned {budget:.3g} epochs" if budget is not None else ""
+        rows.append((f"candidate {c['criterion']}" + (" (selected)" if c["criterion"] == chosen else ""),
+                     _fmt_m(c.get("macs")), _fmt_m(c.get("params"), 3), _fmt_pct(c.get("val_acc")), "", note))
     s = rep.get("student") or {}
     if s:
+        epochs = f"+{cfg.get('distill_epochs')} epochs"
         rows.append(("student (KD)", _fmt_m(s.get("macs")), _fmt_m(s.get("params"), 3), _fmt_pct(s.get("val_acc")),
-                     _fmt_pct(s.get("test_acc"))))
+                     _fmt_pct(s.get("test_acc")), f"{epochs} distillation"))
         if s.get("baseline_test_acc") is not None:
-            rows.append(("student (CE only)", _fmt_m(s.get("macs")), _fmt_m(s.get("params"), 3), "",
-                         _fmt_pct(s.get("baseline_test_acc"))))
-    return _table(("model", "MMACs", "Mparams", "val acc %", "test acc %"), rows)
+            rows.append(("student (CE only)", _fmt_m(s.get("macs")), _fmt_m(s.get("params"), 3),
+                         _fmt_pct(s.get("baseline_val_acc")), _fmt_pct(s.get("baseline_test_acc")),
+                         f"{epochs} cross-entropy"))
+    return _table(("model", "MMACs", "Mparams", "val acc %", "test acc %", "training"), rows)
 
 
 def candidates_table(rows) -> str:
@@ -162,12 +169,14 @@ def plots(rep: dict, wd) -> list[Path]:
     widths = [c for c in cands if c.get("widths")]
     if widths:
         fig, ax = plt.subplots(figsize=(8, 4))
+        layers = list(widths[0]["widths"])
         teacher_widths = widths[0].get("teacher_widths")
         if teacher_widths:
-            ax.plot(list(teacher_widths.values()), "k--", label="teacher")
+            ax.plot([teacher_widths.get(n) for n in layers], "k--", label="teacher")
         for c in widths:
-            ax.plot(list(c["widths"].values()), label=c["criterion"])
-        ax.set_xlabel("prunable group")
+            ax.plot([c["widths"].get(n) for n in layers], label=c["criterion"])
+        ax.set_xticks(range(len(layers)), layers, rotation=60, ha="right", fontsize=6)
+        ax.set_xlabel("layer")
         ax.set_ylabel("kept channels")
         ax.set_title("per-layer widths of each candidate")
         ax.legend(fontsize=7)
@@ -176,16 +185,20 @@ def plots(rep: dict, wd) -> list[Path]:
     hist = rep.get("history") or {}
     curves = [(c["criterion"], c.get("curve")) for c in cands if c.get("curve")]
     if curves or (hist.get("distill") or {}).get("val_accuracy") or (hist.get("teacher") or {}).get("val_accuracy"):
-        fig, ax = plt.subplots(figsize=(6, 4))
+        fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
         for name, curve in curves:
-            ax.plot([p[0] for p in curve], [100 * p[1] for p in curve], label=f"select: {name}")
-        for label, h in (("teacher", hist.get("teacher")), ("distill", hist.get("distill"))):
+            left.plot([p[0] for p in curve], [100 * p[1] for p in curve], marker=".", label=name)
+        left.set_title("selection (successive halving)")
+        for label, h in (("teacher", hist.get("teacher")), ("student, distillation", hist.get("distill")),
+                         ("student, cross-entropy", hist.get("baseline"))):
             if h and h.get("val_accuracy"):
-                ax.plot(range(1, len(h["val_accuracy"]) + 1), [100 * v for v in h["val_accuracy"]], "--",
-                        label=label)
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("validation accuracy (%)")
-        ax.legend(fontsize=7)
+                right.plot(range(1, len(h["val_accuracy"]) + 1), [100 * v for v in h["val_accuracy"]], marker=".",
+                           label=label)
+        right.set_title("teacher and student training")
+        for ax in (left, right):
+            ax.set_xlabel("epoch")
+            ax.legend(fontsize=7)
+        left.set_ylabel("validation accuracy (%)")
         fig.tight_layout()
         made.append(_save(fig, wd / "plot_curves.png"))
     return made

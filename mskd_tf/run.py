@@ -12,7 +12,7 @@ import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-from absl import app, flags  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
 
 from mskd_tf.config import config_from_flags, define_flags  # noqa: E402
 from mskd_tf.errors import MskdError  # noqa: E402
@@ -34,6 +34,7 @@ def _parse_flags(argv):
 
 
 def main(argv):
+    logging.set_verbosity(logging.WARNING)  # TF's SavedModel export logs every asset at INFO
     if len(argv) > 1:
         _fail(f"unexpected arguments {argv[1:]}; every setting is a --flag (see --helpfull).")
     try:
