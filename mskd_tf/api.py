@@ -25,7 +25,7 @@ STAGE_INPUTS = {
     "teacher": ("dataset", "data_dir", "val_fraction", "train_subset", "augment", "batch_size", "seed", "model",
                 "teacher", "width", "epochs", "optimizer", "lr", "schedule", "momentum", "weight_decay"),
     "rank": ("criteria", "calibration_batches"),
-    "candidates": ("target_macs", "round_to", "min_channels", "protect"),
+    "candidates": ("target_macs", "round_to", "min_channels", "protect", "bn_recalibration_batches"),
     "select": ("select_epochs", "successive_halving", "tie_tolerance", "finetune_lr"),
     "distill": ("distill_epochs", "temperature", "alpha", "feature_kd", "no_distill_baseline"),
     "export": ("export", "calibration_samples", "qat", "micro"),

@@ -60,6 +60,8 @@ class Config:
     min_channels: int = _field(4, "Never keep fewer channels than this in a layer.")
     protect: tuple = _field((), "Layer names whose channels are never pruned (comma list).")
     calibration_batches: int = _field(10, "Training batches used by data-driven criteria.")
+    bn_recalibration_batches: int = _field(
+        20, "Re-estimate each candidate's BatchNorm statistics on this many training batches (0 = off).")
     # --- select
     select_epochs: float = _field(1.0, "Fine-tuning budget per candidate during selection (epochs, may be fractional).")
     successive_halving: bool = _field(True, "Keep the better half of candidates after each rung.")
@@ -99,7 +101,7 @@ class Config:
         for name in ("batch_size", "epochs", "num_replicas", "calibration_batches", "calibration_samples", "round_to", "min_channels"):
             if getattr(self, name) < 1:
                 bad(name, "must be >= 1.")
-        for name in ("train_subset", "distill_epochs"):
+        for name in ("train_subset", "distill_epochs", "bn_recalibration_batches"):
             if getattr(self, name) < 0:
                 bad(name, "must be >= 0.")
         for name in ("lr", "finetune_lr", "temperature"):

@@ -158,6 +158,41 @@ def select(
     return payload
 
 
+def recalibrate_batchnorm(model, dataset, num_batches: int) -> int:
+    """Re-estimate every BatchNormalization's moving mean/variance on ``num_batches`` batches.
+
+    Pruning removes channels that later layers summed over, so the teacher's BN
+    statistics no longer describe the clone's activations, and an un-tuned clone
+    scores near chance. Averaging fresh batch statistics (no gradient step: the
+    "adaptive BN" of EagleEye, Li et al. 2020) restores a meaningful accuracy
+    before any fine-tuning, which makes the candidates' early comparison fair.
+    Returns the number of batches used.
+    """
+    layers = [layer for layer in _all_layers(model) if isinstance(layer, keras.layers.BatchNormalization)]
+    if not layers or num_batches < 1:
+        return 0
+    saved = [layer.momentum for layer in layers]
+    used = 0
+    try:
+        for images, _ in dataset.take(num_batches):
+            used += 1
+            for layer in layers:  # cumulative average: batch k gets weight 1/k
+                layer.momentum = (used - 1) / used
+            model(images, training=True)
+    finally:
+        for layer, momentum in zip(layers, saved):
+            layer.momentum = momentum
+    return used
+
+
+def _all_layers(model):
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            yield from _all_layers(layer)
+        else:
+            yield layer
+
+
 def halving_rungs(num_candidates: int, full_steps: int, budget: float = HALVING_BUDGET) -> list[tuple[int, int]]:
     """Successive-halving plan: ``[(survivors, cumulative steps each), ...]`` per rung.
 

@@ -279,7 +279,7 @@ def run_rank(ctx: Context):
 
 
 def run_candidates(ctx: Context):
-    from mskd_tf import flops, report
+    from mskd_tf import flops, report, selection
     from mskd_tf.pruning import build_graph, criteria
 
     cfg = ctx.cfg
@@ -290,6 +290,7 @@ def run_candidates(ctx: Context):
     candidates = criteria.build_candidates(
         teacher, rankings, target_macs=cfg.target_macs, graph=graph,
         evaluate=lambda clone: evaluate(clone, ctx.data.val), round_to=cfg.round_to,
+        adapt=lambda clone: selection.recalibrate_batchnorm(clone, ctx.calibration, cfg.bn_recalibration_batches),
         min_channels=cfg.min_channels, protect=cfg.protect,
     )
     teacher_macs = flops.count(teacher).macs

@@ -224,3 +224,23 @@ def test_bad_arguments(tmp_path, data, change, message):
     candidates, train, val = kwargs.pop("candidates"), kwargs.pop("train_ds"), kwargs.pop("val_ds")
     with pytest.raises(MskdError, match=message):
         select(candidates, train, val, workdir=tmp_path, verbose=False, **kwargs)
+
+
+def test_recalibrate_batchnorm_matches_numpy_batch_statistics():
+    from mskd_tf.selection import recalibrate_batchnorm
+
+    rng = np.random.default_rng(0)
+    inputs = keras.Input((6, 6, 2))
+    conv = keras.layers.Conv2D(3, 3, padding="same", name="conv")
+    outputs = keras.layers.BatchNormalization(name="bn")(conv(inputs))
+    model = keras.Model(inputs, outputs)
+    model.get_layer("bn").moving_mean.assign(np.full(3, 50.0, np.float32))  # stale teacher statistics
+    x = rng.normal(size=(3 * 8, 6, 6, 2)).astype(np.float32)
+    ds = tf.data.Dataset.from_tensor_slices((x, np.zeros(len(x)))).batch(8)
+    assert recalibrate_batchnorm(model, ds, 3) == 3
+    features = conv(x).numpy().reshape(3, -1, 3)  # per batch, all positions
+    expected_mean = features.mean(axis=1).mean(axis=0)
+    expected_var = features.var(axis=1).mean(axis=0)
+    np.testing.assert_allclose(model.get_layer("bn").moving_mean.numpy(), expected_mean, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(model.get_layer("bn").moving_variance.numpy(), expected_var, rtol=1e-3)
+    assert model.get_layer("bn").momentum == 0.99  # restored

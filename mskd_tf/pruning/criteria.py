@@ -543,7 +543,7 @@ class Candidate:
                 "widths": self.widths, "accuracy": self.accuracy}
 
 
-def build_candidates(model, rankings, *, target_macs, graph=None, evaluate=None, **plan_options):
+def build_candidates(model, rankings, *, target_macs, graph=None, evaluate=None, adapt=None, **plan_options):
     """One pruned clone per criterion, all at the same MACs target.
 
     Args:
@@ -552,6 +552,7 @@ def build_candidates(model, rankings, *, target_macs, graph=None, evaluate=None,
         target_macs: fraction of the model's MACs (or absolute MACs), see ``plan_keep``.
         graph: ``build_graph(model)`` if already built.
         evaluate: optional ``fn(clone) -> accuracy`` run on each clone before any fine-tuning.
+        adapt: optional ``fn(clone)`` run on each clone first (e.g. BatchNorm recalibration).
         **plan_options: passed to ``plan_keep`` (``mode``, ``round_to``, ``min_channels``, ``protect``...).
 
     Returns:
@@ -569,6 +570,8 @@ def build_candidates(model, rankings, *, target_macs, graph=None, evaluate=None,
         plan = plan_keep(graph, scores, target_macs=target_macs, cost=cost, **plan_options)
         clone = prune(model, plan.keep, graph=graph)
         clone_cost = flops.count(clone)
+        if adapt is not None:
+            adapt(clone)
         accuracy = float(evaluate(clone)) if evaluate is not None else None
         candidates.append(Candidate(name, clone, plan.keep, int(clone_cost.macs), int(clone_cost.params),
                                     layer_widths(graph, plan.keep), accuracy))
