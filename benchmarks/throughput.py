@@ -46,6 +46,8 @@ flags.DEFINE_integer("intra_op_threads", None, "TF intra-op threads (default: th
 flags.DEFINE_integer("inter_op_threads", None, "TF inter-op threads (default: the library's choice).")
 flags.DEFINE_integer("steps_per_execution", None, "Override training.compile_kwargs()'s steps_per_execution.")
 flags.DEFINE_bool("jit_compile", None, "Override training.compile_kwargs()'s jit_compile.")
+flags.DEFINE_bool("levers", False, "Instead: alternate TF variants of the teacher fit in one process "
+                  "(Keras BatchNorm vs fused, steps_per_execution 1 vs 4, XLA) and print their images/s.")
 flags.DEFINE_string("profile", "", "If set, trace one TF block per workload here and print op-level times.")
 flags.DEFINE_integer("seed", 0, "Seed for data order, augmentation and initial weights.")
 
@@ -277,10 +279,15 @@ def torch_worker(conn, images, labels, specs, batch_size, seed):
     conn.send(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     while (request := conn.recv()) is not None:
         workload, count = request
-        start = time.perf_counter()
-        for _ in range(count):
-            steps[workload]()
-        conn.send(count * batch_size / (time.perf_counter() - start))
+        try:
+            start = time.perf_counter()
+            for _ in range(count):
+                steps[workload]()
+            conn.send(count * batch_size / (time.perf_counter() - start))
+        except Exception:  # report it to the driver instead of leaving it waiting
+            import traceback
+
+            conn.send(traceback.format_exc())
 
 
 def start_torch_worker(arrays, specs):
@@ -299,12 +306,57 @@ def start_torch_worker(arrays, specs):
 
     def run(workload, steps):
         parent.send((workload, steps))
-        return parent.recv()
+        while not parent.poll(5):
+            if not process.is_alive():
+                raise RuntimeError(f"the torch worker died (exit code {process.exitcode}); see its stderr above")
+        answer = parent.recv()
+        if isinstance(answer, str):
+            raise RuntimeError(f"the torch worker failed:\n{answer}")
+        return answer
 
     return process, (run, parent)
 
 
 # ----------------------------------------------------------------------------- driver
+
+
+def compare_levers(info, train, pairs, steps):
+    """Teacher fit under in-process variants, alternated block by block (same load for all).
+
+    The fused-BatchNorm switch is read when a model's train step is traced, so each
+    variant is traced (warm-up) under its own setting; full batches keep it from retracing.
+    """
+    import keras
+
+    from mskd_tf import models, training
+
+    variants = {
+        "keras BN": (False, {}),
+        "fused BN": (True, {}),
+        "fused BN + steps_per_execution=4": (True, {"steps_per_execution": 4}),
+        "fused BN + XLA": (True, {"jit_compile": True}),
+    }
+    trained = {}
+    for name, (fused, overrides) in variants.items():
+        training.configure_runtime(fused_batchnorm=fused)
+        keras.utils.set_random_seed(FLAGS.seed)
+        model = models.build(FLAGS.arch, info.image_shape, info.num_classes, normalization=(info.mean, info.std))
+        model.compile(optimizer=training.make_optimizer("sgd", LR, total_steps=10_000),
+                      loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"],
+                      **training.compile_kwargs(**overrides))
+        model.fit(train, epochs=1, steps_per_epoch=8, verbose=0)
+        trained[name] = model
+    rates = {name: [] for name in trained}
+    for _ in range(pairs):
+        for name, model in trained.items():
+            rates[name].append(tf_block(model, train, steps))
+        print("  ".join(f"{name}: {r[-1]:.0f}" for name, r in rates.items()), flush=True)
+    base = rates["keras BN"]
+    print("\nteacher fit variant                 images/s median (min-max)   vs keras BN: median (min-max)")
+    for name, r in rates.items():
+        print(f"{name:35s} {statistics.median(r):6.0f} ({min(r):.0f}-{max(r):.0f})        "
+              f"{spread([a / b for a, b in zip(r, base)])}")
+
 
 
 def spread(values):
@@ -339,6 +391,8 @@ def main(argv):
     arrays = data.Arrays(arrays.x[:whole], arrays.y[:whole])
     train = data.train_pipeline(arrays, FLAGS.batch_size, augment=True, seed=FLAGS.seed).repeat()
 
+    if FLAGS.levers:
+        return compare_levers(splits.info, train, pairs, steps)
     keras.utils.set_random_seed(FLAGS.seed)
     teacher, clone = tf_models(splits.info)
     trainers = tf_trainers(teacher, clone)
