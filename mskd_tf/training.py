@@ -23,11 +23,13 @@ SCHEDULES = ("cosine", "onecycle", "constant")
 
 # ----------------------------------------------------------------------------- runtime
 
-# Measured on the 2-core CI machine (benchmarks/throughput.md): Keras 3's
+# Measured on this project's 2-core machine (benchmarks/throughput.md): Keras 3's
 # BatchNormalization runs as ~15 small element-wise ops per layer and direction
 # on the TF backend; TF's FusedBatchNormV3 does the same in one kernel each way
 # (and oneDNN folds the following ReLU into it).
-_ORIGINAL_BN_CALL = keras.layers.BatchNormalization.call
+# Keras' own call, even if this module is reloaded after patching the class.
+_ORIGINAL_BN_CALL = getattr(keras.layers.BatchNormalization.call, "keras_call",
+                            keras.layers.BatchNormalization.call)
 _RUNTIME_LOCK = threading.Lock()
 _RUNTIME = {"fused_batchnorm": False, "threads": None}
 
@@ -77,6 +79,9 @@ def _batchnorm_call(self, inputs, training=None, mask=None):
     return outputs
 
 
+_batchnorm_call.keras_call = _ORIGINAL_BN_CALL
+
+
 def configure_runtime(*, fused_batchnorm: bool = True, intra_op_threads: int | None = None,
                       inter_op_threads: int | None = None) -> dict:
     """Apply the measured speed settings for training on this CPU; call once per process.
@@ -116,18 +121,18 @@ def configure_runtime(*, fused_batchnorm: bool = True, intra_op_threads: int | N
         }
 
 
-def compile_kwargs(**overrides) -> dict:
-    """Keyword arguments every stage passes to ``Model.compile`` (after its own).
+# Measured (benchmarks/throughput.md): XLA on this CPU trains at about half the speed
+# (its convolutions replace oneDNN's) and fails under MirroredStrategy on logical CPUs;
+# steps_per_execution > 1 gained nothing (dispatch is ~1% of a step) and would make
+# NanGuard and batch-level logs see only every n-th step.
+COMPILE_KWARGS = {"jit_compile": False, "steps_per_execution": 1}
 
-    ``jit_compile=False``: XLA on CPU replaces oneDNN's convolutions with slower
-    Eigen ones here, and fails under MirroredStrategy on logical CPUs.
-    """
+
+def compile_kwargs(**overrides) -> dict:
+    """Keyword arguments every stage passes to ``Model.compile``: ``model.compile(..., **compile_kwargs())``."""
     settings = dict(COMPILE_KWARGS)
     settings.update(overrides)
     return settings
-
-
-COMPILE_KWARGS = {"jit_compile": False, "steps_per_execution": 1}
 
 
 # ----------------------------------------------------------------------------- optimizer
