@@ -25,6 +25,7 @@ from absl import app, flags
 
 from mskd_tf import models
 from mskd_tf.distill import distill
+from results_io import write_results
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("arch", "resnet20", "Teacher architecture (mskd_tf.models.build name).")
@@ -81,6 +82,11 @@ def main(_):
     print(f"teacher predict    {teacher_predict:7.3f} s")
     print(f"KD epoch           {kd_epoch:7.3f} s")
     print(f"ratio KD / (CE + predict) = {ratio:.3f}  (target <= 1.10)")
+    write_results(f"distill_overhead_{FLAGS.arch}" + ("_feature_kd" if FLAGS.feature_kd else ""), {
+        "arch": FLAGS.arch, "student_width": FLAGS.student_width, "samples": FLAGS.samples,
+        "batch_size": FLAGS.batch_size, "feature_kd": FLAGS.feature_kd, "student_ce_epoch_s": student_epoch,
+        "teacher_predict_s": teacher_predict, "kd_epoch_s": kd_epoch, "ratio": ratio,
+    })
 
 
 if __name__ == "__main__":

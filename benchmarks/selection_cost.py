@@ -19,6 +19,7 @@ from absl import app, flags
 
 from mskd_tf import data, models
 from mskd_tf.selection import select
+from results_io import write_results
 
 FLAGS = flags.FLAGS
 flags.DEFINE_integer("train_subset", 4000, "Training images (Fashion-MNIST, Debian copy).")
@@ -45,6 +46,7 @@ def main(_):
     print(f"{FLAGS.candidates} candidates, {info.num_train} training / {info.num_val} validation images, "
           f"budget {FLAGS.epochs:g} epochs each")
     print(f"{'mode':<20} {'steps':>7} {'full fine-tunes':>16} {'seconds':>9}  choice (val acc)")
+    rows = []
     for halving in (True, False):
         with tempfile.TemporaryDirectory() as workdir:
             began = time.perf_counter()
@@ -55,6 +57,11 @@ def main(_):
         name = "successive halving" if halving else "every candidate full"
         print(f"{name:<20} {protocol['total_steps']:>7} {protocol['cost_in_full_budgets']:>16.3f} {seconds:>9.1f}  "
               f"{chosen['criterion']} ({chosen['val_acc']:.4f})", flush=True)
+        rows.append({"mode": name, "steps": protocol["total_steps"],
+                     "full_finetunes": protocol["cost_in_full_budgets"], "seconds": seconds,
+                     "chosen": chosen["criterion"], "chosen_val_acc": chosen["val_acc"]})
+    write_results("selection_cost", {"candidates": FLAGS.candidates, "train_images": info.num_train,
+                                     "val_images": info.num_val, "budget_epochs": FLAGS.epochs, "rows": rows})
 
 
 if __name__ == "__main__":
