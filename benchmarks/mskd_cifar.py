@@ -34,6 +34,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import results_io
 from absl import app, flags
 
 FLAGS = flags.FLAGS
@@ -50,8 +51,8 @@ flags.DEFINE_float("finetune_lr", 0.02, "Peak learning rate of every student pha
 flags.DEFINE_integer("test_images_tflite", None, "Test images for LiteRT accuracy (default all, quick 2000).")
 flags.DEFINE_string("workdir", None, "Artifacts (default runs/bench_mskd_cifar[_quick]).")
 flags.DEFINE_string("name", None, "Results name under benchmarks/results (default mskd_cifar[_quick]).")
+flags.DEFINE_bool("render_only", False, "Only print the tables of the rows already in the results JSON (no training).")
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
 DEFAULTS = {  # full, quick
     "train_subset": (10000, 4000),
     "teacher_epochs": (12, 6),
@@ -74,27 +75,27 @@ def settings() -> dict:
 
 
 def machine() -> dict:
+    """results_io's machine fields plus the library's versions and the commit it came from."""
+    import mskd_tf
     from mskd_tf import report
 
-    model_name = ""
-    try:
-        for line in subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout.splitlines():
-            if line.startswith("Model name"):
-                model_name = line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return {"date": datetime.datetime.now().isoformat(timespec="seconds"), "nproc": os.cpu_count(),
-            "cpu": model_name, "platform": platform.platform(), **report.versions()}
+    repo = Path(__file__).resolve().parent.parent
+    git = lambda *a: subprocess.run(["git", "-C", str(repo), *a], capture_output=True, text=True).stdout.strip()  # noqa: E731
+    return {**results_io.machine(), **report.versions(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
+            "git_commit": git("rev-parse", "--short", "HEAD"),
+            "library_dirty": bool(git("status", "--porcelain", "mskd_tf")),
+            "library_path": str(Path(mskd_tf.__file__).parent)}
 
 
 class Results:
-    """The results JSON, rewritten after every finished row so a rerun resumes."""
+    """The figures, written through results_io after every finished row so a rerun resumes."""
 
-    def __init__(self, path: Path, s: dict):
-        self.path = path
-        # Rows are only reusable under identical settings (the date and versions may differ).
+    def __init__(self, name: str, s: dict):
+        self.name = name
+        path = results_io.RESULTS / f"{name}.json"
+        # Rows are only reusable under identical settings (seeds may be added or dropped).
         key = {k: v for k, v in s.items() if k != "seeds"}
-        old = json.loads(path.read_text()) if path.exists() else {}
+        old = json.loads(path.read_text()).get("figures", {}) if path.exists() else {}
         self.data = old if old.get("settings_key") == key else {"settings_key": key, "rows": {}}
         self.data["settings"] = s
 
@@ -106,10 +107,7 @@ class Results:
         self.save()
 
     def save(self):
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(self.data, indent=1, default=str) + "\n")
-        tmp.replace(self.path)
+        results_io.write_results(self.name, self.data)
 
 
 def main(_):
@@ -123,9 +121,12 @@ def main(_):
     from mskd_tf.training import configure_runtime
 
     s = settings()
+    if FLAGS.render_only:  # e.g. to look at a run that is still going, or was cut short
+        print(render(json.loads((results_io.RESULTS / f"{s['name']}.json").read_text())["figures"]), flush=True)
+        return
     configure_runtime()
     wd = Path(s["workdir"])
-    res = Results(RESULTS_DIR / f"{s['name']}.json", s)
+    res = Results(s["name"], s)
     res.data["machine"] = machine()
     print(json.dumps(s), flush=True)
 
@@ -135,6 +136,11 @@ def main(_):
                  calibration_batches=10, select_epochs=s["select_epochs"], finetune_lr=s["finetune_lr"],
                  distill_epochs=s["budget"], workdir=str(wd), seed=0)
     pipeline = run_pipeline(cfg, stop_after="candidates")
+    # Rows are only valid for these exact candidates (a library change can rebuild them).
+    digest = json.loads((wd / "stages.json").read_text())["candidates"]["digest"]
+    if res.data.get("candidates_digest") != digest:
+        res.data.update(candidates_digest=digest, rows={}, deployment={})
+        res.data.pop("teacher_predict_seconds", None)
     res.data["pipeline_seconds"] = dict(pipeline.timings)
     teacher_info = pipeline.teacher
     candidates = {row["criterion"]: row for row in pipeline.candidates}
@@ -203,7 +209,7 @@ def main(_):
 
     # 2. every criterion + cross-entropy, seed 0; the best one (by validation accuracy) is the baseline.
     for c in criteria_names:
-        student_row(f"ce:{c}/s0", cand(c), kd=False, seed=0, extra={"criterion": c})
+        student_row(f"ce:{c}/s0", cand(c), kd=False, seed=0, save=True, extra={"criterion": c})
     best = max(criteria_names, key=lambda c: res.row(f"ce:{c}/s0")["val_acc"])
     res.data["best_criterion"] = best
     print(f"best single criterion by validation accuracy: {best}", flush=True)
@@ -251,7 +257,7 @@ def main(_):
         res.save()
 
     text = render(res.data)
-    (RESULTS_DIR / f"{s['name']}.md").write_text(text)
+    (results_io.RESULTS / f"{s['name']}.md").write_text(text)
     print("\n" + text, flush=True)
 
 
@@ -287,9 +293,10 @@ def summarize(data: dict) -> dict:
 
 def render(data: dict) -> str:
     s, t, rows, m = data["settings"], data["teacher"], data["rows"], data["machine"]
-    best = data["best_criterion"]
-    lines = [f"Run `{'--quick' if s['quick'] else '(full)'}` on {m['date']}: {m['cpu']}, nproc={m['nproc']}, "
-             f"TF {m['tensorflow']}, Keras {m['keras']}, Python {m['python']}, mskd_tf {m['mskd_tf']}.",
+    best = data.get("best_criterion")
+    lines = [f"Run `{'--quick' if s['quick'] else '(full)'}` on {m['date']}: {m['cpu']}, {m['cores']} cores, "
+             f"TF {m['tensorflow']}, Keras {m['keras']}, Python {m['python']}, mskd_tf {m['mskd_tf']} "
+             f"(commit {m['git_commit']}{', library modified' if m['library_dirty'] else ''}).",
              f"CIFAR-10 (JPEG folder copy): {t['train_images']} train images (subset), {t['val_images']} val, "
              f"{t['test_images']} test; {s['model']} teacher trained once ({s['teacher_epochs']} epochs, SGD "
              f"lr {s['teacher_lr']} cosine); target {s['target_macs']:.0%} of the teacher's MACs; every student row: "
@@ -299,12 +306,14 @@ def render(data: dict) -> str:
 
     lines += ["**Single criterion + cross-entropy fine-tune (seed 0)**", "",
               "| criterion | MACs (M) | params (k) | val acc % | test acc % | seconds |", "|---|---|---|---|---|---|"]
-    for key in sorted(k for k in rows if k.startswith("ce:") and k.endswith("/s0")):
+    for key in [k for k in rows if k.startswith("ce:") and k.endswith("/s0")]:  # criteria order
         r = rows[key]
         mark = " (best by val)" if r["criterion"] == best else ""
         lines.append(f"| {r['criterion']}{mark} | {r['macs'] / 1e6:.2f} | {r['params'] / 1e3:.1f} | "
                      f"{_pct(r['val_acc'])} | {_pct(r['test_acc'])} | {r['seconds']:.0f} |")
 
+    if best is None:  # the single-criterion rows are still running
+        return "\n".join(lines) + "\n"
     summary = summarize(data)
     lines += ["", "**Decisive rows (test accuracy %, mean ± std over seeds)**", "",
               "| row | criterion | MACs (M) | params (k) | val acc % | test acc % |", "|---|---|---|---|---|---|",
