@@ -60,6 +60,9 @@ def _banner(stage: str, text: str):
 def run_pipeline(cfg: Config, *, user_teacher=None, user_data=None, stop_after: str | None = None) -> CompressionResult:
     """Run (or resume) every stage for ``cfg``; the CLI and ``compress`` both land here."""
     cfg.validate()
+    from mskd_tf import training
+
+    training.configure_runtime()  # fused BatchNorm: the measured training speed-up (BENCHMARKS.md)
     wd = Workdir(cfg.workdir)
     ctx = stages.Context(cfg=cfg, wd=wd, user_teacher=user_teacher, user_data=user_data)
     # Each stage needs the one before it: run the implemented prefix, then the report.

@@ -28,7 +28,7 @@ import tensorflow as tf
 from keras import ops
 
 from mskd_tf.errors import MskdError
-from mskd_tf.training import NanGuard, make_optimizer
+from mskd_tf.training import NanGuard, compile_kwargs, make_optimizer, steps_per_epoch
 from mskd_tf.workdir import atomic_path
 
 OUTPUT_KINDS = ("auto", "logits", "probabilities")
@@ -319,17 +319,6 @@ def save_student(student: keras.Model, workdir: str, filename: str = "student.ke
     return path
 
 
-def _steps_per_epoch(dataset) -> int:
-    steps = int(dataset.cardinality())
-    if steps == tf.data.INFINITE_CARDINALITY:
-        raise MskdError("train_ds is infinite; pass a finite dataset (one epoch), e.g. without .repeat().")
-    if steps == tf.data.UNKNOWN_CARDINALITY:
-        steps = sum(1 for _ in dataset)  # e.g. after .filter(); counts one pass
-    if steps < 1:
-        raise MskdError("train_ds is empty; check the data source and the batch size.")
-    return steps
-
-
 def _in_scope(model: keras.Model) -> keras.Model:
     """A copy of ``model`` whose variables belong to the current strategy scope."""
     clone = keras.models.clone_model(model)
@@ -368,7 +357,7 @@ def distill(
     if not isinstance(epochs, int) or epochs < 1:
         raise MskdError(f"epochs={epochs!r} must be a positive integer (--distill_epochs).")
     keras.utils.set_random_seed(seed)
-    total_steps = epochs * _steps_per_epoch(train_ds)
+    total_steps = epochs * steps_per_epoch(train_ds)
     strategy = strategy or tf.distribute.get_strategy()
     copy = strategy is not tf.distribute.get_strategy()
     with strategy.scope():
@@ -378,12 +367,12 @@ def distill(
         opt = make_optimizer(optimizer, lr, total_steps=total_steps, weight_decay=weight_decay)
         if kd:
             model = Distiller(teacher, student, feature_pairs="auto" if feature_kd else None)
-            model.compile(opt, temperature=temperature, alpha=alpha, feature_weight=feature_kd)
+            model.compile(opt, temperature=temperature, alpha=alpha, feature_weight=feature_kd, **compile_kwargs())
         else:
             model = student
             model.compile(
                 opt, keras.losses.SparseCategoricalCrossentropy(from_logits=not _is_softmax(student.layers[-1])),
-                metrics=["accuracy"], jit_compile=False,
+                metrics=["accuracy"], **compile_kwargs(),
             )
     guard = NanGuard()
     history = model.fit(

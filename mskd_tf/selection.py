@@ -41,7 +41,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from mskd_tf import flops
+from mskd_tf import flops, training
 from mskd_tf.distribute import is_chief, make_strategy
 from mskd_tf.errors import MskdError
 from mskd_tf.training import make_optimizer
@@ -105,7 +105,7 @@ def select(
     strategy = _resolve_strategy(strategy, parallel)
     rank, workers = _worker_rank() if parallel else (0, 1)
     chief = is_chief()
-    steps_per_epoch = _steps_per_epoch(train_ds)
+    steps_per_epoch = training.steps_per_epoch(train_ds, "select: train_ds")
     full_steps = max(1, round(epochs * steps_per_epoch))
     names = list(candidates)
     rungs = halving_rungs(len(names), full_steps) if successive_halving else [(len(names), full_steps)]
@@ -276,7 +276,7 @@ class Finetuner:
         resumed fine-tune continues where it stopped. Returns None, or the first
         non-finite loss (training stops there).
         """
-        steps_per_epoch = steps_per_epoch or _steps_per_epoch(train_ds)
+        steps_per_epoch = steps_per_epoch or training.steps_per_epoch(train_ds, "select: train_ds")
         position, stop = start, start + steps
         while position < stop:
             offset = position % steps_per_epoch
@@ -527,17 +527,6 @@ def _worker_rank() -> tuple[int, int]:
         raise MskdError(f"TF_CONFIG: task {me[0]}:{me[1]} is not a chief or worker of the cluster {cluster}; "
                         "candidate-parallel selection runs on chief and worker tasks.")
     return members.index(me), len(members)
-
-
-def _steps_per_epoch(dataset) -> int:
-    steps = int(dataset.cardinality())
-    if steps == tf.data.INFINITE_CARDINALITY:
-        raise MskdError("select: train_ds is infinite; pass one epoch of batches (no .repeat()).")
-    if steps == tf.data.UNKNOWN_CARDINALITY:
-        steps = sum(1 for _ in dataset)
-    if steps < 1:
-        raise MskdError("select: train_ds is empty; check the data source and the batch size.")
-    return steps
 
 
 def _outputs_probabilities(model) -> bool:

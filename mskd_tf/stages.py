@@ -221,12 +221,13 @@ def run_teacher(ctx: Context):
     else:
         teacher = models.build(cfg.model, d.info.image_shape, d.info.num_classes,
                                normalization=(d.info.mean, d.info.std), width=cfg.width)
-        steps = cfg.epochs * int(d.train.cardinality())
+        steps = cfg.epochs * training.steps_per_epoch(d.train)
         teacher.compile(
             optimizer=training.make_optimizer(cfg.optimizer, cfg.lr, total_steps=steps, schedule=cfg.schedule,
                                               momentum=cfg.momentum, weight_decay=cfg.weight_decay),
             loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
             metrics=["accuracy"],
+            **training.compile_kwargs(),
         )
         guard = training.NanGuard()
         best = ctx.wd / "teacher_best.keras"

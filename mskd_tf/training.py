@@ -186,6 +186,20 @@ def make_optimizer(
     return opt
 
 
+def steps_per_epoch(dataset, what: str = "train_ds") -> int:
+    """Batches in one pass of a finite ``tf.data`` dataset (counted when TF cannot tell)."""
+    import tensorflow as tf
+
+    steps = int(dataset.cardinality())
+    if steps == tf.data.INFINITE_CARDINALITY:
+        raise MskdError(f"{what} is infinite; pass a finite dataset (one epoch), e.g. without .repeat().")
+    if steps == tf.data.UNKNOWN_CARDINALITY:
+        steps = sum(1 for _ in dataset)  # e.g. after .filter(); counts one pass
+    if steps < 1:
+        raise MskdError(f"{what} is empty; check the data source and the batch size.")
+    return steps
+
+
 class NanGuard(keras.callbacks.Callback):
     """Stops training at the first non-finite loss and remembers where.
 
