@@ -82,7 +82,8 @@ def machine() -> dict:
     repo = Path(__file__).resolve().parent.parent
     git = lambda *a: subprocess.run(["git", "-C", str(repo), *a], capture_output=True, text=True).stdout.strip()  # noqa: E731
     return {**results_io.machine(), **report.versions(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
-            "git_commit": git("rev-parse", "--short", "HEAD"),
+            # mskd_cifar.sh runs a snapshot of this commit's library; otherwise the working tree's.
+            "git_commit": os.environ.get("MSKD_LIBRARY_COMMIT") or git("rev-parse", "--short", "HEAD"),
             "library_dirty": bool(git("status", "--porcelain", "mskd_tf")),
             "library_path": str(Path(mskd_tf.__file__).parent)}
 
@@ -112,6 +113,7 @@ class Results:
 
 def main(_):
     import keras
+    import numpy as np
 
     from mskd_tf import data as data_lib
     from mskd_tf import deploy, distill, flops, selection
@@ -135,15 +137,24 @@ def main(_):
                  epochs=s["teacher_epochs"], lr=s["teacher_lr"], schedule="cosine", target_macs=s["target_macs"],
                  calibration_batches=10, select_epochs=s["select_epochs"], finetune_lr=s["finetune_lr"],
                  distill_epochs=s["budget"], workdir=str(wd), seed=0)
-    pipeline = run_pipeline(cfg, stop_after="candidates")
+    if prefix_done(cfg):
+        # run_pipeline(stop_after=...) only stops after a stage it ran: with candidates already done it
+        # would go on to select / distill / export (reported as a bug), so read the artifacts here.
+        print("teacher, rank, candidates: done already in the workdir, reusing them", flush=True)
+        state = json.loads((wd / "stages.json").read_text())
+        pipeline_seconds = {k: state[k]["seconds"] for k in ("teacher", "rank", "candidates")}
+        teacher_info = json.loads((wd / "teacher.json").read_text())
+        candidate_rows = json.loads((wd / "candidates.json").read_text())["candidates"]
+    else:
+        pipeline = run_pipeline(cfg, stop_after="candidates")
+        pipeline_seconds, teacher_info, candidate_rows = pipeline.timings, pipeline.teacher, pipeline.candidates
     # Rows are only valid for these exact candidates (a library change can rebuild them).
     digest = json.loads((wd / "stages.json").read_text())["candidates"]["digest"]
     if res.data.get("candidates_digest") != digest:
         res.data.update(candidates_digest=digest, rows={}, deployment={})
         res.data.pop("teacher_predict_seconds", None)
-    res.data["pipeline_seconds"] = dict(pipeline.timings)
-    teacher_info = pipeline.teacher
-    candidates = {row["criterion"]: row for row in pipeline.candidates}
+    res.data["pipeline_seconds"] = dict(pipeline_seconds)
+    candidates = {row["criterion"]: row for row in candidate_rows}
     criteria_names = [c for c in ALL_CRITERIA if c in candidates]
 
     splits = data_lib.load(s["dataset"], batch_size=s["batch_size"], train_subset=s["train_subset"], seed=0)
@@ -237,7 +248,15 @@ def main(_):
     # Cost and deployment: teacher, MS-KD student, best baseline (first seed).
     s0 = s["seeds"][0]
     models = {"teacher": wd / "teacher.keras", "mskd": saved(f"mskd/s{s0}"), "best_baseline": saved(f"ce:{best}/s{s0}")}
-    deployment = res.data.setdefault("deployment", {})
+    # The folder test split is sorted by class, and export_all (LiteRT subset, TFLM images) reads the first
+    # images: shuffle it (seeded) so that any prefix covers every class.
+    export_test = "seeded shuffle of the test split"
+    if res.data.get("deployment_test") != export_test:
+        res.data.update(deployment={}, deployment_test=export_test)
+    deployment = res.data["deployment"]
+    order = np.random.default_rng(0).permutation(len(splits.arrays["test"]))[: s["test_images_tflite"]]
+    shuffled_test = data_lib.eval_pipeline(
+        data_lib.Arrays(splits.arrays["test"].x[order], splits.arrays["test"].y[order]), 2 * s["batch_size"])
     calibration = data_lib.eval_pipeline(splits.arrays["train"], s["batch_size"])
     for label, path in models.items():
         if label in deployment:
@@ -245,7 +264,7 @@ def main(_):
         model = keras.models.load_model(path)
         start = time.perf_counter()
         rows = deploy.export_all(model, str(wd / "export" / label), kinds=("int8",), representative_ds=calibration,
-                                 test_ds=test, max_test_images=s["test_images_tflite"], micro=True, seed=0)
+                                 test_ds=shuffled_test, micro=True, seed=0)
         r = rows[0]
         cost = flops.count(model)
         deployment[label] = {"macs": int(cost.macs), "params": int(cost.params), "int8_bytes": r["bytes"],
@@ -259,6 +278,21 @@ def main(_):
     text = render(res.data)
     (results_io.RESULTS / f"{s['name']}.md").write_text(text)
     print("\n" + text, flush=True)
+
+
+def prefix_done(cfg) -> bool:
+    """Whether teacher, rank and candidates are finished for ``cfg`` (the runner's own digest rule)."""
+    from mskd_tf import stages
+    from mskd_tf.api import STAGE_INPUTS
+    from mskd_tf.workdir import Workdir
+
+    wd, digest = Workdir(cfg.workdir), ""
+    for stage in ("teacher", "rank", "candidates"):
+        inputs = json.loads(json.dumps({n: getattr(cfg, n) for n in STAGE_INPUTS[stage]}))
+        digest = stages.chain_digest(digest, inputs)
+        if not wd.stage_status(stage, digest, inputs, stages.ARTIFACTS[stage])[0]:
+            return False
+    return True
 
 
 # ----------------------------------------------------------------------------- tables
@@ -344,16 +378,18 @@ def render(data: dict) -> str:
     dep = data.get("deployment", {})
     if dep:
         lines += ["", "**Cost and deployment (int8 post-training quantization, first seed)**", "",
-                  "| model | MACs (M) | params (k) | int8 .tflite bytes | int8 test acc % (LiteRT) | LiteRT ms 1 thr "
-                  "| LiteRT ms 2 thr | TFLM arena bytes | TFLM ms |", "|---|---|---|---|---|---|---|---|---|"]
+                  "| model | MACs (M) | params (k) | int8 .tflite bytes | float Keras acc % | int8 acc % (LiteRT) "
+                  "| LiteRT ms 1 thr | LiteRT ms 2 thr | TFLM arena bytes | TFLM ms | TFLM acc % |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
         for label, d in dep.items():
             lat = {str(k): v for k, v in d["latency_ms"].items()}
             lines.append(f"| {label} | {d['macs'] / 1e6:.2f} | {d['params'] / 1e3:.1f} | {d['int8_bytes']} | "
-                         f"{_pct(d['int8_test_acc'])} | {lat.get('1')} | {lat.get('2')} | {d['micro_arena_bytes']} | "
-                         f"{d['micro_latency_ms']} |")
+                         f"{_pct(d['keras_acc_same_images'])} | {_pct(d['int8_test_acc'])} | {lat.get('1')} | {lat.get('2')} | "
+                         f"{d['micro_arena_bytes']} | {d['micro_latency_ms']} | {_pct(d['micro_acc'])} |")
         n = s["test_images_tflite"] or t["test_images"]
-        lines.append(f"\nLiteRT accuracy on the first {n} test images; TFLM latency over "
-                     f"{next(iter(dep.values()))['micro_images']} images.")
+        lines.append(f"\nLiteRT int8 accuracy on {n} test images (seeded shuffle of the test split); TFLM "
+                     f"accuracy / latency over the first {next(iter(dep.values()))['micro_images']} of them "
+                     "(median ms per image).")
 
     ps = data.get("pipeline_seconds", {})
     s0 = s["seeds"][0]
