@@ -23,7 +23,7 @@ import numpy as np
 import tensorflow as tf
 from absl import app, flags
 
-from mskd_tf import models
+from mskd_tf import models, training
 from mskd_tf.distill import distill
 from results_io import write_results
 
@@ -34,6 +34,7 @@ flags.DEFINE_integer("samples", 512, "Synthetic 32x32x3 training images.")
 flags.DEFINE_integer("batch_size", 64, "Batch size.")
 flags.DEFINE_integer("repeats", 3, "Timed epochs after one warm-up epoch.")
 flags.DEFINE_float("feature_kd", 0.0, "Weight of the FitNets hint loss (0 = logits only).")
+flags.DEFINE_bool("fused_batchnorm", True, "training.configure_runtime(fused_batchnorm=...), as the pipeline runs.")
 
 
 class EpochTimer(keras.callbacks.Callback):
@@ -56,6 +57,7 @@ def timed_fit(teacher, student, data, kd, feature_kd):
 
 
 def main(_):
+    training.configure_runtime(fused_batchnorm=FLAGS.fused_batchnorm)
     rng = np.random.default_rng(0)
     x = rng.random((FLAGS.samples, 32, 32, 3), dtype=np.float32)
     y = rng.integers(0, 10, FLAGS.samples).astype("int32")
@@ -82,9 +84,11 @@ def main(_):
     print(f"teacher predict    {teacher_predict:7.3f} s")
     print(f"KD epoch           {kd_epoch:7.3f} s")
     print(f"ratio KD / (CE + predict) = {ratio:.3f}  (target <= 1.10)")
-    write_results(f"distill_overhead_{FLAGS.arch}" + ("_feature_kd" if FLAGS.feature_kd else ""), {
+    name = f"distill_overhead_{FLAGS.arch}" + ("_feature_kd" if FLAGS.feature_kd else "")
+    write_results(name + ("" if FLAGS.fused_batchnorm else "_keras_batchnorm"), {
         "arch": FLAGS.arch, "student_width": FLAGS.student_width, "samples": FLAGS.samples,
-        "batch_size": FLAGS.batch_size, "feature_kd": FLAGS.feature_kd, "student_ce_epoch_s": student_epoch,
+        "batch_size": FLAGS.batch_size, "feature_kd": FLAGS.feature_kd, "fused_batchnorm": FLAGS.fused_batchnorm,
+        "student_ce_epoch_s": student_epoch,
         "teacher_predict_s": teacher_predict, "kd_epoch_s": kd_epoch, "ratio": ratio,
     })
 
