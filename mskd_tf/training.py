@@ -23,7 +23,7 @@ SCHEDULES = ("cosine", "onecycle", "constant")
 
 # ----------------------------------------------------------------------------- runtime
 
-# Measured on this project's 2-core machine (benchmarks/throughput.md): Keras 3's
+# Measured on this project's 2-core machine (BENCHMARKS.md, "Training throughput"): Keras 3's
 # BatchNormalization runs as ~15 small element-wise ops per layer and direction
 # on the TF backend; TF's FusedBatchNormV3 does the same in one kernel each way
 # (and oneDNN folds the following ReLU into it).
@@ -121,7 +121,7 @@ def configure_runtime(*, fused_batchnorm: bool = True, intra_op_threads: int | N
         }
 
 
-# Measured (benchmarks/throughput.md): XLA on this CPU trains at about half the speed
+# Measured (BENCHMARKS.md, "Training throughput"): XLA on this CPU trains at about half the speed
 # (its convolutions replace oneDNN's) and fails under MirroredStrategy on logical CPUs;
 # steps_per_execution > 1 gained nothing (dispatch is ~1% of a step) and would make
 # NanGuard and batch-level logs see only every n-th step.
