@@ -373,7 +373,16 @@ def render(data: dict) -> str:
             verdict = "MS-KD does NOT beat the best single criterion + fine-tune"
         lines += ["", f"**Claim check:** {verdict} at equal MACs: {statistics.mean(ms) * 100:.2f}% vs "
                       f"{statistics.mean(bl) * 100:.2f}% test accuracy (difference {diff:+.2f} points, largest "
-                      f"seed std {spread:.2f} points, n={len(ms)})."]
+                      f"seed std {spread:.2f} points, n={len(ms)} and {len(bl)} seeds)."]
+        effects = []
+        for what, a, b in (("KD after selection (MS-KD - selection + CE)", "mskd", "select+ce"),
+                           ("KD without selection (best + KD - best + CE)", "best+kd", f"ce:{best}"),
+                           ("selection incl. its extra fine-tuning steps (MS-KD - best + KD)", "mskd", "best+kd")):
+            if summary[a]["test"] and summary[b]["test"]:
+                gap = 100 * (statistics.mean(summary[a]["test"]) - statistics.mean(summary[b]["test"]))
+                effects.append(f"{what}: {gap:+.2f} points")
+        if effects:
+            lines += ["", "Effects (mean test accuracy differences): " + "; ".join(effects) + "."]
 
     dep = data.get("deployment", {})
     if dep:
