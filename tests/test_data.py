@@ -32,9 +32,9 @@ def _crop_and_flip_of(original, augmented):
     for dy in range(2 * data.PAD + 1):
         for dx in range(2 * data.PAD + 1):
             crop = padded[dy:dy + h, dx:dx + w]
-            if np.array_equal(crop, augmented):
+            if np.allclose(crop, augmented):
                 return dy, dx, False
-            if np.array_equal(crop[:, ::-1], augmented):
+            if np.allclose(crop[:, ::-1], augmented):
                 return dy, dx, True
     return None
 

@@ -9,6 +9,7 @@ import tensorflow as tf
 
 from mskd_tf import data, training
 from mskd_tf.errors import MskdError
+from test_data import _crop_and_flip_of
 
 
 @pytest.fixture
@@ -173,23 +174,10 @@ def test_pipeline_crops_differ_per_epoch_and_half_are_flipped():
         found = {}
         for images, labels in ds:
             for image, label in zip(images.numpy(), labels.numpy()):
-                found[int(label)] = _crop_and_flip(x[label] / 255.0, image)
+                found[int(label)] = _crop_and_flip_of(x[label] / 255.0, image)
         epochs.append(found)
     assert all(v is not None for e in epochs for v in e.values()), "every image is a pad-4 crop of itself"
     changed = np.mean([epochs[0][i] != epochs[1][i] for i in range(256)])
     assert changed > 0.9  # 162 possible (crop, flip) outcomes: repeats are rare
     assert len({v[:2] for v in epochs[0].values()}) > 40  # crops differ between images
     assert 0.38 < np.mean([v[2] for v in epochs[0].values()]) < 0.62
-
-
-def _crop_and_flip(original, augmented):
-    padded = np.pad(original, ((data.PAD, data.PAD), (data.PAD, data.PAD), (0, 0)))
-    h, w = original.shape[:2]
-    for dy in range(2 * data.PAD + 1):
-        for dx in range(2 * data.PAD + 1):
-            crop = padded[dy:dy + h, dx:dx + w]
-            if np.allclose(crop, augmented):
-                return dy, dx, False
-            if np.allclose(crop[:, ::-1], augmented):
-                return dy, dx, True
-    return None
