@@ -180,10 +180,13 @@ def _verbose() -> int:
 
 def evaluate(model, dataset) -> float:
     """Top-1 accuracy of a logits/probabilities model on a (images, labels) dataset."""
+    import tensorflow as tf
+
+    # One traced graph per model (shapes relaxed for the last, smaller batch), not eager calls per batch.
+    predict = tf.function(lambda images: tf.argmax(model(images, training=False), axis=-1), reduce_retracing=True)
     correct = total = 0
     for images, labels in dataset:
-        predictions = np.argmax(model(images, training=False), axis=-1)
-        correct += int(np.sum(predictions == labels.numpy()))
+        correct += int(np.sum(predict(images).numpy() == labels.numpy()))
         total += len(labels)
     if total == 0:
         raise MskdError("evaluation data is empty.")
