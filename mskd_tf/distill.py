@@ -21,6 +21,7 @@ under a strategy and saves the teacher with the student.
 
 from __future__ import annotations
 
+import math
 import os
 
 import keras
@@ -374,6 +375,8 @@ def distill(
                 opt, keras.losses.SparseCategoricalCrossentropy(from_logits=not _is_softmax(student.layers[-1])),
                 metrics=["accuracy"], **compile_kwargs(),
             )
+    if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return student, _fit_across_workers(model, train_ds, val_ds, epochs, strategy)
     guard = NanGuard()
     history = model.fit(
         train_ds, validation_data=val_ds, epochs=epochs, callbacks=[guard, *callbacks], verbose=verbose,
@@ -381,3 +384,37 @@ def distill(
     )
     guard.raise_if_tripped("distill")
     return student, history.history
+
+
+def _fit_across_workers(model, train_ds, val_ds, epochs, strategy) -> dict:
+    """``fit`` for MultiWorkerMirroredStrategy, where Keras 3's own ``fit`` crashes (keras-team/keras#20585).
+
+    Runs the model's own ``train_step`` / ``test_step`` in every replica (as ``fit`` does) from a plain
+    loop; logs are the replica mean of what the steps return. Callbacks are not run in this mode.
+    """
+    def replicated(step):
+        def run(batch):
+            logs = strategy.run(step, args=(batch,))
+            return {k: strategy.reduce(tf.distribute.ReduceOp.MEAN, v, axis=None) for k, v in logs.items()}
+
+        return tf.function(run, reduce_retracing=True)
+
+    train_step, test_step = replicated(model.train_step), replicated(model.test_step)
+    history = {}
+    for epoch in range(epochs):
+        for metric in model.metrics:
+            metric.reset_state()
+        for batch in strategy.experimental_distribute_dataset(train_ds):
+            logs = {k: float(v) for k, v in train_step(batch).items()}
+            if not math.isfinite(logs.get("loss", 0.0)):
+                raise MskdError(f"distill: the training loss became {logs['loss']} in epoch {epoch + 1}; "
+                                "nothing was saved for this stage. Lower --finetune_lr or check the data.")
+        if val_ds is not None:
+            for metric in model.metrics:
+                metric.reset_state()
+            for batch in strategy.experimental_distribute_dataset(val_ds):
+                val_logs = test_step(batch)
+            logs.update({f"val_{k}": float(v) for k, v in val_logs.items()})
+        for key, value in logs.items():
+            history.setdefault(key, []).append(value)
+    return history

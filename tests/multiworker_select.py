@@ -1,9 +1,10 @@
 """One worker of a local multi-worker selection (run by tests/test_multiworker.py).
 
-Usage: ``TF_CONFIG=... python multiworker_select.py {sync|parallel} WORKDIR``
+Usage: ``TF_CONFIG=... python multiworker_select.py {sync|parallel|distill} WORKDIR``
 
 * ``sync``: ``MultiWorkerMirroredStrategy`` from ``TF_CONFIG``; both workers
   fine-tune one tiny candidate together.
+* ``distill``: both workers distill one tiny student from a tiny teacher together.
 * ``parallel``: candidate-parallel selection; each worker trains its share of
   four tiny candidates locally and the chief chooses.
 
@@ -11,6 +12,7 @@ Prints ``PAYLOAD <json>`` (the payload ``select`` returned) on success. Also
 holds the tiny models and data the selection tests share.
 """
 
+import hashlib
 import json
 import sys
 
@@ -61,10 +63,20 @@ def main(mode: str, workdir: str):
     from mskd_tf.distribute import make_strategy
 
     # The collective strategy must exist before TensorFlow runs any op.
-    strategy = make_strategy("multi_worker") if mode == "sync" else None
+    strategy = make_strategy("multi_worker") if mode in ("sync", "distill") else None
     from mskd_tf.selection import select
 
     train, val = tiny_datasets()
+    if mode == "distill":
+        from mskd_tf.distill import distill
+
+        # No BatchNorm: its moving statistics are per replica under any Mirrored training (see README).
+        student, history = distill(tiny_candidate(8, "teacher", seed=2, batchnorm=False),
+                                   tiny_candidate(4, "student", seed=3, batchnorm=False),
+                                   train, val, epochs=2, lr=0.05, strategy=strategy, seed=0)
+        digest = hashlib.sha256(b"".join(np.ascontiguousarray(w).tobytes() for w in student.get_weights()))
+        print("PAYLOAD " + json.dumps({"weights": digest.hexdigest(), "history": history}), flush=True)
+        return
     if mode == "sync":
         candidates = {"tiny": tiny_candidate(8, "tiny", seed=1)}
         payload = select(candidates, train, val, workdir=workdir, epochs=0.5, successive_halving=False,

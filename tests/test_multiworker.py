@@ -7,6 +7,7 @@
 """
 
 import json
+import math
 import os
 import socket
 import subprocess
@@ -128,3 +129,11 @@ def test_candidate_parallel_workers_share_the_candidates(tmp_path):
     assert all(records[n]["steps"] == 2 for n in first_rung["kept"])
     assert on_disk["selected"]["criterion"] in first_rung["kept"]
     assert not list(Path(shared).glob(".*"))  # no temporary files left behind
+
+
+def test_multi_worker_distillation_trains_both_workers_in_lock_step(tmp_path):  # ~10-15 s
+    chief, other = run_workers("distill", [tmp_path / "worker0", tmp_path / "worker1"])
+    assert chief["weights"] == other["weights"]  # bit-identical students
+    assert chief["history"] == other["history"]
+    assert len(chief["history"]["loss"]) == 2 and "val_accuracy" in chief["history"]
+    assert all(math.isfinite(v) for v in chief["history"]["distillation_loss"])
