@@ -109,7 +109,8 @@ def user_data(model, train, val, test, *, batch_size: int, seed: int, class_name
         mean=(), std=(), num_train=-1, num_val=-1, num_test=-1,
     )
     train_ds, val_ds = as_dataset("train", train, True), as_dataset("val", val, False)
-    return UserData(train=train_ds, val=val_ds, test=as_dataset("test", test, False) or val_ds, info=info)
+    test_ds = val_ds if test is None else as_dataset("test", test, False)
+    return UserData(train=train_ds, val=val_ds, test=test_ds, info=info)
 
 
 @dataclasses.dataclass
