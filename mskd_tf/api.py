@@ -96,6 +96,8 @@ def run_pipeline(cfg: Config, *, user_teacher=None, user_data=None, stop_after: 
         if done:
             _banner(stage, f"done already, reusing {', '.join(artifacts)}")
             timings[stage] = wd.state[stage]["seconds"]
+            if stage == stop_after:
+                break
             continue
         redo = True
         _banner(stage, f"running ({why})")

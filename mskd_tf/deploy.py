@@ -489,7 +489,7 @@ def export_all(
     (shuffled with ``seed``) from ``representative_ds`` (the training split). With
     ``qat`` (a dict of :func:`mskd_tf.compat.qat_int8` options, e.g. ``train_ds``,
     ``teacher``, ``epochs``) an ``int8_qat`` variant is added. With ``micro`` the
-    int8 model is run in TFLite Micro on ``micro_images`` test images, its
+    int8 model is run in TFLite Micro on ``micro_images`` test images (a seeded sample), its
     smallest arena is searched, and ``out_dir/micro/`` gets the C++ kit.
     ``out_dir/android/`` gets the preferred variant (int8_qat > int8 > first kind).
     Writes ``out_dir/export.json`` and returns one dict per variant: kind, path,
@@ -502,7 +502,12 @@ def export_all(
         raise MskdError(f"kinds={kinds!r}: each must be one of {', '.join(quantize.KINDS)} (at least one).")
     if qat is not None and not isinstance(qat, dict):
         raise MskdError(f"qat must be None or a dict of QAT options, got {type(qat).__name__}.")
-    images, labels = quantize.dataset_arrays(test_ds, max_test_images)
+    images, labels = quantize.dataset_arrays(test_ds)
+    # Subsets are seeded samples, never the first N: folder test splits are sorted by class.
+    rng = np.random.default_rng(seed)
+    if max_test_images is not None and max_test_images < len(images):
+        pick = np.sort(rng.permutation(len(images))[:max_test_images])
+        images, labels = images[pick], labels[pick]
     keras_logits = np.asarray(model.predict(images, batch_size=128, verbose=0))
     calibration = None
     if "int8" in kinds or qat is not None:
@@ -534,7 +539,7 @@ def export_all(
         tflite_bytes = _read(entry["path"])
         ops = check_micro_ops(tflite_bytes)
         arena = find_arena_size(tflite_bytes)
-        subset = slice(0, min(micro_images, len(images)))
+        subset = np.sort(rng.permutation(len(images))[:micro_images])
         litert_logits = quantize.LiteRTModel(tflite_bytes).predict(images[subset])
         entry["micro"] = {
             "arena_bytes": arena,
