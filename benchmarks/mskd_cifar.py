@@ -39,7 +39,7 @@ from absl import app, flags
 
 FLAGS = flags.FLAGS
 flags.DEFINE_bool("quick", False, "Small schedule (~15 min on 2 cores): smaller subset, 1 seed, shorter training.")
-flags.DEFINE_string("dataset", "folder:/work/shared/data/cifar10-jpeg.tar.gz", "mskd_tf.data source string.")
+flags.DEFINE_string("dataset", f"folder:{results_io.SHARED_CIFAR10}", "mskd_tf.data source string.")
 flags.DEFINE_string("model", "resnet20", "Teacher architecture.")
 flags.DEFINE_integer("train_subset", None, "Training images (default 10000, quick 4000).")
 flags.DEFINE_integer("teacher_epochs", None, "Teacher epochs (default 12, quick 6).")

@@ -10,6 +10,8 @@ import sys
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
+# The CIFAR-10 image-folder archive beside the checkout (../shared/data, see its README).
+SHARED_CIFAR10 = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg.tar.gz"
 
 
 def machine() -> dict:

@@ -29,10 +29,11 @@ import os
 import statistics
 import time
 
+import results_io
 from absl import app, flags
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("dataset", "folder:/work/shared/data/cifar10-jpeg.tar.gz", "mskd_tf.data source.")
+flags.DEFINE_string("dataset", f"folder:{results_io.SHARED_CIFAR10}", "mskd_tf.data source.")
 flags.DEFINE_integer("train_subset", 10000, "Training images (trimmed to whole batches).")
 flags.DEFINE_integer("batch_size", 128, "Training batch size (both frameworks).")
 flags.DEFINE_string("arch", "resnet20", "Teacher architecture (mskd_tf.models.build name).")
