@@ -142,7 +142,8 @@ def compress(
     Args:
       model: a trained ``keras.Model`` (functional) that outputs logits or probabilities.
       train: ``tf.data.Dataset`` of ``(images, int_labels)`` batches, or a numpy
-        tuple ``(x, y)`` (batched here with batch size 128).
+        tuple ``(x, y)`` (batched here with batch size 128; uint8 images are scaled to
+        [0, 1], float images are passed to the model as they are).
       val: the same for validation; ``None`` carves 10% of ``train`` (numpy only).
       test: optional held-out data for the final and exported accuracies (defaults to ``val``).
       target_macs: fraction of the model's MACs the student keeps, in (0, 1].
