@@ -393,8 +393,19 @@ def _make_groups(ctx, records):
         fixed_root.setdefault(int(roots[a]), reason)
 
     channel_of_root = np.full(n_atoms, -1, dtype=np.int64)
-    groups = []
     next_channel = 0
+
+    def number_channels(sources):
+        """Give every not-yet-numbered atom class of ``sources`` the next channel number."""
+        nonlocal next_channel
+        for s in sources:
+            for a in atoms_of_source[s]:
+                r = roots[a]
+                if channel_of_root[r] < 0:
+                    channel_of_root[r] = next_channel
+                    next_channel += 1
+
+    groups = []
     ungrouped = []
     for comp, members in sorted(by_component.items(), key=lambda kv: min(kv[1])):
         producers = [s for s in members if ctx.sources[s][0] == "producer"]
@@ -404,24 +415,14 @@ def _make_groups(ctx, records):
         ordered = sorted(producers, key=lambda s: (-len(atoms_of_source[s]), s)) + \
             [s for s in members if s not in producers]
         offset = next_channel
-        for s in ordered:
-            for a in atoms_of_source[s]:
-                r = roots[a]
-                if channel_of_root[r] < 0:
-                    channel_of_root[r] = next_channel
-                    next_channel += 1
+        number_channels(ordered)
         reasons = {fixed_root[r] for s in members for r in roots[atoms_of_source[s]].tolist() if r in fixed_root}
         reasons |= {"skipped layer " + ctx.sources[s][1] for s in members if ctx.sources[s][0] == "fixed"}
         groups.append(ChannelGroup(
             id=ctx.sources[min(producers)][1], size=next_channel - offset, prunable=not reasons,
             reason=", ".join(sorted(reasons)), offset=offset))
     for members in ungrouped:  # inputs, zero pads, skipped layers: always kept
-        for s in members:
-            for a in atoms_of_source[s]:
-                r = roots[a]
-                if channel_of_root[r] < 0:
-                    channel_of_root[r] = next_channel
-                    next_channel += 1
+        number_channels(members)
     channel_of_atom = channel_of_root[roots]
     group_of_channel = np.full(next_channel, -1, dtype=np.int64)
     for i, group in enumerate(groups):
