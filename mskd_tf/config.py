@@ -19,6 +19,8 @@ ALL_CRITERIA = ("l1", "l2", "fpgm", "bn_gamma", "random", "apoz", "activation", 
 EXPORT_KINDS = ("float32", "dynamic", "float16", "int8")
 STRATEGIES = ("default", "one_device", "mirrored", "multi_worker", "tpu")
 STAGES = ("teacher", "rank", "candidates", "select", "distill", "export", "report")
+ALLOCATIONS = ("global", "uniform")
+SELECT_LOSSES = ("kd", "ce")
 
 
 def _field(default, help_text, choices=None):
@@ -59,22 +61,32 @@ class Config:
     round_to: int = _field(1, "Round kept channel counts to a multiple of this (e.g. 8 for SIMD).")
     min_channels: int = _field(4, "Never keep fewer channels than this in a layer.")
     protect: tuple = _field((), "Layer names whose channels are never pruned (comma list).")
+    allocations: tuple = _field(ALLOCATIONS, "How each ranking spreads the cut over layers; one candidate per criterion "
+                                "and allocation: global (one ranking of mean-normalised scores) | uniform (the same "
+                                "ratio in every layer).")
     calibration_batches: int = _field(10, "Training batches used by data-driven criteria.")
     bn_recalibration_batches: int = _field(
         20, "Re-estimate each candidate's BatchNorm statistics on this many training batches (0 = off).")
     # --- select
-    select_epochs: float = _field(1.0, "Fine-tuning budget per candidate during selection (epochs, may be fractional).")
+    select_epochs: float = _field(1.0, "What the whole selection may spend (all candidates' fine-tuning together, in "
+                                  "epochs, may be fractional); counted against --distill_epochs.")
+    zero_cost_keep: int = _field(4, "Before any fine-tuning keep only the best N candidates by validation accuracy "
+                                 "of their BatchNorm-recalibrated clones (0 = keep all).")
+    select_loss: str = _field("kd", "Fine-tune candidates with the distillation loss (kd) or cross-entropy (ce).",
+                              SELECT_LOSSES)
     successive_halving: bool = _field(True, "Keep the better half of candidates after each rung.")
     tie_tolerance: float = _field(0.002, "Validation accuracies this close are a tie; ties go to fewer MACs.")
     finetune_lr: float = _field(0.01, "Peak learning rate for candidate fine-tuning and distillation.")
     strategy: str = _field("default", "tf.distribute strategy for fine-tuning and distillation.", STRATEGIES)
     num_replicas: int = _field(2, "Logical CPU replicas for --strategy=mirrored without GPUs.")
     # --- distill
-    distill_epochs: int = _field(3, "Distillation epochs for the selected student.")
+    distill_epochs: float = _field(3.0, "The student's whole training budget in epochs, selection included: the "
+                                   "distill stage trains what --select_epochs left.")
     temperature: float = _field(4.0, "Distillation temperature T.")
     alpha: float = _field(0.5, "Weight of the label cross-entropy; 1 - alpha weighs the KD term.")
     feature_kd: float = _field(0.0, "Weight of the FitNets-style feature (hint) loss; 0 = off.")
-    no_distill_baseline: bool = _field(True, "Also fine-tune the student with plain cross-entropy for the same budget.")
+    no_distill_baseline: bool = _field(True, "Also fine-tune the student with plain cross-entropy for the same budget "
+                                       "and ship whichever scores better on validation.")
     # --- export
     export: tuple = _field(("float32", "int8"), "TFLite variants to export (comma list).")
     calibration_samples: int = _field(200, "Representative images for int8 calibration.")
@@ -101,7 +113,7 @@ class Config:
         for name in ("batch_size", "epochs", "num_replicas", "calibration_batches", "calibration_samples", "round_to", "min_channels"):
             if getattr(self, name) < 1:
                 bad(name, "must be >= 1.")
-        for name in ("train_subset", "distill_epochs", "bn_recalibration_batches"):
+        for name in ("train_subset", "bn_recalibration_batches", "zero_cost_keep"):
             if getattr(self, name) < 0:
                 bad(name, "must be >= 0.")
         for name in ("lr", "finetune_lr", "temperature"):
@@ -115,6 +127,12 @@ class Config:
             bad("alpha", "must be in [0, 1].")
         if self.select_epochs <= 0:
             bad("select_epochs", "must be > 0.")
+        if self.distill_epochs <= self.select_epochs:
+            bad("distill_epochs", f"is the student's whole budget, selection included, so it must exceed "
+                                  f"--select_epochs={self.select_epochs:g}.")
+        unknown = [a for a in self.allocations if a not in ALLOCATIONS]
+        if unknown or not self.allocations:
+            bad("allocations", f"choose one or more of {', '.join(ALLOCATIONS)}" + (f"; unknown {unknown}." if unknown else "."))
         if self.weight_decay < 0 or self.feature_kd < 0:
             bad("weight_decay" if self.weight_decay < 0 else "feature_kd", "must be >= 0.")
         unknown = [c for c in self.criteria if c not in ALL_CRITERIA and not _is_registered_criterion(c)]

@@ -29,14 +29,14 @@ import tensorflow as tf
 from keras import ops
 
 from mskd_tf.errors import MskdError
-from mskd_tf.training import NanGuard, compile_kwargs, make_optimizer, steps_per_epoch
+from mskd_tf.training import NanGuard, StopAfterSteps, budget_steps, compile_kwargs, make_optimizer, steps_per_epoch
 from mskd_tf.workdir import atomic_path
 
 OUTPUT_KINDS = ("auto", "logits", "probabilities")
 _TINY = 1e-30  # floor before log(probabilities); far below any softmax value that matters at T >= 1
 
 
-class _LogitsTap:
+class LogitsTap:
     """One forward pass of a classifier that yields logits plus chosen intermediate tensors.
 
     Softmax heads are undone exactly where the graph allows it (a ``Softmax`` /
@@ -199,8 +199,8 @@ class Distiller(keras.Model):
             for role, model, layer_name in (("teacher", teacher, t_name), ("student", student, s_name)):
                 if layer_name not in {layer.name for layer in model.layers}:
                     raise MskdError(f"feature pair layer {layer_name!r} is not a layer of the {role} {model.name!r}.")
-        self._teacher_tap = _LogitsTap(teacher, "teacher", [t for t, _ in self.feature_pairs], kinds[0])
-        self._student_tap = _LogitsTap(student, "student", [s for _, s in self.feature_pairs], kinds[1])
+        self._teacher_tap = LogitsTap(teacher, "teacher", [t for t, _ in self.feature_pairs], kinds[0])
+        self._student_tap = LogitsTap(student, "student", [s for _, s in self.feature_pairs], kinds[1])
         self.projections = [
             self._projection(i, teacher.get_layer(t).output.shape, student.get_layer(s).output.shape)
             for i, (t, s) in enumerate(self.feature_pairs)
@@ -327,6 +327,19 @@ def _in_scope(model: keras.Model) -> keras.Model:
     return clone
 
 
+def kd_per_example(teacher_logits, student_logits, temperature: float):
+    """``T^2 * KL(softmax(teacher/T) || softmax(student/T))`` per example (shape ``(batch,)``).
+
+    The per-example form of the Distiller's ``distillation_loss`` (its batch mean is
+    ``LogitsDistillation(T, KLDivergence())``), for loops that sum losses over a global
+    batch themselves (selection's :class:`~mskd_tf.selection.Finetuner`).
+    """
+    t = ops.softmax(ops.stop_gradient(teacher_logits) / temperature, axis=-1)
+    log_s = ops.log_softmax(student_logits / temperature, axis=-1)
+    log_t = ops.log(ops.maximum(t, _TINY))
+    return temperature**2 * ops.sum(t * (log_t - log_s), axis=-1)
+
+
 def distill(
     teacher,
     student,
@@ -334,6 +347,7 @@ def distill(
     val_ds,
     *,
     epochs,
+    steps=None,
     temperature=4.0,
     alpha=0.5,
     feature_kd=0.0,
@@ -348,17 +362,24 @@ def distill(
 ):
     """The ``distill`` stage: train ``student`` from ``teacher``; returns ``(student, history)``.
 
+    ``epochs`` may be fractional; ``steps`` (optimizer steps) overrides it, so a
+    budget that selection has partly spent can be honoured exactly. The learning
+    rate decays (cosine) to zero over exactly that many steps.
     ``kd=False`` is the baseline: the same student, optimizer, schedule and
-    epochs, plain cross-entropy and no teacher, so the gain of KD is measurable.
+    steps, plain cross-entropy and no teacher, so the gain of KD is measurable.
     ``feature_kd`` > 0 adds FitNets hints on the stage outputs with that weight.
     Datasets yield ``(images, int labels)`` batches. With a ``strategy`` the
     models are copied into its scope and the trained copy is returned.
     Raises :class:`MskdError` on bad arguments or when the loss becomes NaN.
     """
-    if not isinstance(epochs, int) or epochs < 1:
-        raise MskdError(f"epochs={epochs!r} must be a positive integer (--distill_epochs).")
+    if not (isinstance(epochs, (int, float)) and math.isfinite(epochs) and epochs > 0):
+        raise MskdError(f"epochs={epochs!r} must be a positive number (--distill_epochs).")
+    if steps is not None and (not isinstance(steps, int) or steps < 1):
+        raise MskdError(f"steps={steps!r} must be a positive integer (optimizer steps).")
     keras.utils.set_random_seed(seed)
-    total_steps = epochs * steps_per_epoch(train_ds)
+    per_epoch = steps_per_epoch(train_ds)
+    total_steps = steps if steps is not None else budget_steps(epochs, per_epoch)
+    fit_epochs = math.ceil(total_steps / per_epoch)
     strategy = strategy or tf.distribute.get_strategy()
     copy = strategy is not tf.distribute.get_strategy()
     with strategy.scope():
@@ -376,17 +397,18 @@ def distill(
                 metrics=["accuracy"], **compile_kwargs(),
             )
     if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
-        return student, _fit_across_workers(model, train_ds, val_ds, epochs, strategy)
+        return student, _fit_across_workers(model, train_ds, val_ds, fit_epochs, strategy, total_steps)
     guard = NanGuard()
     history = model.fit(
-        train_ds, validation_data=val_ds, epochs=epochs, callbacks=[guard, *callbacks], verbose=verbose,
+        train_ds, validation_data=val_ds, epochs=fit_epochs,
+        callbacks=[guard, StopAfterSteps(total_steps), *callbacks], verbose=verbose,
         shuffle=False,  # tf.data input: shuffling is the pipeline's job
     )
     guard.raise_if_tripped("distill")
     return student, history.history
 
 
-def _fit_across_workers(model, train_ds, val_ds, epochs, strategy) -> dict:
+def _fit_across_workers(model, train_ds, val_ds, epochs, strategy, total_steps) -> dict:
     """``fit`` for MultiWorkerMirroredStrategy, where Keras 3's own ``fit`` crashes (keras-team/keras#20585).
 
     Runs the model's own ``train_step`` / ``test_step`` in every replica (as ``fit`` does) from a plain
@@ -400,11 +422,12 @@ def _fit_across_workers(model, train_ds, val_ds, epochs, strategy) -> dict:
         return tf.function(run, reduce_retracing=True)
 
     train_step, test_step = replicated(model.train_step), replicated(model.test_step)
-    history = {}
+    history, done = {}, 0
     for epoch in range(epochs):
         for metric in model.metrics:
             metric.reset_state()
-        for batch in strategy.experimental_distribute_dataset(train_ds):
+        for batch in strategy.experimental_distribute_dataset(train_ds.take(total_steps - done)):
+            done += 1
             logs = {k: float(v) for k, v in train_step(batch).items()}
             if not math.isfinite(logs.get("loss", 0.0)):
                 raise MskdError(f"distill: the training loss became {logs['loss']} in epoch {epoch + 1}; "

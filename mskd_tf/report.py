@@ -86,13 +86,16 @@ def summary_table(rep: dict) -> str:
                      _fmt_m(c.get("macs")), _fmt_m(c.get("params"), 3), _fmt_pct(c.get("val_acc")), "", note))
     s = rep.get("student") or {}
     if s:
-        epochs = f"+{cfg.get('distill_epochs')} epochs"
-        rows.append(("student (KD)", _fmt_m(s.get("macs")), _fmt_m(s.get("params"), 3), _fmt_pct(s.get("val_acc")),
-                     _fmt_pct(s.get("test_acc")), f"{epochs} distillation"))
+        steps = (f"{s['distill_steps']} steps after {s['selection_steps']} selection steps"
+                 if "distill_steps" in s else f"{cfg.get('distill_epochs')} epochs")
+        shipped = s.get("shipped", "kd")
+        rows.append(("student (KD)" + (" (shipped)" if shipped == "kd" else ""), _fmt_m(s.get("macs")),
+                     _fmt_m(s.get("params"), 3), _fmt_pct(s.get("val_acc")), _fmt_pct(s.get("test_acc")),
+                     f"{steps}, distillation"))
         if s.get("baseline_test_acc") is not None:
-            rows.append(("student (CE only)", _fmt_m(s.get("macs")), _fmt_m(s.get("params"), 3),
-                         _fmt_pct(s.get("baseline_val_acc")), _fmt_pct(s.get("baseline_test_acc")),
-                         f"{epochs} cross-entropy"))
+            rows.append(("student (CE only)" + (" (shipped)" if shipped == "baseline" else ""), _fmt_m(s.get("macs")),
+                         _fmt_m(s.get("params"), 3), _fmt_pct(s.get("baseline_val_acc")),
+                         _fmt_pct(s.get("baseline_test_acc")), f"{steps}, cross-entropy"))
     return _table(("model", "MMACs", "Mparams", "val acc %", "test acc %", "training"), rows)
 
 

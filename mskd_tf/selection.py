@@ -1,20 +1,28 @@
 """The ``select`` stage: fine-tune every candidate briefly, keep the best on validation.
 
-MS-KD trusts no single pruning criterion: each criterion's clone is fine-tuned
-for a short budget and scored on the validation split (never on test).
+MS-KD trusts no single pruning criterion: each candidate (a criterion x layer
+allocation) is scored on the validation split (never on test).
 
 Protocol (this project's choice; the paper's abstract gives none):
 
-* Budget ``epochs`` (fractional is fine) is what one candidate gets when every
-  candidate is trained fully (``successive_halving=False``).
-* Successive halving (Karnin et al., 2013) with ``n`` candidates runs
-  ``ceil(log2 n)`` rungs. Every rung spends the same share of a total of
-  ``HALVING_BUDGET`` full budgets, split evenly among its survivors; after a rung
-  the better half (rounded up) survives. The whole selection therefore costs
-  about ``HALVING_BUDGET`` (= 2) full fine-tunes for any ``n``.
+* ``epochs`` is the whole selection's cost: the optimizer steps of every
+  candidate's fine-tuning together, in (fractional) epochs. The distill stage
+  counts them against the student's budget, so MS-KD trains no longer than a
+  single-criterion fine-tune of the same budget.
+* A zero-cost first rung (``zero_cost_keep=k``): the candidates are ranked by
+  validation accuracy before any step (on their BatchNorm-recalibrated clones,
+  EagleEye's adaptive BN, Li et al. 2020) and only the best ``k`` are trained.
+* Successive halving (Karnin et al., 2013) over the survivors: ``ceil(log2 n)``
+  rungs, each spending the same share of the budget split evenly among its
+  survivors; the better half (rounded up) survives each rung.
+* With a ``teacher`` the candidates are fine-tuned with the distillation loss the
+  winner will be trained with (``alpha`` CE + ``1 - alpha`` T^2 KL), so the choice
+  matches how the student is finally trained; without one, with cross-entropy.
+  The learning rate is constant so that candidates compare fairly at every rung.
 * The choice is made among the candidates that reached the largest budget:
   the best validation accuracy wins, and accuracies within ``tie_tolerance`` of
-  the best go to the candidate with the fewest MACs.
+  the best go to the candidate with the fewest MACs. The winner's fine-tuned
+  weights are ``selected.keras``: its selection steps are not lost.
 * Every segment of fine-tuning is checkpointed in ``workdir/selection/``
   (``<criterion>.keras`` + ``<criterion>.json``, atomic); a restarted selection
   continues from there and never redoes finished work.
@@ -47,7 +55,6 @@ from mskd_tf.errors import MskdError
 from mskd_tf.training import make_optimizer
 from mskd_tf.workdir import atomic_path
 
-HALVING_BUDGET = 2.0  # the whole successive-halving selection costs this many full fine-tunes
 SELECTION_DIR = "selection"
 _SAFE_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
@@ -63,6 +70,11 @@ def select(
     workdir,
     epochs: float = 1.0,
     successive_halving: bool = True,
+    zero_cost_keep: int = 0,
+    zero_cost_scores: dict | None = None,
+    teacher=None,
+    temperature: float = 4.0,
+    alpha: float = 0.5,
     tie_tolerance: float = 0.002,
     optimizer: str = "sgd",
     lr: float = 0.01,
@@ -81,9 +93,17 @@ def select(
       train_ds, val_ds: finite ``tf.data`` datasets of ``(images, int labels)``
         batches; ``train_ds`` is one epoch (it should reshuffle itself).
       workdir: folder for ``selection/`` checkpoints and the final artifacts.
-      epochs: the full fine-tuning budget of one candidate, in (fractional) epochs.
-      successive_halving: spend about ``HALVING_BUDGET`` full budgets in rungs
-        that keep the better half; False trains every candidate fully.
+      epochs: what the whole selection may spend, in (fractional) epochs: the
+        optimizer steps of all candidates together.
+      successive_halving: spend the budget in rungs that keep the better half;
+        False splits it evenly over the candidates.
+      zero_cost_keep: before any training keep only the best ``k`` candidates by
+        validation accuracy as they are (0 = keep all).
+      zero_cost_scores: those accuracies, where already measured (criterion ->
+        accuracy, e.g. the candidates stage's); the others are measured here.
+      teacher: fine-tune under the distillation loss from this model (a
+        ``keras.Model`` or ``.keras`` path; ``None`` = cross-entropy).
+      temperature, alpha: the distillation loss (see :mod:`mskd_tf.distill`).
       tie_tolerance: validation accuracies this close to the best are a tie,
         won by the candidate with the fewest MACs.
       optimizer, lr, weight_decay: see :func:`mskd_tf.training.make_optimizer`
@@ -102,21 +122,48 @@ def select(
       and ``selected`` (criterion, val_acc, macs, reason), plus ``protocol``.
     """
     _check_arguments(candidates, val_ds, epochs, tie_tolerance)
+    if not isinstance(zero_cost_keep, int) or zero_cost_keep < 0:
+        raise MskdError(f"select: zero_cost_keep={zero_cost_keep!r} must be an integer >= 0 (0 = keep all).")
     strategy = _resolve_strategy(strategy, parallel)
     rank, workers = _worker_rank() if parallel else (0, 1)
     chief = is_chief()
     steps_per_epoch = training.steps_per_epoch(train_ds, "select: train_ds")
-    full_steps = max(1, round(epochs * steps_per_epoch))
+    total_budget = training.budget_steps(epochs, steps_per_epoch)
     names = list(candidates)
-    rungs = halving_rungs(len(names), full_steps) if successive_halving else [(len(names), full_steps)]
+    teacher = _load_teacher(teacher, strategy)
     settings = {"optimizer": optimizer, "lr": lr, "weight_decay": weight_decay, "seed": seed,
-                "steps_per_epoch": steps_per_epoch}
+                "steps_per_epoch": steps_per_epoch,
+                "loss": "ce" if teacher is None else "kd",
+                **({} if teacher is None else {"temperature": temperature, "alpha": alpha,
+                                               "teacher": _weights_digest(teacher)})}
     trainer = _CandidateTrainer(
         candidates, train_ds, val_ds, workdir=Path(workdir), settings=settings, strategy=strategy,
         steps_per_epoch=steps_per_epoch, writes=parallel or chief, verbose=verbose and chief, rank=rank,
+        teacher=teacher,
     )
 
-    alive = names
+    alive, zero_cost = names, None
+    # Never spend more than the budget: keep no more candidates than it can give one step per rung.
+    requested = min(zero_cost_keep or len(names), len(names))
+    keep_at_most = requested
+    while keep_at_most > 1 and _smallest_plan_cost(keep_at_most, successive_halving) > total_budget:
+        keep_at_most -= 1
+    if keep_at_most < requested and verbose and chief:
+        print(f"select: a budget of {total_budget} steps can train at most {keep_at_most} candidates", flush=True)
+    zero_cost_keep = keep_at_most if keep_at_most < len(names) else 0
+    if zero_cost_keep and len(names) > zero_cost_keep:
+        scores, macs = {n: (zero_cost_scores or {}).get(n) for n in names}, {}
+        for n in names:
+            model = trainer._source(n)
+            macs[n] = flops.count(model).macs  # ties go to the cheaper candidate, as in `choose`
+            if scores[n] is None:
+                scores[n] = training.accuracy(model, val_ds, "select: val_ds")
+        alive = sorted(names, key=lambda n: (-scores[n], macs[n], n))[:zero_cost_keep]
+        zero_cost = {"scores": {n: float(v) for n, v in scores.items()}, "kept": alive}
+        if verbose and chief:
+            print(f"select: zero-cost rung (validation accuracy before any step) keeps {', '.join(alive)}", flush=True)
+    rungs = halving_rungs(len(alive), total_budget) if successive_halving else [(len(alive), _even_share(
+        total_budget, len(alive)))]
     protocol_rungs = []
     for index, (_, target) in enumerate(rungs):
         mine = [n for n in alive if not parallel or names.index(n) % workers == rank]
@@ -131,19 +178,27 @@ def select(
         alive = keep
 
     chosen, reason = choose([trainer.state[n] for n in alive], tie_tolerance)
-    spent = sum(trainer.state[n]["steps"] for n in names)
+    spent = sum(trainer.state[n]["steps"] for n in names if trainer.state[n] is not None)
+    rows = []
+    for n in names:
+        row = trainer.row(n) if trainer.state[n] is not None else {"criterion": n, "steps": 0, "val_acc": None}
+        if zero_cost:
+            row["zero_cost_acc"] = zero_cost["scores"][n]
+        rows.append(row)
     payload = {
-        "candidates": [trainer.row(n) for n in names],
+        "candidates": rows,
         "selected": {"criterion": chosen["criterion"], "val_acc": chosen["val_acc"], "macs": chosen["macs"],
-                     "reason": reason},
+                     "steps": chosen["steps"], "reason": reason},
         "protocol": {
             "successive_halving": successive_halving,
             "epochs": epochs,
             "steps_per_epoch": steps_per_epoch,
-            "full_budget_steps": full_steps,
+            "budget_steps": total_budget,
+            "zero_cost": zero_cost,
+            "loss": settings["loss"],
             "rungs": protocol_rungs,
             "total_steps": spent,
-            "cost_in_full_budgets": round(spent / full_steps, 3),
+            "spent_epochs": round(spent / steps_per_epoch, 4),
             "tie_tolerance": tie_tolerance,
             "replicas": strategy.num_replicas_in_sync,
             "parallel_workers": workers,
@@ -153,9 +208,37 @@ def select(
     if chief:
         write_selection(workdir, payload, trainer.checkpoint(chosen["criterion"]))
     if verbose and chief:
-        print(f"select: {chosen['criterion']} ({reason}); {payload['protocol']['cost_in_full_budgets']} full "
-              f"fine-tunes spent", flush=True)
+        print(f"select: {chosen['criterion']} ({reason}); {spent} optimizer steps "
+              f"({payload['protocol']['spent_epochs']:g} epochs) spent", flush=True)
     return payload
+
+
+def _smallest_plan_cost(count: int, successive_halving: bool) -> int:
+    """Steps a plan over ``count`` candidates spends at one step per candidate and rung."""
+    if not successive_halving:
+        return count
+    return sum(survivors for survivors, _ in halving_rungs(count, 0))
+
+
+def _even_share(total_steps: int, count: int) -> int:
+    return max(1, total_steps // count)
+
+
+def _load_teacher(teacher, strategy):
+    """The teacher as a model whose variables the strategy can read (or None)."""
+    if teacher is None:
+        return None
+    if not isinstance(teacher, keras.Model):
+        try:
+            teacher = keras.models.load_model(teacher, compile=False)
+        except Exception as exc:  # any unreadable file: name it
+            raise MskdError(f"select: cannot load the teacher {teacher} as a Keras model ({exc}).") from exc
+    if strategy is not tf.distribute.get_strategy():
+        with strategy.scope():
+            copy = keras.models.clone_model(teacher)
+            copy.set_weights(teacher.get_weights())
+        return copy
+    return teacher
 
 
 def recalibrate_batchnorm(model, dataset, num_batches: int) -> int:
@@ -168,7 +251,7 @@ def recalibrate_batchnorm(model, dataset, num_batches: int) -> int:
     before any fine-tuning, which makes the candidates' early comparison fair.
     Returns the number of batches used.
     """
-    layers = [layer for layer in _all_layers(model) if isinstance(layer, keras.layers.BatchNormalization)]
+    layers = [layer for layer in all_layers(model) if isinstance(layer, keras.layers.BatchNormalization)]
     if not layers or num_batches < 1:
         return 0
     saved = [layer.momentum for layer in layers]
@@ -185,30 +268,31 @@ def recalibrate_batchnorm(model, dataset, num_batches: int) -> int:
     return used
 
 
-def _all_layers(model):
+def all_layers(model):
     for layer in model.layers:
         if isinstance(layer, keras.Model):
-            yield from _all_layers(layer)
+            yield from all_layers(layer)
         else:
             yield layer
 
 
-def halving_rungs(num_candidates: int, full_steps: int, budget: float = HALVING_BUDGET) -> list[tuple[int, int]]:
+def halving_rungs(num_candidates: int, total_steps: int) -> list[tuple[int, int]]:
     """Successive-halving plan: ``[(survivors, cumulative steps each), ...]`` per rung.
 
-    ``ceil(log2 n)`` rungs; rung ``k`` spends ``budget * full_steps / rungs`` steps
-    split evenly over its ``n_k`` survivors (``n_{k+1} = ceil(n_k / 2)``), at
-    least one step each. One candidate gets the plain full budget.
+    ``ceil(log2 n)`` rungs; every rung spends ``total_steps / rungs`` steps split
+    evenly over its ``n_k`` survivors (``n_{k+1} = ceil(n_k / 2)``), at least one
+    step each, so the whole plan spends about ``total_steps``. One candidate gets
+    all of ``total_steps``.
 
-    >>> halving_rungs(9, 72)
+    >>> halving_rungs(9, 144)
     [(9, 4), (5, 11), (3, 23), (2, 41)]
     """
     if num_candidates < 1:
         raise MskdError("there are no candidates to select from.")
     if num_candidates == 1:
-        return [(1, full_steps)]
+        return [(1, total_steps)]
     count = math.ceil(math.log2(num_candidates))
-    per_rung = budget * full_steps / count
+    per_rung = total_steps / count
     plan, survivors, cumulative = [], num_candidates, 0
     for _ in range(count):
         cumulative += max(1, int(per_rung / survivors))
@@ -262,10 +346,16 @@ class Finetuner:
     every strategy alike.) ``model`` and ``optimizer`` must belong to ``strategy``.
     """
 
-    def __init__(self, model, optimizer, strategy=None, *, from_logits: bool = True):
+    def __init__(self, model, optimizer, strategy=None, *, from_logits: bool = True, teacher=None,
+                 temperature: float = 4.0, alpha: float = 0.5):
+        from mskd_tf.distill import LogitsTap
+
         self.model, self.optimizer = model, optimizer
         self.strategy = strategy or tf.distribute.get_strategy()
         self.from_logits = from_logits
+        # With a teacher the loss is the Distiller's: alpha CE + (1 - alpha) T^2 KL.
+        self.teacher = LogitsTap(teacher, "teacher") if teacher is not None else None
+        self.temperature, self.alpha = float(temperature), float(alpha)
         self._train_step = tf.function(self._distributed_train_step, reduce_retracing=True)
         self._eval_step = tf.function(self._distributed_eval_step, reduce_retracing=True)
 
@@ -310,6 +400,13 @@ class Finetuner:
         with tf.GradientTape() as tape:
             outputs = self.model(images, training=True)
             per_example = keras.losses.sparse_categorical_crossentropy(labels, outputs, from_logits=self.from_logits)
+            if self.teacher is not None:
+                from mskd_tf.distill import kd_per_example
+
+                teacher_logits, _ = self.teacher(images, training=False)
+                logits = outputs if self.from_logits else tf.math.log(tf.maximum(outputs, 1e-30))
+                per_example = self.alpha * per_example + (1.0 - self.alpha) * kd_per_example(
+                    teacher_logits, logits, self.temperature)
             loss = tf.reduce_sum(per_example) / tf.maximum(global_count, 1.0)
             if self.model.losses:  # regularizers: each replica adds its share
                 loss += tf.add_n(self.model.losses) / context.num_replicas_in_sync
@@ -335,8 +432,9 @@ class _CandidateTrainer:
     """Holds each candidate's state (the per-candidate JSON) and its live model."""
 
     def __init__(self, candidates, train_ds, val_ds, *, workdir, settings, strategy, steps_per_epoch, writes,
-                 verbose, rank):
+                 verbose, rank, teacher=None):
         self.sources = candidates
+        self.teacher = teacher
         self.train_ds, self.val_ds = train_ds, val_ds
         self.folder = workdir / SELECTION_DIR
         self.settings, self.strategy = settings, strategy
@@ -414,7 +512,9 @@ class _CandidateTrainer:
                     mine.assign(saved)  # momentum and step count continue where they stopped
             # Compiled only so that checkpoints carry the optimizer state.
             model.compile(optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-        tuner = Finetuner(model, optimizer, self.strategy, from_logits=not _outputs_probabilities(start))
+        tuner = Finetuner(model, optimizer, self.strategy, from_logits=not _outputs_probabilities(start),
+                          teacher=self.teacher, temperature=self.settings.get("temperature", 4.0),
+                          alpha=self.settings.get("alpha", 0.5))
         if state is None:
             cost = flops.count(start)
             self.state[name] = {
@@ -499,7 +599,8 @@ def _check_arguments(candidates, val_ds, epochs, tie_tolerance):
     if val_ds is None:
         raise MskdError("select: val_ds is None; selection scores candidates on a validation split, never on test.")
     if not (isinstance(epochs, (int, float)) and math.isfinite(epochs) and epochs > 0):
-        raise MskdError(f"select: epochs={epochs!r} must be a positive number (--select_epochs; 0.5 = half an epoch).")
+        raise MskdError(f"select: epochs={epochs!r} must be a positive number (--select_epochs: what the whole "
+                        "selection may spend; 0.5 = half an epoch).")
     if not (isinstance(tie_tolerance, (int, float)) and 0 <= tie_tolerance < 1):
         raise MskdError(f"select: tie_tolerance={tie_tolerance!r} must be in [0, 1) (an accuracy difference).")
 

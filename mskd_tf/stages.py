@@ -181,17 +181,9 @@ def _verbose() -> int:
 
 def evaluate(model, dataset) -> float:
     """Top-1 accuracy of a logits/probabilities model on a (images, labels) dataset."""
-    import tensorflow as tf
+    from mskd_tf import training
 
-    # One traced graph per model (shapes relaxed for the last, smaller batch), not eager calls per batch.
-    predict = tf.function(lambda images: tf.argmax(model(images, training=False), axis=-1), reduce_retracing=True)
-    correct = total = 0
-    for images, labels in dataset:
-        correct += int(np.sum(predict(images).numpy() == labels.numpy()))
-        total += len(labels)
-    if total == 0:
-        raise MskdError("evaluation data is empty.")
-    return correct / total
+    return training.accuracy(model, dataset)
 
 
 # ----------------------------------------------------------------------------- teacher
@@ -242,8 +234,9 @@ def run_teacher(ctx: Context):
         guard.raise_if_tripped("teacher")
         if best.exists():  # restore the best-on-validation weights
             teacher = keras.models.load_model(best)
+    teacher, repair = repair_batchnorm(teacher, ctx.calibration, d.val)
     metrics = {"val_acc": evaluate(teacher, d.val) if d.val is not None else None,
-               "test_acc": evaluate(teacher, d.test)}
+               "test_acc": evaluate(teacher, d.test), "batchnorm_repair": repair}
     metrics.update(_cost(teacher))
     if history is not None:
         metrics["history"] = {k: [float(v) for v in vals] for k, vals in history.history.items()}
@@ -253,6 +246,41 @@ def run_teacher(ctx: Context):
     (ctx.wd / "teacher_best.keras").unlink(missing_ok=True)
     print(f"teacher: val acc {_pct(metrics['val_acc'])}, test acc {_pct(metrics['test_acc'])}, "
           f"{metrics['macs'] / 1e6:.2f}M MACs, {metrics['params'] / 1e6:.3f}M params", flush=True)
+
+
+# Batches of un-augmented training data for re-estimating the teacher's BatchNorm statistics.
+# A constant, not a flag: the teacher stage's inputs (and so every trained teacher) stay valid.
+TEACHER_BN_BATCHES = 20
+# The recalibrated teacher replaces the trained one only when it is this much better on validation.
+TEACHER_BN_MARGIN = 0.005
+
+
+def repair_batchnorm(teacher, calibration, val):
+    """The teacher, or a copy with re-estimated BatchNorm statistics when that copy is clearly better.
+
+    With few steps per epoch the moving statistics lag the weights, and a teacher that fits its
+    training set can score near chance in inference mode; distilling from it would teach the student
+    its mistakes. Candidates are scored after the same recalibration, so teacher and candidates are
+    compared alike. The caller's model is never modified. Returns ``(model, record)``.
+    """
+    import keras
+
+    from mskd_tf import selection
+
+    has_bn = any(isinstance(layer, keras.layers.BatchNormalization) for layer in selection.all_layers(teacher))
+    if val is None or not has_bn:
+        return teacher, None
+    before = evaluate(teacher, val)
+    copy = keras.models.clone_model(teacher)
+    copy.set_weights(teacher.get_weights())
+    used = selection.recalibrate_batchnorm(copy, calibration, TEACHER_BN_BATCHES)
+    after = evaluate(copy, val)
+    applied = after > before + TEACHER_BN_MARGIN
+    record = {"val_acc_before": before, "val_acc_recalibrated": after, "batches": used, "applied": applied}
+    if applied:
+        print(f"teacher: BatchNorm statistics re-estimated on {used} training batches: validation accuracy "
+              f"{_pct(before)} -> {_pct(after)} (the moving statistics lagged the weights)", flush=True)
+    return (copy if applied else teacher), record
 
 
 def _cost(model) -> dict:
@@ -283,6 +311,11 @@ def run_rank(ctx: Context):
     print(f"rank: {len(rankings)} criteria x {sum(g.prunable for g in graph.groups)} prunable groups", flush=True)
 
 
+def candidate_name(criterion: str, allocation: str, allocations) -> str:
+    """``l1`` with one allocation; ``l1-global`` / ``l1-uniform`` with several."""
+    return criterion if len(allocations) == 1 else f"{criterion}-{allocation}"
+
+
 def run_candidates(ctx: Context):
     from mskd_tf import flops, report, selection
     from mskd_tf.pruning import build_graph, criteria
@@ -292,21 +325,26 @@ def run_candidates(ctx: Context):
     graph = build_graph(teacher)
     rankings = criteria.load_rankings(str(ctx.wd / "rankings.json"), graph=graph)
     rankings = {name: rankings[name] for name in cfg.criteria}
-    candidates = criteria.build_candidates(
-        teacher, rankings, target_macs=cfg.target_macs, graph=graph,
-        evaluate=lambda clone: evaluate(clone, ctx.data.val), round_to=cfg.round_to,
-        adapt=lambda clone: selection.recalibrate_batchnorm(clone, ctx.calibration, cfg.bn_recalibration_batches),
-        min_channels=cfg.min_channels, protect=cfg.protect,
-    )
+    candidates = []
+    for allocation in cfg.allocations:
+        built = criteria.build_candidates(
+            teacher, rankings, target_macs=cfg.target_macs, graph=graph, mode=allocation,
+            evaluate=lambda clone: evaluate(clone, ctx.data.val), round_to=cfg.round_to,
+            adapt=lambda clone: selection.recalibrate_batchnorm(clone, ctx.calibration, cfg.bn_recalibration_batches),
+            min_channels=cfg.min_channels, protect=cfg.protect,
+        )
+        for c in built:  # the candidate's name: its criterion, plus the allocation when there are several
+            candidates.append((candidate_name(c.criterion, allocation, cfg.allocations), c.criterion, allocation, c))
     teacher_macs = flops.count(teacher).macs
     teacher_widths = criteria.layer_widths(graph, {})
     rows = []
-    for c in candidates:
-        ctx.wd.save_model(c.model, f"candidates/{c.criterion}.keras")
+    for name, criterion, allocation, c in candidates:
+        ctx.wd.save_model(c.model, f"candidates/{name}.keras")
         row = c.row()
         row["val_acc_before_finetune"] = row.pop("accuracy")
-        rows.append(dict(row, macs_ratio=c.macs / teacher_macs, teacher_widths=teacher_widths,
-                         kept={k: [int(i) for i in v] for k, v in c.keep.items()}))
+        rows.append(dict(row, criterion=name, ranking=criterion, allocation=allocation, macs_ratio=c.macs / teacher_macs,
+                         teacher_widths=teacher_widths, kept={k: [int(i) for i in v] for k, v in c.keep.items()}))
+    candidates = [dataclasses.replace(c, criterion=name) for name, _, _, c in candidates]
     overlap = criteria.overlap_matrix({c.criterion: c.keep for c in candidates})
     ctx.wd.write_json("candidates.json", {"candidates": rows, "jaccard": overlap})
     print(report.candidates_table(rows) + "\n\nJaccard overlap of kept channels:\n\n"
@@ -320,12 +358,26 @@ def run_select(ctx: Context):
     from mskd_tf import selection
 
     cfg = ctx.cfg
-    paths = {row["criterion"]: str(ctx.wd / f"candidates/{row['criterion']}.keras")
-             for row in ctx.wd.read_json("candidates.json")["candidates"]}
+    rows = ctx.wd.read_json("candidates.json")["candidates"]
+    paths = {row["criterion"]: str(ctx.wd / f"candidates/{row['criterion']}.keras") for row in rows}
+    teacher = None
+    if cfg.select_loss == "kd":
+        teacher_val = ctx.wd.read_json("teacher.json").get("val_acc")
+        best = max(rows, key=lambda r: r.get("val_acc_before_finetune") or 0.0)
+        if teacher_val is not None and (best.get("val_acc_before_finetune") or 0.0) > teacher_val:
+            print(f"select: WARNING: candidate {best['criterion']} scores {_pct(best['val_acc_before_finetune'])} on "
+                  f"validation before any fine-tuning, the teacher only {_pct(teacher_val)}: selecting with "
+                  "cross-entropy instead of distilling from a worse teacher", flush=True)
+        else:
+            teacher = ctx.model("teacher.keras")
     result = selection.select(
         paths, ctx.data.train, ctx.data.val, workdir=str(ctx.wd.path), epochs=cfg.select_epochs,
-        successive_halving=cfg.successive_halving, tie_tolerance=cfg.tie_tolerance, optimizer=cfg.optimizer,
-        lr=cfg.finetune_lr, weight_decay=cfg.weight_decay, strategy=_strategy(ctx), seed=cfg.seed,
+        successive_halving=cfg.successive_halving, zero_cost_keep=cfg.zero_cost_keep,
+        zero_cost_scores={row["criterion"]: row.get("val_acc_before_finetune") for row in rows
+                          if row.get("val_acc_before_finetune") is not None},
+        teacher=teacher, temperature=cfg.temperature, alpha=cfg.alpha, tie_tolerance=cfg.tie_tolerance,
+        optimizer=cfg.optimizer, lr=cfg.finetune_lr, weight_decay=cfg.weight_decay, strategy=_strategy(ctx),
+        seed=cfg.seed,
     )
     sel = result["selected"]
     print(f"select: chose {sel['criterion']} ({sel['reason']})", flush=True)
@@ -342,14 +394,30 @@ def _strategy(ctx: Context):
 def run_distill(ctx: Context):
     import keras
 
-    from mskd_tf import distill
+    from mskd_tf import distill, training
 
     cfg, d = ctx.cfg, ctx.data
     teacher = ctx.model("teacher.keras")
-    settings = dict(epochs=cfg.distill_epochs, temperature=cfg.temperature, alpha=cfg.alpha,
+    per_epoch = training.steps_per_epoch(d.train)
+    budget = training.budget_steps(cfg.distill_epochs, per_epoch)
+    selection = ctx.wd.read_json("selection.json")
+    spent = int(selection["protocol"]["total_steps"])
+    steps = budget - spent
+    if steps < 1:
+        raise MskdError(f"--distill_epochs={cfg.distill_epochs:g} ({budget} steps) is the student's whole budget, and "
+                        f"selection already spent {spent} steps of it: raise --distill_epochs or lower --select_epochs.")
+    settings = dict(epochs=steps / per_epoch, steps=steps, temperature=cfg.temperature, alpha=cfg.alpha,
                     feature_kd=cfg.feature_kd, optimizer=cfg.optimizer, lr=cfg.finetune_lr,
                     weight_decay=cfg.weight_decay, strategy=_strategy(ctx), seed=cfg.seed, verbose=_verbose())
-    out = {}
+    out = {"budget_steps": budget, "selection_steps": spent, "distill_steps": steps, "warnings": []}
+    teacher_val = ctx.wd.read_json("teacher.json").get("val_acc")
+    selected_val = selection["selected"].get("val_acc")
+    if teacher_val is not None and selected_val is not None and selected_val > teacher_val:
+        note = ("the cross-entropy run decides which student ships" if cfg.no_distill_baseline
+                else "distillation is still used (no cross-entropy run to compare with)")
+        out["warnings"].append(f"the selected candidate ({_pct(selected_val)}) is better than the teacher "
+                               f"({_pct(teacher_val)}) on validation; {note}")
+    students = {}
     runs = [("kd", True)] + ([("baseline", False)] if cfg.no_distill_baseline else [])
     for label, kd in runs:
         keras.utils.set_random_seed(cfg.seed)
@@ -362,16 +430,29 @@ def run_distill(ctx: Context):
         out[f"{prefix}val_acc"] = evaluate(student, d.val) if d.val is not None else None
         out[f"{prefix}test_acc"] = evaluate(student, d.test)
         out[f"{prefix}history"] = {k: [float(v) for v in vals] for k, vals in history.items()}
-        if kd:
-            ctx.wd.save_model(student, "student.keras")
-            ctx.remember("student.keras", student)
-            out.update(_cost(student))
-    if "baseline_test_acc" in out:
+        students[label] = student
+    out.update(_cost(students["kd"]))
+    # Ship the better of the two runs on validation (never on test): KD from a poor teacher must not win by default.
+    shipped = "kd"
+    if "baseline" in students and out["baseline_val_acc"] is not None and out["val_acc"] is not None:
+        if out["baseline_val_acc"] > out["val_acc"]:
+            shipped = "baseline"
         out["kd_gain"] = out["test_acc"] - out["baseline_test_acc"]
+        out["kd_val_margin"] = out["val_acc"] - out["baseline_val_acc"]
+    out["shipped"] = shipped
+    out["shipped_val_acc"] = out["val_acc" if shipped == "kd" else "baseline_val_acc"]
+    out["shipped_test_acc"] = out["test_acc" if shipped == "kd" else "baseline_test_acc"]
+    ctx.wd.save_model(students[shipped], "student.keras")
+    ctx.remember("student.keras", students[shipped])
     ctx.wd.write_json("distill.json", out)
-    print(f"distill: student test acc {_pct(out['test_acc'])} with KD"
-          + (f", {_pct(out['baseline_test_acc'])} with plain cross-entropy" if "baseline_test_acc" in out else ""),
-          flush=True)
+    for warning in out["warnings"]:
+        print(f"distill: WARNING: {warning}", flush=True)
+    line = f"distill: student test acc {_pct(out['test_acc'])} with KD"
+    if "baseline_test_acc" in out:
+        line += (f", {_pct(out['baseline_test_acc'])} with plain cross-entropy; shipped the "
+                 f"{'KD' if shipped == 'kd' else 'cross-entropy'} student (validation {_pct(out['val_acc'])} vs "
+                 f"{_pct(out['baseline_val_acc'])})")
+    print(line + f"; {spent} selection + {steps} training steps = {budget} of the budget", flush=True)
 
 
 def training_logs(ctx: Context, name: str):

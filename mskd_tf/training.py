@@ -200,6 +200,40 @@ def steps_per_epoch(dataset, what: str = "train_ds") -> int:
     return steps
 
 
+def accuracy(model, dataset, what: str = "evaluation data") -> float:
+    """Top-1 accuracy of a logits/probabilities model on a dataset of (images, labels) batches."""
+    import numpy as np
+    import tensorflow as tf
+
+    # One traced graph per model (shapes relaxed for the last, smaller batch), not eager calls per batch.
+    predict = tf.function(lambda images: tf.argmax(model(images, training=False), axis=-1), reduce_retracing=True)
+    correct = total = 0
+    for images, labels in dataset:
+        correct += int(np.sum(predict(images).numpy() == np.reshape(labels.numpy(), -1)))
+        total += int(np.size(labels))
+    if total == 0:
+        raise MskdError(f"{what} is empty.")
+    return correct / total
+
+
+def budget_steps(epochs: float, steps_in_epoch: int) -> int:
+    """Optimizer steps in ``epochs`` (fractional) epochs of ``steps_in_epoch`` batches, at least 1."""
+    return max(1, int(round(epochs * steps_in_epoch)))
+
+
+class StopAfterSteps(keras.callbacks.Callback):
+    """Ends ``fit`` after exactly ``steps`` optimizer steps (a budget that is not a whole number of epochs)."""
+
+    def __init__(self, steps: int):
+        super().__init__()
+        self.steps, self.done = int(steps), 0
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.done += 1
+        if self.done >= self.steps:
+            self.model.stop_training = True
+
+
 class NanGuard(keras.callbacks.Callback):
     """Stops training at the first non-finite loss and remembers where.
 

@@ -187,11 +187,37 @@ def test_constructor_rejects_mismatched_models():
         Distiller(tiny_cnn(8, "teacher"), tiny_cnn(4, "student"), output_kind="raw")
 
 
+def test_kd_per_example_matches_logits_distillation():
+    from mskd_tf.distill import kd_per_example
+
+    teacher, student = np.array([[2.0, 0.0, -1.0]], np.float32), np.array([[0.0, 1.0, 0.0]], np.float32)
+    value = float(kd_per_example(teacher, student, 4.0)[0])
+    assert value == pytest.approx(1.088, abs=1e-3)  # the README's worked example
+    reference = keras.distillation.LogitsDistillation(4.0, loss=keras.losses.KLDivergence())
+    rng = np.random.default_rng(0)
+    t, s = rng.normal(size=(16, 10)).astype(np.float32), rng.normal(size=(16, 10)).astype(np.float32)
+    assert float(np.mean(kd_per_example(t, s, 4.0))) == pytest.approx(float(reference.compute_loss(t, s)), rel=1e-5)
+
+
+def test_fractional_budget_trains_exactly_that_many_steps():
+    x, y = synthetic(64)  # 4 batches of 16
+    teacher, student = tiny_cnn(8, "teacher"), tiny_cnn(4, "student")
+    _, history = distill(teacher, student, batches(x, y), None, epochs=1.5, verbose=0)
+    assert len(history["loss"]) == 2  # a whole epoch, then half of one
+    counted = []
+    counter = keras.callbacks.LambdaCallback(on_train_batch_end=lambda batch, logs: counted.append(batch))
+    distill(teacher, tiny_cnn(4, "student"), batches(x, y), None, epochs=9, steps=5, kd=False, verbose=0,
+            callbacks=[counter])
+    assert len(counted) == 5
+
+
 def test_distill_rejects_bad_inputs():
     x, y = synthetic(32)
     teacher, student = tiny_cnn(8, "teacher"), tiny_cnn(4, "student")
-    with pytest.raises(MskdError, match="epochs=0 must be a positive integer"):
+    with pytest.raises(MskdError, match=r"epochs=0 must be a positive number \(--distill_epochs\)"):
         distill(teacher, student, batches(x, y), None, epochs=0)
+    with pytest.raises(MskdError, match="steps=0 must be a positive integer"):
+        distill(teacher, student, batches(x, y), None, epochs=1, steps=0)
     with pytest.raises(MskdError, match="train_ds is infinite"):
         distill(teacher, student, batches(x, y).repeat(), None, epochs=1)
     kernel, bias = teacher.get_layer("fc").get_weights()

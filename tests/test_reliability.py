@@ -42,8 +42,8 @@ def test_compress_end_to_end_and_resume(tmp_path, capsys):
         distill={"distill_epochs": 1, "no_distill_baseline": True}, export=("float32",),
         workdir=str(tmp_path / "wd"), seed=0,
     )
-    assert result.criterion in ("l1", "taylor", "random")
-    assert [c["criterion"] for c in result.candidates] == ["l1", "taylor", "random"]
+    names = [f"{c}-{a}" for a in ("global", "uniform") for c in ("l1", "taylor", "random")]
+    assert result.criterion in names and [c["criterion"] for c in result.candidates] == names
     for row in result.candidates:
         assert 0.4 <= row["macs_ratio"] <= 0.6 and row["params"] < result.teacher["params"]
     assert result.student is not None and result.student_metrics["macs"] < result.teacher["macs"]
@@ -129,3 +129,69 @@ def test_sigkill_loses_only_the_stage_in_progress(tmp_path, stage, finished):
         assert _sha(wd / name) == before[name], f"{name} was redone after the kill"
     assert f"==== [{stage}] running (not run yet)" in proc.stdout
     assert (wd / "report.json").exists()
+
+
+# ----------------------------------------------------------------------------- never ship a worse network
+
+
+def _trained_toy_teacher(x, y, epochs=3):
+    teacher = toy_teacher()
+    teacher.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"])
+    teacher.fit(x, y, epochs=epochs, batch_size=32, verbose=0)
+    return teacher
+
+
+def _check_shipped_is_the_better_run(result, x_val, y_val):
+    m = result.student_metrics
+    assert m["shipped_val_acc"] == max(m["val_acc"], m["baseline_val_acc"]) >= m["baseline_val_acc"]
+    assert m["shipped"] == ("baseline" if m["baseline_val_acc"] > m["val_acc"] else "kd")
+    shipped = keras.models.load_model(Path(result.workdir) / "student.keras")
+    predicted = np.argmax(shipped.predict(x_val, verbose=0), axis=-1)
+    assert float(np.mean(predicted == y_val)) == pytest.approx(m["shipped_val_acc"], abs=1e-9)
+    assert m["budget_steps"] == m["selection_steps"] + m["distill_steps"]
+
+
+def test_stale_batchnorm_teacher_is_repaired_and_the_student_never_worse_than_ce(tmp_path):
+    """A teacher whose BN moving statistics lag its weights (few steps per epoch) is recalibrated before
+    anything is distilled from it, and the shipped student is the better of KD and plain CE on validation."""
+    (x, y), (xt, yt) = toy_arrays(tmp_path)
+    teacher = _trained_toy_teacher(x, y)
+    for layer in teacher.layers:  # stale statistics: what ~10 steps of momentum 0.99 leave behind
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.moving_mean.assign(np.full(layer.moving_mean.shape, 3.0, np.float32))
+            layer.moving_variance.assign(np.full(layer.moving_variance.shape, 0.05, np.float32))
+    stale_weights = [w.copy() for w in teacher.get_weights()]
+    val = (x[:48], y[:48])
+    result = mskd_tf.compress(
+        teacher, (x[48:], y[48:]), val, test=(xt, yt), criteria=("l1", "random"), target_macs=0.5,
+        selection={"select_epochs": 0.5, "calibration_batches": 2}, distill={"distill_epochs": 1.5},
+        export=("float32",), workdir=str(tmp_path / "wd"), seed=0,
+    )
+    repair = result.teacher["batchnorm_repair"]
+    assert repair["applied"] and repair["val_acc_recalibrated"] > repair["val_acc_before"] + 0.005
+    assert result.teacher["val_acc"] == repair["val_acc_recalibrated"]
+    for mine, theirs in zip(teacher.get_weights(), stale_weights):  # the caller's model is left alone
+        np.testing.assert_array_equal(mine, theirs)
+    _check_shipped_is_the_better_run(result, *val)
+
+
+@pytest.mark.slow  # one more pipeline run (~40 s)
+def test_a_misleading_teacher_loses_to_cross_entropy_and_is_not_shipped(tmp_path):
+    """A teacher that is confidently wrong (its classes rotated) is worse than its own pruned candidates after
+    fine-tuning: distilling from it is flagged and the cross-entropy student ships."""
+    (x, y), (xt, yt) = toy_arrays(tmp_path)
+    teacher = _trained_toy_teacher(x, y, epochs=15)
+    head = teacher.layers[-1]
+    kernel, bias = head.get_weights()
+    head.set_weights([np.roll(kernel, 1, axis=-1), np.roll(bias, 1)])  # class c now scores as c + 1
+    val = (x[:48], y[:48])
+    result = mskd_tf.compress(
+        teacher, (x[48:], y[48:]), val, test=(xt, yt), criteria=("l1", "random"), target_macs=0.5,
+        selection={"select_epochs": 0.5, "calibration_batches": 2, "select_loss": "ce", "batch_size": 16,
+                   "finetune_lr": 0.05},
+        distill={"distill_epochs": 4}, export=("float32",), workdir=str(tmp_path / "wd"), seed=0,
+    )
+    m = result.student_metrics
+    assert m["shipped"] == "baseline" and m["baseline_val_acc"] > m["val_acc"]
+    assert any("better than the teacher" in w for w in m["warnings"])
+    _check_shipped_is_the_better_run(result, *val)

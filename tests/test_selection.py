@@ -23,22 +23,22 @@ def weights_of(model):
 
 
 def test_halving_plan_for_nine_candidates():
-    # 4 rungs of 2 * 72 / 4 = 36 steps each, split over 9, 5, 3, 2 survivors.
-    assert halving_rungs(9, 72) == [(9, 4), (5, 11), (3, 23), (2, 41)]
+    # 4 rungs of 144 / 4 = 36 steps each, split over 9, 5, 3, 2 survivors.
+    assert halving_rungs(9, 144) == [(9, 4), (5, 11), (3, 23), (2, 41)]
     assert halving_rungs(1, 50) == [(1, 50)]
-    assert halving_rungs(2, 50) == [(2, 50)]  # two candidates: each gets the full budget
+    assert halving_rungs(2, 50) == [(2, 25)]  # two candidates share the budget
 
 
 @pytest.mark.parametrize("count", range(2, 17))
-def test_halving_costs_at_most_two_full_budgets(count):
-    full = 400
+def test_halving_spends_at_most_the_budget(count):
+    full = 800
     plan = halving_rungs(count, full)
     spent, previous = 0, 0
     for survivors, cumulative in plan:
         spent += survivors * (cumulative - previous)
         previous = cumulative
-    assert spent <= 2 * full
-    assert spent >= 2 * full - 2 * len(plan) * count  # only rounding is lost
+    assert spent <= full
+    assert spent >= full - 2 * len(plan) * count  # only rounding is lost
     assert plan[-1][0] == 2 and [s for s, _ in plan] == sorted((s for s, _ in plan), reverse=True)
 
 
@@ -122,12 +122,13 @@ def three_candidates():
 
 
 def test_select_writes_artifacts_and_follows_the_plan(tmp_path, data):
-    payload = select(three_candidates(), *data, workdir=tmp_path, epochs=1.0, lr=0.05, verbose=False)
+    payload = select(three_candidates(), *data, workdir=tmp_path, epochs=2.0, lr=0.05, verbose=False)
     rows = {r["criterion"]: r for r in payload["candidates"]}
-    # 3 candidates, 6 steps a full budget: rungs of 2*6/2 = 6 steps -> 2 each, then 3 more for 2 finalists.
+    # 3 candidates, 12 steps in all (6 an epoch): rungs of 12/2 = 6 steps -> 2 each, then 3 more for 2 finalists.
     assert [r["budget_epochs"] for r in payload["protocol"]["rungs"]] == [round(2 / 6, 4), round(5 / 6, 4)]
     assert sorted(r["steps"] for r in rows.values()) == [2, 5, 5]
-    assert payload["protocol"]["total_steps"] == 12 and payload["protocol"]["cost_in_full_budgets"] == 2.0
+    assert payload["protocol"]["total_steps"] == 12 and payload["protocol"]["spent_epochs"] == 2.0
+    assert payload["selected"]["steps"] == 5 and payload["protocol"]["loss"] == "ce"
     for r in rows.values():
         assert r["curve"][0][0] == 0.0 and r["curve"][-1] == [r["budget_epochs"], r["val_acc"]]
         assert 0.0 <= r["val_acc"] <= 1.0 and r["macs"] > 0 and r["params"] > 0 and r["seconds"] > 0
@@ -143,26 +144,26 @@ def test_select_writes_artifacts_and_follows_the_plan(tmp_path, data):
         f"w{w}.{ext}" for w in (4, 6, 8) for ext in ("json", "keras"))
 
 
-def test_without_halving_every_candidate_gets_the_full_budget(tmp_path, data):
-    payload = select(three_candidates(), *data, workdir=tmp_path, epochs=0.5, successive_halving=False,
+def test_without_halving_the_candidates_share_the_budget_evenly(tmp_path, data):
+    payload = select(three_candidates(), *data, workdir=tmp_path, epochs=1.5, successive_halving=False,
                      verbose=False)
     assert [r["steps"] for r in payload["candidates"]] == [3, 3, 3]
     assert [r["budget_epochs"] for r in payload["candidates"]] == [0.5, 0.5, 0.5]
-    assert payload["protocol"]["cost_in_full_budgets"] == 3.0
+    assert payload["protocol"]["spent_epochs"] == 1.5
 
 
 def test_resume_skips_finished_work_and_continues_partial_work(tmp_path, data, monkeypatch):
     candidates = three_candidates()
-    first = select(candidates, *data, workdir=tmp_path, epochs=0.5, successive_halving=False, verbose=False)
+    first = select(candidates, *data, workdir=tmp_path, epochs=1.5, successive_halving=False, verbose=False)
     calls = []
     original = Finetuner.train
     monkeypatch.setattr(Finetuner, "train", lambda self, ds, steps, **kw: calls.append((steps, kw["start"]))
                         or original(self, ds, steps, **kw))
     (tmp_path / "selection.json").unlink()
-    again = select(candidates, *data, workdir=tmp_path, epochs=0.5, successive_halving=False, verbose=False)
+    again = select(candidates, *data, workdir=tmp_path, epochs=1.5, successive_halving=False, verbose=False)
     assert calls == [] and again["selected"] == first["selected"]
     assert [r["weights"] for r in again["candidates"]] == [r["weights"] for r in first["candidates"]]
-    longer = select(candidates, *data, workdir=tmp_path, epochs=1.0, successive_halving=False, verbose=False)
+    longer = select(candidates, *data, workdir=tmp_path, epochs=3.0, successive_halving=False, verbose=False)
     assert calls == [(3, 3)] * 3  # only the missing half epoch, from batch 3
     assert [len(r["curve"]) for r in longer["candidates"]] == [3, 3, 3]  # 0, 0.5 and 1 epoch
 
@@ -171,11 +172,11 @@ def test_resume_skips_finished_work_and_continues_partial_work(tmp_path, data, m
 def test_changed_candidate_or_settings_start_over(tmp_path, data):
     candidates = three_candidates()
     digests = lambda payload: [r["weights"] for r in payload["candidates"]]  # noqa: E731
-    first = digests(select(candidates, *data, workdir=tmp_path, epochs=0.5, successive_halving=False, verbose=False))
+    first = digests(select(candidates, *data, workdir=tmp_path, epochs=1.5, successive_halving=False, verbose=False))
     candidates["w4"] = tiny_candidate(4, "w4", seed=99)
-    second = digests(select(candidates, *data, workdir=tmp_path, epochs=0.5, successive_halving=False, verbose=False))
+    second = digests(select(candidates, *data, workdir=tmp_path, epochs=1.5, successive_halving=False, verbose=False))
     assert second[0] != first[0] and second[1:] == first[1:]  # only the changed candidate was retrained
-    third = digests(select(candidates, *data, workdir=tmp_path, epochs=0.5, successive_halving=False, lr=0.05,
+    third = digests(select(candidates, *data, workdir=tmp_path, epochs=1.5, successive_halving=False, lr=0.05,
                            verbose=False))
     assert all(a != b for a, b in zip(third, second))
 
@@ -195,10 +196,50 @@ def test_a_diverging_candidate_is_recorded_and_never_chosen(tmp_path, data):
     candidates = three_candidates()
     kernel = candidates["w8"].get_layer("logits").kernel
     kernel.assign(np.full(kernel.shape, np.nan, np.float32))
-    payload = select(candidates, *data, workdir=tmp_path, epochs=0.5, successive_halving=False, verbose=False)
+    payload = select(candidates, *data, workdir=tmp_path, epochs=1.5, successive_halving=False, verbose=False)
     failed = next(r for r in payload["candidates"] if r["criterion"] == "w8")
     assert failed["val_acc"] is None and "the loss became nan" in failed["error"]
     assert payload["selected"]["criterion"] != "w8"
+
+
+def test_zero_cost_rung_trains_only_the_best_by_accuracy_before_any_step(tmp_path, data):
+    candidates = three_candidates()
+    given = {"w4": 0.2, "w6": 0.9, "w8": 0.5}
+    payload = select(candidates, *data, workdir=tmp_path, epochs=1.0, zero_cost_keep=2, zero_cost_scores=given,
+                     verbose=False)
+    steps = {r["criterion"]: r["steps"] for r in payload["candidates"]}
+    assert steps["w4"] == 0 and steps["w6"] == steps["w8"] == 3  # two survivors share 6 steps in one rung
+    assert payload["protocol"]["zero_cost"]["kept"] == ["w6", "w8"]
+    assert payload["selected"]["criterion"] in ("w6", "w8") and payload["protocol"]["total_steps"] == 6
+    # Without given scores the rung measures them: the same numbers as a plain evaluation.
+    measured = select(candidates, *data, workdir=tmp_path / "m", epochs=1.0, zero_cost_keep=1, verbose=False)
+    from mskd_tf.training import accuracy
+
+    expected = {n: accuracy(m, data[1]) for n, m in three_candidates().items()}
+    assert measured["protocol"]["zero_cost"]["scores"] == pytest.approx(expected, abs=1e-12)
+    best = max(expected, key=lambda n: (expected[n], -int(n[1:])))
+    assert measured["selected"]["criterion"] == best and measured["protocol"]["rungs"][0]["budget_epochs"] == 1.0
+
+
+def test_kd_selection_step_equals_the_distillers_step():
+    """Selection under KD takes the same step as the Distiller that trains the winner (no BatchNorm: exact)."""
+    from mskd_tf.distill import Distiller
+
+    x, y = tiny_arrays(48)
+    teacher = tiny_candidate(8, "t", seed=7, batchnorm=False)
+    reference, ours = tiny_candidate(4, "a", seed=3, batchnorm=False), tiny_candidate(4, "b", seed=3, batchnorm=False)
+    distiller = Distiller(teacher, reference)
+    distiller.compile(make_optimizer("sgd", 0.1, total_steps=1, schedule="constant"), temperature=3.0, alpha=0.3)
+    distiller.train_on_batch(x, y)
+    tuner = Finetuner(ours, make_optimizer("sgd", 0.1, total_steps=1, schedule="constant"), teacher=teacher,
+                      temperature=3.0, alpha=0.3)
+    assert tuner.train(tf.data.Dataset.from_tensor_slices((x, y)).batch(48), 1) is None
+    for mine, theirs in zip(weights_of(ours), weights_of(reference)):
+        np.testing.assert_allclose(mine, theirs, atol=1e-6)
+    plain = tiny_candidate(4, "c", seed=3, batchnorm=False)
+    Finetuner(plain, make_optimizer("sgd", 0.1, total_steps=1, schedule="constant")).train(
+        tf.data.Dataset.from_tensor_slices((x, y)).batch(48), 1)
+    assert not np.allclose(weights_of(plain)[0], weights_of(ours)[0])  # the KD term changed the step
 
 
 # ----------------------------------------------------------------------------- bad input
@@ -213,6 +254,8 @@ def test_a_diverging_candidate_is_recorded_and_never_chosen(tmp_path, data):
         ({"val_ds": None}, "val_ds is None; selection scores candidates on a validation split"),
         ({"epochs": 0}, r"epochs=0 must be a positive number \(--select_epochs"),
         ({"tie_tolerance": -0.1}, r"tie_tolerance=-0.1 must be in \[0, 1\)"),
+        ({"zero_cost_keep": -1}, r"zero_cost_keep=-1 must be an integer >= 0"),
+        ({"teacher": "/no/such/teacher.keras"}, r"cannot load the teacher /no/such/teacher.keras"),
         ({"train_ds": "repeat"}, "train_ds is infinite"),
     ],
 )
