@@ -8,12 +8,12 @@ otherwise it and every later stage run again, and the reason is printed.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import time
 from pathlib import Path
 
 from mskd_tf import stages
+from mskd_tf.stages import CompressionResult  # noqa: F401  (part of the API)
 from mskd_tf.config import STAGES, Config
 from mskd_tf.errors import MskdError
 from mskd_tf.workdir import Workdir
@@ -32,26 +32,6 @@ STAGE_INPUTS = {
     "export": ("export", "calibration_samples", "qat", "micro"),
     "report": (),
 }
-
-
-@dataclasses.dataclass
-class CompressionResult:
-    """What ``compress`` returns: the student and every figure the run measured."""
-
-    student: object  # keras.Model, or None when the pipeline stopped before distillation
-    criterion: str | None
-    candidates: list
-    teacher: dict
-    student_metrics: dict
-    exports: list
-    timings: dict
-    workdir: str
-    report: dict
-
-    def summary(self) -> str:
-        from mskd_tf import report
-
-        return report.summary_table(self.report)
 
 
 def _banner(stage: str, text: str):

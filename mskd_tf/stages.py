@@ -63,6 +63,26 @@ def weights_digest(model) -> str:
 
 
 @dataclasses.dataclass
+class CompressionResult:
+    """What ``compress`` returns: the student and every figure the run measured."""
+
+    student: object  # keras.Model, or None when the pipeline stopped before distillation
+    criterion: str | None
+    candidates: list
+    teacher: dict
+    student_metrics: dict
+    exports: list
+    timings: dict
+    workdir: str
+    report: dict
+
+    def summary(self) -> str:
+        from mskd_tf import report
+
+        return report.summary_table(self.report)
+
+
+@dataclasses.dataclass
 class UserData:
     """Data handed to ``compress()`` rather than named by a source string."""
 
@@ -494,8 +514,6 @@ def run_report(ctx: Context):
 
 
 def result(ctx: Context, timings: dict):
-    from mskd_tf.api import CompressionResult
-
     wd = ctx.wd
     read = lambda name: wd.read_json(name) if (wd / name).exists() else {}  # noqa: E731
     rep = read("report.json")

@@ -83,7 +83,7 @@ def main(mode: str, workdir: str):
                          lr=0.05, strategy=strategy, verbose=False)
     else:
         candidates = {f"w{w}": tiny_candidate(w, f"w{w}", seed=w) for w in (4, 6, 8, 10)}
-        payload = select(candidates, train, val, workdir=workdir, epochs=0.5, lr=0.05, parallel=True,
+        payload = select(candidates, train, val, workdir=workdir, epochs=1.0, lr=0.05, parallel=True,
                          wait_timeout=120, verbose=False)
     print("PAYLOAD " + json.dumps(payload), flush=True)
 

@@ -116,7 +116,7 @@ def _run_until(args, marker, timeout=600):
 @pytest.mark.slow
 @pytest.mark.parametrize("stage, finished", [("candidates", ["teacher.keras", "rankings.json"]),
                                              ("distill", ["teacher.keras", "rankings.json", "selected.keras",
-                                                          "candidates/l1.keras"])])
+                                                          "candidates/l1-global.keras"])])
 def test_sigkill_loses_only_the_stage_in_progress(tmp_path, stage, finished):
     args = _cli_args(tmp_path)
     _run_until(args, f"==== [{stage}] running")
