@@ -20,7 +20,8 @@ Protocol
   ``ce:l1-uniform`` (l1 + CE with a uniform per-layer ratio: Li et al. / Torch-Pruning's default),
   ``mskd`` (the library's select + distill), ``kd:l1-uniform`` (l1 + KD, no selection), ``select+ce``
   (MS-KD's selection, then CE: the KD ablation), ``zc+kd`` (the zero-cost rung's top candidate + KD for the
-  whole budget: the selection-training ablation), then every candidate + CE (the oracle table, seed 0),
+  whole budget: the selection-training ablation), l1 + CE at the ``--lr_ablation`` learning rates (is the
+  baseline tuned fairly?), then every candidate + CE (the oracle table, seed 0),
   then seeds 1 and 2 of ``ce:l1-uniform``, ``mskd`` and the oracle-best + CE, then ``--other_targets``
   (l1 + CE, l1 + KD, MS-KD at seed 0).
 """
@@ -51,6 +52,8 @@ flags.DEFINE_float("alpha", 0.5, "KD weight of the label cross-entropy.")
 flags.DEFINE_float("target_macs", 0.5, "Fraction of the teacher's MACs of the decisive rows.")
 flags.DEFINE_list("other_targets", ["0.3", "0.7"], "Further MACs fractions (l1 + CE, l1 + KD, MS-KD, seed 0).")
 flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds of the decisive rows.")
+flags.DEFINE_list("lr_ablation", ["0.02", "0.1"], "Other peak learning rates for l1 + CE (seed 0): is the "
+                  "baseline's learning rate a fair one?")
 flags.DEFINE_integer("max_rows", 0, "Stop after this many newly computed rows (0 = all).")
 flags.DEFINE_bool("render_only", False, "Only print the table of the finished rows (no training).")
 flags.DEFINE_string("name", None, "Results name under benchmarks/results (default mskd_cifar[_quick]).")
@@ -165,7 +168,7 @@ def main(_):
         candidates = {r["criterion"]: r for r in json.loads((wd / "candidates.json").read_text())["candidates"]}
         path = lambda c: wd / "candidates" / f"{c}.keras"  # noqa: E731
 
-        def student_row(name, source, *, kd, seed, steps=budget, extra=None):
+        def student_row(name, source, *, kd, seed, steps=budget, extra=None, lr=None):
             name = name + tag
             if res.row(name):
                 return res.row(name)
@@ -174,9 +177,9 @@ def main(_):
             start = time.perf_counter()
             student, _ = distill.distill(teacher, student, train_for(seed), None, epochs=steps / per_epoch,
                                          steps=steps, kd=kd, temperature=s["temperature"], alpha=s["alpha"],
-                                         lr=s["finetune_lr"], seed=seed, verbose=2)
+                                         lr=lr or s["finetune_lr"], seed=seed, verbose=2)
             cost = flops.count(student)
-            row = {"kd": kd, "seed": seed, "train_steps": steps, "seconds": round(time.perf_counter() - start, 1),
+            row = {"kd": kd, "seed": seed, "lr": lr or s["finetune_lr"], "train_steps": steps, "seconds": round(time.perf_counter() - start, 1),
                    "val_acc": training.accuracy(student, val), "test_acc": training.accuracy(student, test),
                    "macs": int(cost.macs), "params": int(cost.params), **(extra or {})}
             row["total_steps"] = row["train_steps"] + row.get("selection_steps", 0)
@@ -232,6 +235,9 @@ def main(_):
     mskd_rows(s0, with_ce=True)
     top = max(candidates, key=lambda c: candidates[c]["val_acc_before_finetune"])
     student_row(f"zc+kd/s{s0}", path(top), kd=True, seed=s0, extra={"criterion": top})
+    for lr in FLAGS.lr_ablation:  # is the baseline's learning rate a fair one?
+        student_row(f"ce:{BASELINE}@lr{lr}/s{s0}", path(BASELINE), kd=False, seed=s0, lr=float(lr),
+                    extra={"criterion": BASELINE})
     for c in candidates:  # the oracle table
         student_row(f"ce:{c}/s{s0}", path(c), kd=False, seed=s0, extra={"criterion": c})
     oracle = max(candidates, key=lambda c: res.row(f"ce:{c}/s{s0}")["val_acc"])
@@ -303,6 +309,28 @@ def _spread(values):
     return f"{_pct(statistics.mean(values))} ± {_pct(statistics.stdev(values))} (n={len(values)})"
 
 
+def _spearman(a, b):
+    """Spearman's rho (average ranks for ties), without scipy."""
+    def ranks(values):
+        order = sorted(range(len(values)), key=lambda i: values[i])
+        out = [0.0] * len(values)
+        i = 0
+        while i < len(order):
+            j = i
+            while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+                j += 1
+            for k in range(i, j + 1):
+                out[order[k]] = (i + j) / 2
+            i = j + 1
+        return out
+
+    ra, rb = ranks(a), ranks(b)
+    ma, mb = statistics.mean(ra), statistics.mean(rb)
+    cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb))
+    var = (sum((x - ma) ** 2 for x in ra) * sum((y - mb) ** 2 for y in rb)) ** 0.5
+    return cov / var if var else 0.0
+
+
 def _rows(rows, prefix, seeds, tag=""):
     return [rows[f"{prefix}/s{sd}{tag}"] for sd in seeds if f"{prefix}/s{sd}{tag}" in rows]
 
@@ -341,6 +369,11 @@ def render(data: dict) -> str:
             crit = ", ".join(sorted({r.get("criterion", "") for r in found}))
             lines.append(f"| {label} | {crit} | {found[0]['macs'] / 1e6:.2f} | {found[0]['params'] / 1e3:.1f} | "
                          f"{steps} | {_spread([r['val_acc'] for r in found])} | {_spread([r['test_acc'] for r in found])} |")
+    for key, r in rows.items():
+        if key.startswith(f"ce:{BASELINE}@lr"):
+            lines.append(f"| ablation: l1 + CE at peak lr {r['lr']:g} | {r['criterion']} | {r['macs'] / 1e6:.2f} | "
+                         f"{r['params'] / 1e3:.1f} | 0 + {r['train_steps']} | {_pct(r['val_acc'])} (n=1) | "
+                         f"{_pct(r['test_acc'])} (n=1) |")
     ms, bl = _rows(rows, "mskd", seeds), _rows(rows, f"ce:{BASELINE}", seeds)
     if ms and bl:
         a, b = statistics.mean(r["test_acc"] for r in ms), statistics.mean(r["test_acc"] for r in bl)
@@ -356,6 +389,12 @@ def render(data: dict) -> str:
         for c, r in oracle_rows:
             lines.append(f"| {c} | {r['macs'] / 1e6:.2f} | {r['params'] / 1e3:.1f} | "
                          f"{_pct(cands[c]['val_acc_before_finetune'])} | {_pct(r['val_acc'])} | {_pct(r['test_acc'])} |")
+        if len(oracle_rows) >= 3:
+            before = [cands[c]["val_acc_before_finetune"] for c, _ in oracle_rows]
+            after = [r["val_acc"] for _, r in oracle_rows]
+            lines.append(f"\nSpearman rank correlation, validation accuracy before fine-tuning vs after B steps of CE, "
+                         f"over these {len(oracle_rows)} candidates: {_spearman(before, after):+.2f} (how well the "
+                         "zero-cost rung can rank them).")
     selections = [(k, r) for k, r in rows.items() if k.startswith("select/")]
     for k, r in selections:
         lines.append(f"\n{k}: zero-cost rung kept {', '.join(r['zero_cost_kept'])}; chose "
