@@ -12,7 +12,7 @@ import json
 import time
 from pathlib import Path
 
-from mskd_tf import stages
+from mskd_tf import stages, training
 from mskd_tf.stages import CompressionResult  # noqa: F401  (part of the API)
 from mskd_tf.config import STAGES, Config
 from mskd_tf.errors import MskdError
@@ -38,12 +38,10 @@ def _banner(stage: str, text: str):
     print(f"\n==== [{stage}] {text}", flush=True)
 
 
+@training.fused_batchnorm()  # the measured training speed-up (BENCHMARKS.md), only while the stages run
 def run_pipeline(cfg: Config, *, user_teacher=None, user_data=None, stop_after: str | None = None) -> CompressionResult:
     """Run (or resume) every stage for ``cfg``; the CLI and ``compress`` both land here."""
     cfg.validate()
-    from mskd_tf import training
-
-    training.configure_runtime()  # fused BatchNorm: the measured training speed-up (BENCHMARKS.md)
     wd = Workdir(cfg.workdir)
     ctx = stages.Context(cfg=cfg, wd=wd, user_teacher=user_teacher, user_data=user_data)
     # Each stage needs the one before it: run the implemented prefix, then the report.

@@ -29,7 +29,8 @@ import tensorflow as tf
 from keras import ops
 
 from mskd_tf.errors import MskdError
-from mskd_tf.training import NanGuard, StopAfterSteps, budget_steps, compile_kwargs, make_optimizer, steps_per_epoch
+from mskd_tf.training import (NanGuard, StopAfterSteps, budget_steps, compile_kwargs, fused_batchnorm, make_optimizer,
+                              steps_per_epoch)
 from mskd_tf.workdir import atomic_path
 
 OUTPUT_KINDS = ("auto", "logits", "probabilities")
@@ -340,6 +341,7 @@ def kd_per_example(teacher_logits, student_logits, temperature: float):
     return temperature**2 * ops.sum(t * (log_t - log_s), axis=-1)
 
 
+@fused_batchnorm()
 def distill(
     teacher,
     student,

@@ -62,6 +62,7 @@ _SAFE_NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 # ----------------------------------------------------------------------------- public API
 
 
+@training.fused_batchnorm()
 def select(
     candidates: dict,
     train_ds,

@@ -2,13 +2,15 @@
 
 Teacher training, candidate fine-tuning (selection) and distillation all build
 their optimizer and callbacks here, so one flag means the same thing in every
-stage. Every stage calls :func:`configure_runtime` once before training and
-passes ``**compile_kwargs()`` to ``compile``: the speed settings measured in
+stage. Every training entry point (the stage runner, ``distill.distill``,
+``selection.select``) runs inside :func:`fused_batchnorm` and passes
+``**compile_kwargs()`` to ``compile``: the speed settings measured in
 ``benchmarks/throughput.py`` live here and nowhere else.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import threading
@@ -31,7 +33,8 @@ SCHEDULES = ("cosine", "onecycle", "constant")
 _ORIGINAL_BN_CALL = getattr(keras.layers.BatchNormalization.call, "keras_call",
                             keras.layers.BatchNormalization.call)
 _RUNTIME_LOCK = threading.Lock()
-_RUNTIME = {"fused_batchnorm": False, "threads": None}
+# "fused_batchnorm": whether the fused path is wanted; "depth": how many fused_batchnorm() blocks are open.
+_RUNTIME = {"fused_batchnorm": True, "threads": None, "depth": 0}
 
 
 def _fusable(layer, inputs, mask) -> bool:
@@ -82,14 +85,40 @@ def _batchnorm_call(self, inputs, training=None, mask=None):
 _batchnorm_call.keras_call = _ORIGINAL_BN_CALL
 
 
+@contextlib.contextmanager
+def fused_batchnorm():
+    """Inside this block, ``keras.layers.BatchNormalization`` runs through TF's fused kernel.
+
+    Only while mskd_tf trains: Keras' own ``call`` is put back when the outermost block
+    exits, normally or by an exception, so a program that calls ``mskd_tf.compress`` keeps
+    Keras' BatchNorm everywhere else. Blocks nest and may be entered from several threads
+    (a counter under a lock); a model traced inside keeps the fused ops in that traced
+    graph, which computes the same values. ``configure_runtime(fused_batchnorm=False)``
+    makes the blocks use Keras' own implementation.
+    """
+    with _RUNTIME_LOCK:
+        if _RUNTIME["depth"] == 0:
+            keras.layers.BatchNormalization.call = _batchnorm_call
+        _RUNTIME["depth"] += 1
+    try:
+        yield
+    finally:
+        with _RUNTIME_LOCK:
+            _RUNTIME["depth"] -= 1
+            if _RUNTIME["depth"] == 0:
+                keras.layers.BatchNormalization.call = _ORIGINAL_BN_CALL
+
+
 def configure_runtime(*, fused_batchnorm: bool = True, intra_op_threads: int | None = None,
                       inter_op_threads: int | None = None) -> dict:
-    """Apply the measured speed settings for training on this CPU; call once per process.
+    """Choose the speed settings for training on this CPU.
 
-    * ``fused_batchnorm``: run every ``keras.layers.BatchNormalization`` (4-D input,
-      channels last, float32, no renorm/synchronized/mask) through TF's fused kernel.
-      Layers, weights and saved files are unchanged; only the op graph traced from
-      now on differs. ``False`` restores Keras' own implementation.
+    * ``fused_batchnorm``: inside :func:`fused_batchnorm` blocks (every mskd_tf training
+      entry point opens one), run ``keras.layers.BatchNormalization`` (4-D input, channels
+      last, float32, no renorm/synchronized/mask) through TF's fused kernel. Layers,
+      weights and saved files are unchanged; only the op graph traced inside differs.
+      ``False`` keeps Keras' own implementation there too. Outside the blocks Keras'
+      own BatchNorm always runs: nothing is changed for the rest of the process.
     * ``intra_op_threads`` / ``inter_op_threads``: TF thread pools; ``None`` keeps
       TF's default (one thread per core). They can only be set before TF runs its
       first op; later calls keep the pools TF already has (reported in the result).
@@ -100,7 +129,6 @@ def configure_runtime(*, fused_batchnorm: bool = True, intra_op_threads: int | N
 
     with _RUNTIME_LOCK:
         _RUNTIME["fused_batchnorm"] = bool(fused_batchnorm)
-        keras.layers.BatchNormalization.call = _batchnorm_call
         wanted = (intra_op_threads, inter_op_threads)
         if wanted != (None, None) and _RUNTIME["threads"] != wanted:
             for value, name in ((intra_op_threads, "intra_op_threads"), (inter_op_threads, "inter_op_threads")):

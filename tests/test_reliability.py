@@ -55,6 +55,9 @@ def test_compress_end_to_end_and_resume(tmp_path, capsys):
     assert report["selected"]["criterion"] == result.criterion and set(report["timings"]) >= {"teacher", "export"}
     assert (tmp_path / "wd" / "plot_accuracy_vs_macs.png").stat().st_size > 1000
     assert "student (KD)" in result.summary()
+    from mskd_tf import training
+
+    assert keras.layers.BatchNormalization.call is training._ORIGINAL_BN_CALL  # Keras' own again after compress()
 
     capsys.readouterr()
     again = mskd_tf.compress(
@@ -129,6 +132,22 @@ def test_sigkill_loses_only_the_stage_in_progress(tmp_path, stage, finished):
         assert _sha(wd / name) == before[name], f"{name} was redone after the kill"
     assert f"==== [{stage}] running (not run yet)" in proc.stdout
     assert (wd / "report.json").exists()
+
+
+def test_compress_uses_the_fused_batchnorm_only_while_it_runs_even_when_it_fails(tmp_path, monkeypatch):
+    from mskd_tf import stages, training
+
+    (x, y), _ = toy_arrays(tmp_path)
+    seen = []
+
+    def failing_rank(ctx):
+        seen.append(keras.layers.BatchNormalization.call is training._batchnorm_call)
+        raise MskdError("stopped in rank")
+
+    monkeypatch.setattr(stages, "run_rank", failing_rank)
+    with pytest.raises(MskdError, match="stopped in rank"):
+        mskd_tf.compress(toy_teacher(), (x, y), workdir=str(tmp_path / "wd"), export=("float32",))
+    assert seen == [True] and keras.layers.BatchNormalization.call is training._ORIGINAL_BN_CALL
 
 
 # ----------------------------------------------------------------------------- never ship a worse network

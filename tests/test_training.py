@@ -17,8 +17,41 @@ def fused_bn():
     """Run a test with the fused BatchNorm path on and restore the previous state afterwards."""
     before = training._RUNTIME["fused_batchnorm"]
     training.configure_runtime(fused_batchnorm=True)
-    yield
+    with training.fused_batchnorm():
+        yield
     training.configure_runtime(fused_batchnorm=before)
+
+
+def test_fused_batchnorm_only_inside_the_block_nested_threads_and_errors():
+    import threading
+
+    keras_call = keras.layers.BatchNormalization.call
+    assert keras_call is training._ORIGINAL_BN_CALL  # nothing patched at import or by configure_runtime
+    training.configure_runtime()
+    assert keras.layers.BatchNormalization.call is keras_call
+    with training.fused_batchnorm():
+        assert keras.layers.BatchNormalization.call is training._batchnorm_call
+        with training.fused_batchnorm():
+            pass
+        assert keras.layers.BatchNormalization.call is training._batchnorm_call  # the inner exit keeps it
+    assert keras.layers.BatchNormalization.call is keras_call
+    with pytest.raises(RuntimeError, match="boom"):
+        with training.fused_batchnorm():
+            raise RuntimeError("boom")
+    assert keras.layers.BatchNormalization.call is keras_call and training._RUNTIME["depth"] == 0
+    barrier = threading.Barrier(4)
+
+    def worker():
+        with training.fused_batchnorm():
+            barrier.wait(timeout=10)  # all four inside at once
+            assert keras.layers.BatchNormalization.call is training._batchnorm_call
+
+    threads = [threading.Thread(target=worker) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert keras.layers.BatchNormalization.call is keras_call and training._RUNTIME["depth"] == 0
 
 
 def _bn_step(layer, x, fused):
