@@ -77,6 +77,7 @@ def select(
     temperature: float = 4.0,
     alpha: float = 0.5,
     tie_tolerance: float = 0.002,
+    bn_recalibration_batches: int = 20,
     optimizer: str = "sgd",
     lr: float = 0.01,
     weight_decay: float = 5e-4,
@@ -105,6 +106,8 @@ def select(
       teacher: fine-tune under the distillation loss from this model (a
         ``keras.Model`` or ``.keras`` path; ``None`` = cross-entropy).
       temperature, alpha: the distillation loss (see :mod:`mskd_tf.distill`).
+      bn_recalibration_batches: before each score, re-estimate the candidate's BatchNorm
+        statistics on this many training batches (0 = off; on one replica only).
       tie_tolerance: validation accuracies this close to the best are a tie,
         won by the candidate with the fewest MACs.
       optimizer, lr, weight_decay: see :func:`mskd_tf.training.make_optimizer`
@@ -133,7 +136,7 @@ def select(
     names = list(candidates)
     teacher = _load_teacher(teacher, strategy)
     settings = {"optimizer": optimizer, "lr": lr, "weight_decay": weight_decay, "seed": seed,
-                "steps_per_epoch": steps_per_epoch,
+                "steps_per_epoch": steps_per_epoch, "bn_recalibration_batches": bn_recalibration_batches,
                 "loss": "ce" if teacher is None else "kd",
                 **({} if teacher is None else {"temperature": temperature, "alpha": alpha,
                                                "teacher": _weights_digest(teacher)})}
@@ -546,6 +549,7 @@ class _CandidateTrainer:
                 state["error"] = f"the loss became {bad_loss} within {state['steps']} steps"
                 self.forget([name])
                 break
+            self._recalibrate(tuner)
             state["val_acc"] = tuner.accuracy(self.val_ds)
             state["curve"].append([state["budget_epochs"], state["val_acc"]])
         state["seconds"] = round(state["seconds"] + time.perf_counter() - began, 3)
@@ -556,6 +560,18 @@ class _CandidateTrainer:
             result = state.get("error") or f"val acc {100 * state['val_acc']:.2f}%"
             print(f"select: rung {rung}: {name} at {state['budget_epochs']:g} epochs: {result} "
                   f"({state['seconds']:.1f} s)", flush=True)
+
+    def _recalibrate(self, tuner):
+        """Re-estimate BatchNorm statistics before scoring (no optimizer step).
+
+        At a constant, fairly high learning rate the moving averages trail the weights, and
+        a rung would compare how stale each candidate's statistics are rather than how good
+        it is. Training-mode steps use batch statistics, so training is unaffected. Only on
+        one replica: synchronized BatchNorm needs a replica context.
+        """
+        batches = self.settings.get("bn_recalibration_batches", 0)
+        if batches and self.strategy.num_replicas_in_sync == 1:
+            recalibrate_batchnorm(tuner.model, self.train_ds, batches)
 
     def wait_for(self, names, target_steps, *, timeout, workers):
         """Block until every candidate in ``names`` has a record at ``target_steps`` (parallel mode)."""

@@ -396,6 +396,7 @@ def run_select(ctx: Context):
         zero_cost_scores={row["criterion"]: row.get("val_acc_before_finetune") for row in rows
                           if row.get("val_acc_before_finetune") is not None},
         teacher=teacher, temperature=cfg.temperature, alpha=cfg.alpha, tie_tolerance=cfg.tie_tolerance,
+        bn_recalibration_batches=cfg.bn_recalibration_batches,
         optimizer=cfg.optimizer, lr=cfg.finetune_lr, weight_decay=cfg.weight_decay, strategy=_strategy(ctx),
         seed=cfg.seed,
     )

@@ -231,13 +231,13 @@ def steps_per_epoch(dataset, what: str = "train_ds") -> int:
 def accuracy(model, dataset, what: str = "evaluation data") -> float:
     """Top-1 accuracy of a logits/probabilities model on a dataset of (images, labels) batches."""
     import numpy as np
-    import tensorflow as tf
 
-    # One traced graph per model (shapes relaxed for the last, smaller batch), not eager calls per batch.
-    predict = tf.function(lambda images: tf.argmax(model(images, training=False), axis=-1), reduce_retracing=True)
+    # Keras' own predict function: traced once per model and cached on it (a fresh tf.function per call
+    # would retrace for every model and flood the log with retracing warnings), not eager calls per batch.
     correct = total = 0
     for images, labels in dataset:
-        correct += int(np.sum(predict(images).numpy() == np.reshape(labels.numpy(), -1)))
+        predicted = np.argmax(model.predict_on_batch(images), axis=-1)
+        correct += int(np.sum(predicted == np.reshape(labels.numpy(), -1)))
         total += int(np.size(labels))
     if total == 0:
         raise MskdError(f"{what} is empty.")
