@@ -21,7 +21,8 @@ Protocol
   ``mskd`` (the library's select + distill), ``kd:l1-uniform`` (l1 + KD, no selection), ``select+ce``
   (MS-KD's selection, then CE: the KD ablation), ``zc+kd`` (the zero-cost rung's top candidate + KD for the
   whole budget: the selection-training ablation), l1 + CE at the ``--lr_ablation`` learning rates (is the
-  baseline tuned fairly?), then every candidate + CE (the oracle table, seed 0),
+  baseline tuned fairly?), l1 + KD with one ``--kd_ablation`` setting changed each, then every candidate + CE
+  (the oracle table, seed 0),
   then seeds 1 and 2 of ``ce:l1-uniform``, ``mskd`` and the oracle-best + CE, then ``--other_targets``
   (l1 + CE, l1 + KD, MS-KD at seed 0).
 """
@@ -46,6 +47,8 @@ flags.DEFINE_integer("teacher_epochs", 50, "Teacher epochs (the full protocol's 
 flags.DEFINE_float("budget", 15.0, "Student budget B in epochs of the training split, selection included.")
 flags.DEFINE_float("select_epochs", 1.5, "What MS-KD's selection spends of B (all candidates together).")
 flags.DEFINE_integer("zero_cost_keep", 4, "Candidates kept by the zero-cost rung.")
+flags.DEFINE_float("weight_decay", 5e-3, "Decoupled weight decay of the teacher and every student row (Keras "
+                   "applies lr x wd per step: 5e-3 equals the usual SGD-momentum-0.9 L2 of 5e-4).")
 flags.DEFINE_float("finetune_lr", 0.05, "Peak learning rate of every student row (cosine to 0).")
 flags.DEFINE_float("temperature", 4.0, "KD temperature.")
 flags.DEFINE_float("alpha", 0.5, "KD weight of the label cross-entropy.")
@@ -54,6 +57,8 @@ flags.DEFINE_list("other_targets", ["0.3", "0.7"], "Further MACs fractions (l1 +
 flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds of the decisive rows.")
 flags.DEFINE_list("lr_ablation", ["0.02", "0.1"], "Other peak learning rates for l1 + CE (seed 0): is the "
                   "baseline's learning rate a fair one?")
+flags.DEFINE_list("kd_ablation", ["alpha=0.1", "temperature=2", "feature_kd=1"],
+                  "l1 + KD rows with one KD setting changed (seed 0), key=value of distill.distill.")
 flags.DEFINE_integer("max_rows", 0, "Stop after this many newly computed rows (0 = all).")
 flags.DEFINE_bool("render_only", False, "Only print the table of the finished rows (no training).")
 flags.DEFINE_string("name", None, "Results name under benchmarks/results (default mskd_cifar[_quick]).")
@@ -65,7 +70,7 @@ def settings() -> dict:
     quick = FLAGS.quick
     s = {"quick": quick, "dataset": f"folder:{results_io.SHARED_CIFAR10}", "model": "resnet20", "batch_size": 128,
          "train_subset": 5000 if quick else 0, "teacher_epochs": 4 if quick else FLAGS.teacher_epochs,
-         "teacher_lr": 0.1, "budget": 2.0 if quick else FLAGS.budget,
+         "teacher_lr": 0.1, "weight_decay": FLAGS.weight_decay, "budget": 2.0 if quick else FLAGS.budget,
          "select_epochs": 0.5 if quick else FLAGS.select_epochs, "zero_cost_keep": FLAGS.zero_cost_keep,
          "finetune_lr": FLAGS.finetune_lr, "temperature": FLAGS.temperature, "alpha": FLAGS.alpha,
          "target_macs": FLAGS.target_macs, "other_targets": [float(t) for t in FLAGS.other_targets],
@@ -80,7 +85,8 @@ def pipeline_config(s, target, teacher_path=""):
 
     suffix = "" if target == s["target_macs"] else f"_t{round(100 * target)}"
     return Config(dataset=s["dataset"], model=s["model"], train_subset=s["train_subset"], batch_size=s["batch_size"],
-                  epochs=s["teacher_epochs"], lr=s["teacher_lr"], schedule="cosine", teacher=teacher_path,
+                  epochs=s["teacher_epochs"], lr=s["teacher_lr"], schedule="cosine", weight_decay=s["weight_decay"],
+                  teacher=teacher_path,
                   target_macs=target, calibration_batches=10, select_epochs=s["select_epochs"],
                   zero_cost_keep=s["zero_cost_keep"], finetune_lr=s["finetune_lr"], distill_epochs=s["budget"],
                   temperature=s["temperature"], alpha=s["alpha"], workdir=s["workdir"] + suffix, seed=0)
@@ -168,18 +174,21 @@ def main(_):
         candidates = {r["criterion"]: r for r in json.loads((wd / "candidates.json").read_text())["candidates"]}
         path = lambda c: wd / "candidates" / f"{c}.keras"  # noqa: E731
 
-        def student_row(name, source, *, kd, seed, steps=budget, extra=None, lr=None):
+        def student_row(name, source, *, kd, seed, steps=budget, extra=None, lr=None, kd_settings=None):
             name = name + tag
+            loss = {"temperature": s["temperature"], "alpha": s["alpha"], "feature_kd": 0.0, **(kd_settings or {})}
             if res.row(name):
                 return res.row(name)
             keras.utils.set_random_seed(seed)
             student = keras.models.load_model(source)
             start = time.perf_counter()
             student, _ = distill.distill(teacher, student, train_for(seed), None, epochs=steps / per_epoch,
-                                         steps=steps, kd=kd, temperature=s["temperature"], alpha=s["alpha"],
-                                         lr=lr or s["finetune_lr"], seed=seed, verbose=2)
+                                         steps=steps, kd=kd, **loss,
+                                         lr=lr or s["finetune_lr"], weight_decay=s["weight_decay"], seed=seed,
+                                         verbose=2)
             cost = flops.count(student)
-            row = {"kd": kd, "seed": seed, "lr": lr or s["finetune_lr"], "train_steps": steps, "seconds": round(time.perf_counter() - start, 1),
+            row = {"kd": kd, **({"kd_settings": loss} if kd else {}), "seed": seed, "lr": lr or s["finetune_lr"],
+                   "train_steps": steps, "seconds": round(time.perf_counter() - start, 1),
                    "val_acc": training.accuracy(student, val), "test_acc": training.accuracy(student, test),
                    "macs": int(cost.macs), "params": int(cost.params), **(extra or {})}
             row["total_steps"] = row["train_steps"] + row.get("selection_steps", 0)
@@ -198,7 +207,8 @@ def main(_):
                     {c: str(path(c)) for c in candidates}, train_for(seed), val, workdir=str(out),
                     epochs=s["select_epochs"], zero_cost_keep=s["zero_cost_keep"],
                     zero_cost_scores={c: r["val_acc_before_finetune"] for c, r in candidates.items()},
-                    teacher=teacher, temperature=s["temperature"], alpha=s["alpha"], lr=s["finetune_lr"], seed=seed)
+                    teacher=teacher, temperature=s["temperature"], alpha=s["alpha"], lr=s["finetune_lr"],
+                    weight_decay=s["weight_decay"], seed=seed)
                 res.put(key, {"seed": seed, "seconds": round(time.perf_counter() - start, 1),
                               "selected": payload["selected"], "total_steps": payload["protocol"]["total_steps"],
                               "zero_cost_kept": payload["protocol"]["zero_cost"]["kept"],
@@ -238,6 +248,10 @@ def main(_):
     for lr in FLAGS.lr_ablation:  # is the baseline's learning rate a fair one?
         student_row(f"ce:{BASELINE}@lr{lr}/s{s0}", path(BASELINE), kd=False, seed=s0, lr=float(lr),
                     extra={"criterion": BASELINE})
+    for variant in FLAGS.kd_ablation:  # the KD loss itself: which settings help l1 + KD
+        key, value = variant.split("=")
+        student_row(f"kd:{BASELINE}[{variant}]/s{s0}", path(BASELINE), kd=True, seed=s0,
+                    kd_settings={key: float(value)}, extra={"criterion": BASELINE})
     for c in candidates:  # the oracle table
         student_row(f"ce:{c}/s{s0}", path(c), kd=False, seed=s0, extra={"criterion": c})
     oracle = max(candidates, key=lambda c: res.row(f"ce:{c}/s{s0}")["val_acc"])
@@ -343,10 +357,11 @@ def render(data: dict) -> str:
              f"{m.get('cpu')}, {m.get('cores')} cores, TF {m.get('tensorflow')}, Keras {m.get('keras')}, "
              f"mskd_tf commit {m.get('git_commit')}.",
              f"CIFAR-10: {t.get('train_images')} train / {t.get('val_images')} val / {t.get('test_images')} test "
-             f"images. ResNet-20 teacher: {s['teacher_epochs']} epochs, SGD lr {s['teacher_lr']} cosine "
+             f"images. ResNet-20 teacher: {s['teacher_epochs']} epochs, SGD lr {s['teacher_lr']} cosine, decoupled weight "
+             f"decay {s['weight_decay']:g} "
              f"({(t.get('seconds') or 0) / 60:.0f} min). Every student row: B = {s['budget']:g} epochs = {budget} "
              f"optimizer steps of batch {s['batch_size']} ({per_epoch} per epoch), SGD (Nesterov) peak lr "
-             f"{s['finetune_lr']} cosine to 0; KD T = {s['temperature']:g}, alpha = {s['alpha']:g}. MS-KD: zero-cost "
+             f"{s['finetune_lr']} cosine to 0, the same weight decay; KD T = {s['temperature']:g}, alpha = {s['alpha']:g}. MS-KD: zero-cost "
              f"rung keeps {s['zero_cost_keep']}, then successive halving under the KD loss for {s['select_epochs']:g} "
              f"epochs in all, inside B.", ""]
     seeds = s["seeds"]
@@ -370,6 +385,11 @@ def render(data: dict) -> str:
             lines.append(f"| {label} | {crit} | {found[0]['macs'] / 1e6:.2f} | {found[0]['params'] / 1e3:.1f} | "
                          f"{steps} | {_spread([r['val_acc'] for r in found])} | {_spread([r['test_acc'] for r in found])} |")
     for key, r in rows.items():
+        if key.startswith(f"kd:{BASELINE}[") and "@" not in key.split("/")[-1]:
+            variant = key[len(f"kd:{BASELINE}["):key.index("]")]
+            lines.append(f"| ablation: l1 + KD with {variant} | {r['criterion']} | {r['macs'] / 1e6:.2f} | "
+                         f"{r['params'] / 1e3:.1f} | 0 + {r['train_steps']} | {_pct(r['val_acc'])} (n=1) | "
+                         f"{_pct(r['test_acc'])} (n=1) |")
         if key.startswith(f"ce:{BASELINE}@lr"):
             lines.append(f"| ablation: l1 + CE at peak lr {r['lr']:g} | {r['criterion']} | {r['macs'] / 1e6:.2f} | "
                          f"{r['params'] / 1e3:.1f} | 0 + {r['train_steps']} | {_pct(r['val_acc'])} (n=1) | "
