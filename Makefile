@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 FLAGFILE ?= configs/quickstart.cfg
 PYTEST_ARGS ?= -m "not slow"
 
-.PHONY: setup data run test test-all bench clean
+.PHONY: setup data run test test-all wheel-check bench clean
 
 setup: $(VENV)/.installed
 
@@ -31,6 +31,19 @@ test: setup data
 
 test-all: PYTEST_ARGS =
 test-all: test
+
+# A wheel, installed into a clean venv outside the checkout, must write whole deployment kits. The
+# dependencies (TensorFlow & co., ~1 GB) are borrowed from $(VENV) by a plain path line in a .pth file,
+# so nothing is downloaded twice and $(VENV)'s editable mskd_tf stays out of sight.
+WHEEL_DIR ?= /tmp/mskd_tf_wheel_check
+wheel-check: setup
+	rm -rf $(WHEEL_DIR) && mkdir -p $(WHEEL_DIR)
+	$(PY) -m pip wheel -q --no-deps --no-build-isolation -w $(WHEEL_DIR)/dist .
+	python3 -m venv $(WHEEL_DIR)/venv
+	$(PY) -c "import sysconfig; print(sysconfig.get_paths()['purelib'])" > \
+		"$$($(WHEEL_DIR)/venv/bin/python -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/mskd_deps.pth"
+	$(WHEEL_DIR)/venv/bin/python -m pip install -q --no-deps $(WHEEL_DIR)/dist/*.whl
+	cd $(WHEEL_DIR) && venv/bin/python $(CURDIR)/tools/wheel_check.py
 
 clean:
 	rm -rf $(VENV) runs *.egg-info

@@ -30,7 +30,11 @@ setup(
     name="mskd_tf",
     version=VERSION,
     description=__doc__,
-    packages=find_packages(include=["mskd_tf", "mskd_tf.*"]),
+    # The deployment-kit templates (MCU main.cc, Android Classifier.kt, their READMEs) live in the top-level
+    # export/ folder and ship inside the package as mskd_tf.export_templates, so a wheel writes whole kits.
+    packages=find_packages(include=["mskd_tf", "mskd_tf.*"]) + ["mskd_tf.export_templates"],
+    package_dir={"mskd_tf.export_templates": "export"},
+    package_data={"mskd_tf.export_templates": ["micro/*", "android/*"]},
     python_requires=">=3.10",
     install_requires=INSTALL_REQUIRES,
     extras_require={"test": ["pytest>=8"], "bench": ["torch==2.13.0"]},

@@ -34,7 +34,7 @@ from mskd_tf.workdir import write_atomic
 MIN_ARENA_BYTES = 2048
 # Arena sizes are searched to this granularity (TFLM aligns buffers to 16 bytes).
 ARENA_ALIGN = 16
-TEMPLATE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "export")
+TEMPLATE_PACKAGE = "mskd_tf.export_templates"  # the top-level export/ folder, shipped as package data (setup.py)
 
 
 # --------------------------------------------------------------------------- ops
@@ -396,19 +396,21 @@ def write_micro_kit(
 
 
 def _copy_templates(kind: str, out_dir: str) -> dict:
-    # The deployer-facing templates live in the repo's export/<kind>/ (not in the wheel).
-    source = os.path.join(TEMPLATE_DIR, kind)
+    """Copy the deployer-facing templates of ``export/<kind>/`` (package data) into ``out_dir``."""
+    from importlib import resources
+
+    try:
+        source = resources.files(TEMPLATE_PACKAGE) / kind
+    except ModuleNotFoundError:
+        source = None
+    if source is None or not source.is_dir():
+        raise MskdError(f"the {kind} kit templates ({TEMPLATE_PACKAGE}/{kind}) are missing from this installation of "
+                        "mskd_tf; reinstall it (pip install mskd_tf, or pip install -e . in a checkout).")
     copied = {}
-    if os.path.isdir(source):
-        for entry in sorted(os.listdir(source)):
-            path = os.path.join(source, entry)
-            if os.path.isfile(path):
-                with open(path, "rb") as handle:
-                    copied[entry] = write_atomic(os.path.join(out_dir, entry), handle.read())
+    for entry in sorted(source.iterdir(), key=lambda e: e.name):
+        if entry.is_file():
+            copied[entry.name] = write_atomic(os.path.join(out_dir, entry.name), entry.read_bytes())
     return copied
-
-
-# --------------------------------------------------------------------------- android kit
 
 
 def write_android_kit(
