@@ -81,9 +81,12 @@ def summary_table(rep: dict) -> str:
                  _fmt_pct(t.get("test_acc")), f"{cfg.get('epochs', '')} epochs" if cfg.get("dataset") != "user" else ""))
     for c in rep.get("candidates", []):
         budget = c.get("budget_epochs")
-        note = f"fine-tuned {budget:.3g} epochs" if budget is not None else ""
+        if budget:
+            acc, note = c.get("val_acc"), f"fine-tuned {budget:.3g} epochs in selection"
+        else:  # dropped by the zero-cost rung: its accuracy before any step
+            acc, note = c.get("val_acc_before_finetune"), "no step (zero-cost rung)"
         rows.append((f"candidate {c['criterion']}" + (" (selected)" if c["criterion"] == chosen else ""),
-                     _fmt_m(c.get("macs")), _fmt_m(c.get("params"), 3), _fmt_pct(c.get("val_acc")), "", note))
+                     _fmt_m(c.get("macs")), _fmt_m(c.get("params"), 3), _fmt_pct(acc), "", note))
     s = rep.get("student") or {}
     if s:
         steps = (f"{s['distill_steps']} steps after {s['selection_steps']} selection steps"
@@ -143,6 +146,22 @@ def markdown(rep: dict) -> str:
     return "\n".join(parts)
 
 
+def candidate_styles(cands) -> dict:
+    """One matplotlib style per candidate, the same in every plot: colour by ranking criterion (tab10 / tab20
+    in criteria order), marker and line style by layer allocation."""
+    import matplotlib
+
+    rankings = list(dict.fromkeys(c.get("ranking", c["criterion"]) for c in cands))
+    palette = matplotlib.colormaps["tab10" if len(rankings) <= 10 else "tab20"]
+    markers = {"global": ("o", "-"), "uniform": ("s", "--")}
+    styles = {}
+    for c in cands:
+        marker, line = markers.get(c.get("allocation"), ("o", "-"))
+        styles[c["criterion"]] = {"color": palette(rankings.index(c.get("ranking", c["criterion"])) % palette.N),
+                                  "marker": marker, "linestyle": line}
+    return styles
+
+
 def plots(rep: dict, wd) -> list[Path]:
     """accuracy-vs-MACs (the Pareto picture), per-layer widths, and training curves."""
     import matplotlib
@@ -154,43 +173,69 @@ def plots(rep: dict, wd) -> list[Path]:
     t = rep.get("teacher") or {}
     cands = rep.get("candidates") or []
     s = rep.get("student") or {}
+    styles = candidate_styles(cands)
+    chosen = (rep.get("selected") or {}).get("criterion")
     if t.get("macs"):
-        fig, ax = plt.subplots(figsize=(6, 4))
-        ax.scatter([t["macs"] / 1e6], [100 * (t.get("val_acc") or t.get("test_acc") or 0)], marker="*", s=150,
-                   label="teacher")
+        fig, ax = plt.subplots(figsize=(9, 4.8))
+        teacher_acc = 100 * (t.get("val_acc") or t.get("test_acc") or 0)
+        ax.scatter([t["macs"] / 1e6], [teacher_acc], marker="*", s=200, color="black", label="teacher", zorder=4)
+        target = (rep.get("config") or {}).get("target_macs")
+        if target:
+            ax.axvline(target * t["macs"] / 1e6, color="grey", ls=":", lw=1,
+                       label=f"MACs target ({target:.0%} of the teacher)")
         for c in cands:
-            if c.get("val_acc") is not None:
-                ax.scatter([c["macs"] / 1e6], [100 * c["val_acc"]], label=c["criterion"])
-        if s.get("val_acc") is not None:
-            ax.scatter([s["macs"] / 1e6], [100 * s["val_acc"]], marker="D", s=80, label="distilled student")
+            style = styles[c["criterion"]]
+            x = [c["macs"] / 1e6]
+            if c.get("val_acc_before_finetune") is not None:  # hollow: before any step (the zero-cost rung)
+                ax.scatter(x, [100 * c["val_acc_before_finetune"]], marker=style["marker"], s=30, facecolors="none",
+                           edgecolors=style["color"], zorder=2)
+            if c.get("val_acc") is not None:  # filled: after its selection fine-tuning
+                ax.scatter(x, [100 * c["val_acc"]], color=style["color"], marker=style["marker"], s=30, zorder=2)
+            ax.scatter([], [], color=style["color"], marker=style["marker"], s=30, label=c["criterion"])
+            if c["criterion"] == chosen and c.get("val_acc") is not None:
+                # a ring around the selected one, so the student marker cannot hide it
+                ax.scatter(x, [100 * c["val_acc"]], s=220, facecolors="none", edgecolors="red", linewidths=1.5,
+                           label=f"selected: {chosen}", zorder=3)
+        shipped = s.get("shipped_val_acc", s.get("val_acc"))
+        if shipped is not None:
+            ax.scatter([s["macs"] / 1e6], [100 * shipped], marker="D", s=70, color="red", zorder=5,
+                       label="shipped student")
+        ax.set_xlim(0, 1.08 * t["macs"] / 1e6)
         ax.set_xlabel("MACs (M)")
         ax.set_ylabel("validation accuracy (%)")
-        ax.set_title("MS-KD: accuracy vs MACs")
-        ax.legend(fontsize=7)
+        ax.set_title("accuracy vs MACs; candidates hollow before fine-tuning, filled after selection", fontsize=9)
+        ax.legend(fontsize=6, ncol=2, loc="upper left", bbox_to_anchor=(1.01, 1.0))
         fig.tight_layout()
         made.append(_save(fig, wd / "plot_accuracy_vs_macs.png"))
     widths = [c for c in cands if c.get("widths")]
     if widths:
-        fig, ax = plt.subplots(figsize=(8, 4))
+        fig, ax = plt.subplots(figsize=(9, 4.5))
         layers = list(widths[0]["widths"])
         teacher_widths = widths[0].get("teacher_widths")
         if teacher_widths:
-            ax.plot([teacher_widths.get(n) for n in layers], "k--", label="teacher")
+            ax.plot([teacher_widths.get(n) for n in layers], "k-", lw=2, label="teacher")
         for c in widths:
-            ax.plot([c["widths"].get(n) for n in layers], label=c["criterion"])
+            style = styles[c["criterion"]]
+            ax.plot([c["widths"].get(n) for n in layers], color=style["color"], ls=style["linestyle"],
+                    lw=2.5 if c["criterion"] == chosen else 1,
+                    label=c["criterion"] + (" (selected)" if c["criterion"] == chosen else ""))
         ax.set_xticks(range(len(layers)), layers, rotation=60, ha="right", fontsize=6)
+        ax.set_ylim(bottom=0)
         ax.set_xlabel("layer")
         ax.set_ylabel("kept channels")
         ax.set_title("per-layer widths of each candidate")
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=6, ncol=2, loc="upper left", bbox_to_anchor=(1.01, 1.0))
         fig.tight_layout()
         made.append(_save(fig, wd / "plot_widths.png"))
     hist = rep.get("history") or {}
     curves = [(c["criterion"], c.get("curve")) for c in cands if c.get("curve")]
     if curves or (hist.get("distill") or {}).get("val_accuracy") or (hist.get("teacher") or {}).get("val_accuracy"):
-        fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+        fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
         for name, curve in curves:
-            left.plot([p[0] for p in curve], [100 * p[1] for p in curve], marker=".", label=name)
+            style = styles[name]
+            left.plot([p[0] for p in curve], [100 * p[1] for p in curve], color=style["color"], ls=style["linestyle"],
+                      marker=style["marker"], ms=3, lw=2.5 if name == chosen else 1,
+                      label=name + (" (selected)" if name == chosen else ""))
         left.set_title("selection (successive halving)")
         for label, h in (("teacher", hist.get("teacher")), ("student, distillation", hist.get("distill")),
                          ("student, cross-entropy", hist.get("baseline"))):
@@ -200,7 +245,7 @@ def plots(rep: dict, wd) -> list[Path]:
         right.set_title("teacher and student training")
         for ax in (left, right):
             ax.set_xlabel("epoch")
-            ax.legend(fontsize=7)
+            ax.legend(fontsize=6)
         left.set_ylabel("validation accuracy (%)")
         fig.tight_layout()
         made.append(_save(fig, wd / "plot_curves.png"))

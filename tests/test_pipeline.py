@@ -90,3 +90,16 @@ def test_atomic_write_leaves_old_artifact_on_failure(tmp_path):
             raise RuntimeError("killed mid-write")
     assert json.loads((tmp_path / "a.json").read_text()) == {"v": 1}
     assert [p.name for p in tmp_path.iterdir()] == ["a.json"]  # no temporary left behind
+
+
+def test_candidate_styles_colour_by_criterion_and_mark_the_allocation():
+    from mskd_tf.report import candidate_styles
+
+    rows = [{"criterion": f"{c}-{a}", "ranking": c, "allocation": a} for a in ("global", "uniform")
+            for c in ("l1", "taylor", "random")]
+    styles = candidate_styles(rows)
+    assert styles["l1-global"]["color"] == styles["l1-uniform"]["color"]  # one colour per criterion
+    assert len({styles[f"{c}-global"]["color"] for c in ("l1", "taylor", "random")}) == 3
+    assert styles["l1-global"]["marker"] != styles["l1-uniform"]["marker"]
+    assert styles["l1-global"]["linestyle"] != styles["l1-uniform"]["linestyle"]
+    assert candidate_styles(rows) == styles  # the same in every plot of a report
