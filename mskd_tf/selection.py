@@ -107,7 +107,7 @@ def select(
         ``keras.Model`` or ``.keras`` path; ``None`` = cross-entropy).
       temperature, alpha: the distillation loss (see :mod:`mskd_tf.distill`).
       bn_recalibration_batches: before each score, re-estimate the candidate's BatchNorm
-        statistics on this many training batches (0 = off; on one replica only).
+        statistics on this many training batches, on a copy (0 = off).
       tie_tolerance: validation accuracies this close to the best are a tie,
         won by the candidate with the fewest MACs.
       optimizer, lr, weight_decay: see :func:`mskd_tf.training.make_optimizer`
@@ -549,8 +549,7 @@ class _CandidateTrainer:
                 state["error"] = f"the loss became {bad_loss} within {state['steps']} steps"
                 self.forget([name])
                 break
-            self._recalibrate(tuner)
-            state["val_acc"] = tuner.accuracy(self.val_ds)
+            state["val_acc"] = self._score(tuner)
             state["curve"].append([state["budget_epochs"], state["val_acc"]])
         state["seconds"] = round(state["seconds"] + time.perf_counter() - began, 3)
         if not state.get("error"):
@@ -561,17 +560,20 @@ class _CandidateTrainer:
             print(f"select: rung {rung}: {name} at {state['budget_epochs']:g} epochs: {result} "
                   f"({state['seconds']:.1f} s)", flush=True)
 
-    def _recalibrate(self, tuner):
-        """Re-estimate BatchNorm statistics before scoring (no optimizer step).
+    def _score(self, tuner) -> float:
+        """Validation accuracy after re-estimating BatchNorm statistics (no optimizer step).
 
-        At a constant, fairly high learning rate the moving averages trail the weights, and
-        a rung would compare how stale each candidate's statistics are rather than how good
-        it is. Training-mode steps use batch statistics, so training is unaffected. Only on
-        one replica: synchronized BatchNorm needs a replica context.
+        At a constant, fairly high learning rate the moving averages trail the weights, and a
+        rung would compare how stale each candidate's statistics are rather than how good it is.
+        The recalibration runs on a plain copy, so the trained model, its checkpoint and every
+        replica stay exactly as training left them (and equal under any strategy).
         """
         batches = self.settings.get("bn_recalibration_batches", 0)
-        if batches and self.strategy.num_replicas_in_sync == 1:
-            recalibrate_batchnorm(tuner.model, self.train_ds, batches)
+        if not batches:
+            return tuner.accuracy(self.val_ds)
+        copy = _with_batchnorm_sync(tuner.model, False)
+        recalibrate_batchnorm(copy, self.train_ds, batches)
+        return training.accuracy(copy, self.val_ds, "select: val_ds")
 
     def wait_for(self, names, target_steps, *, timeout, workers):
         """Block until every candidate in ``names`` has a record at ``target_steps`` (parallel mode)."""
