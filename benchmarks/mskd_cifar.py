@@ -150,8 +150,10 @@ def prepare(s, target, teacher_path=""):
 
 def main(_):
     s = settings()
-    if FLAGS.render_only:
-        print(render(json.loads((results_io.RESULTS / f"{s['name']}.json").read_text())["figures"]), flush=True)
+    if FLAGS.render_only:  # also refreshes the .md, so the finished rows can be committed mid-table
+        text = render(json.loads((results_io.RESULTS / f"{s['name']}.json").read_text())["figures"])
+        (results_io.RESULTS / f"{s['name']}.md").write_text(text)
+        print(text, flush=True)
         return
 
     import keras
