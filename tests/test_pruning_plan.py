@@ -82,6 +82,23 @@ def test_round_to_minimum_width_and_protect(chain_graph):
     assert plan.widths() == {"conv0": 8, "conv1": 12, "conv2": 16}
 
 
+@pytest.mark.parametrize("mode", ["uniform", "global"])
+def test_round_to_holds_for_every_slice_of_a_coupled_residual_stream(resnet_graph, mode):
+    # ResNet-20's option-A stream is one 64-channel group whose stage-1 / stage-2 layers produce
+    # 16- / 32-channel slices; rounding only the group width left those slices at 7 and 17.
+    plan = plan_keep(resnet_graph, random_scores(resnet_graph, 2), target_macs=0.5, mode=mode, round_to=8)
+    checked = 0
+    for group in resnet_graph.groups:
+        for ref in group.producers if group.prunable else ():
+            kept = np.isin(np.unique(ref.indices), plan.keep[group.id]).sum()
+            assert kept % 8 == 0, (ref.layer, kept)
+            checked += len(group.producers) > 1
+    assert checked >= 10  # the stream's producers were among them
+    assert abs(plan.macs / (0.5 * plan.base_macs) - 1) <= 0.05
+    model = prune(resnet_graph.model, plan.keep, graph=resnet_graph)
+    assert all(layer.filters % 8 == 0 for layer in model.layers if isinstance(layer, keras.layers.Conv2D))
+
+
 def test_unreachable_target_names_the_smallest_reachable_macs(chain_graph):
     smallest = plan_keep(chain_graph, keep_ratio=0.01, mode="uniform", min_channels=8)
     expected = f"smallest reachable is {smallest.macs / 1e6:.3f}M MACs"
