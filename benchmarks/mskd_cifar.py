@@ -220,7 +220,8 @@ def main(_):
                               "rungs": payload["protocol"]["rungs"]})
             chosen = res.row(key)
             spent = chosen["total_steps"]
-            extra = {"criterion": chosen["selected"]["criterion"], "selection_steps": spent}
+            extra = {"criterion": chosen["selected"]["criterion"], "selection_steps": spent,
+                     "selection_seconds": chosen["seconds"]}
             student_row(f"mskd/s{seed}", out / "selected.keras", kd=True, seed=seed, steps=budget - spent, extra=extra)
             if with_ce:
                 student_row(f"select+ce/s{seed}", out / "selected.keras", kd=False, seed=seed, steps=budget - spent,
@@ -243,10 +244,12 @@ def main(_):
                                                          "allocation")} for c, r in candidates.items()}
     res.save()
 
+    # The decisive rows first, every seed, so a partial table already answers the question.
     s0 = s["seeds"][0]
-    student_row(f"ce:{BASELINE}/s{s0}", path(BASELINE), kd=False, seed=s0, extra={"criterion": BASELINE})
-    mskd_rows(s0, with_ce=False)
-    student_row(f"kd:{BASELINE}/s{s0}", path(BASELINE), kd=True, seed=s0, extra={"criterion": BASELINE})
+    for seed in s["seeds"]:
+        student_row(f"ce:{BASELINE}/s{seed}", path(BASELINE), kd=False, seed=seed, extra={"criterion": BASELINE})
+        mskd_rows(seed, with_ce=False)
+        student_row(f"kd:{BASELINE}/s{seed}", path(BASELINE), kd=True, seed=seed, extra={"criterion": BASELINE})
     mskd_rows(s0, with_ce=True)
     top = max(candidates, key=lambda c: candidates[c]["val_acc_before_finetune"])
     student_row(f"zc+kd/s{s0}", path(top), kd=True, seed=s0, extra={"criterion": top})
@@ -262,8 +265,6 @@ def main(_):
     oracle = max(candidates, key=lambda c: res.row(f"ce:{c}/s{s0}")["val_acc"])
     res.data["oracle_criterion"] = oracle
     for seed in s["seeds"][1:]:
-        student_row(f"ce:{BASELINE}/s{seed}", path(BASELINE), kd=False, seed=seed, extra={"criterion": BASELINE})
-        mskd_rows(seed, with_ce=False)
         student_row(f"ce:{oracle}/s{seed}", path(oracle), kd=False, seed=seed, extra={"criterion": oracle})
 
     for target in s["other_targets"]:
@@ -370,10 +371,11 @@ def render(data: dict) -> str:
              f"rung keeps {s['zero_cost_keep']}, then successive halving under the KD loss for {s['select_epochs']:g} "
              f"epochs in all, inside B.", ""]
     seeds = s["seeds"]
-    lines += ["| row | candidate | MACs (M) | params (k) | steps (selection + training) | val acc % | test acc % |",
-              "|---|---|---|---|---|---|---|",
+    lines += ["| row | candidate | MACs (M) | params (k) | steps (selection + training) | wall min | val acc % | "
+              "test acc % |",
+              "|---|---|---|---|---|---|---|---|",
               f"| teacher | - | {t.get('macs', 0) / 1e6:.2f} | {t.get('params', 0) / 1e3:.1f} | - | "
-              f"{_pct(t.get('val_acc', 0))} | {_pct(t.get('test_acc', 0))} |"]
+              f"{(t.get('seconds') or 0) / 60:.0f} | {_pct(t.get('val_acc', 0))} | {_pct(t.get('test_acc', 0))} |"]
     oracle = data.get("oracle_criterion")
     named = [(f"l1 + CE ({BASELINE})", f"ce:{BASELINE}"), ("MS-KD (selection + KD, within B)", "mskd"),
              (f"l1 + KD ({BASELINE}, no selection)", f"kd:{BASELINE}"),
@@ -387,18 +389,20 @@ def render(data: dict) -> str:
         if found:
             steps = f"{found[0].get('selection_steps', 0)} + {found[0]['train_steps']}"
             crit = ", ".join(sorted({r.get("criterion", "") for r in found}))
+            minutes = statistics.mean(r["seconds"] + r.get("selection_seconds", 0) for r in found) / 60
             lines.append(f"| {label} | {crit} | {found[0]['macs'] / 1e6:.2f} | {found[0]['params'] / 1e3:.1f} | "
-                         f"{steps} | {_spread([r['val_acc'] for r in found])} | {_spread([r['test_acc'] for r in found])} |")
+                         f"{steps} | {minutes:.0f} | {_spread([r['val_acc'] for r in found])} | "
+                         f"{_spread([r['test_acc'] for r in found])} |")
     for key, r in rows.items():
         if key.startswith(f"kd:{BASELINE}[") and "@" not in key.split("/")[-1]:
             variant = key[len(f"kd:{BASELINE}["):key.index("]")]
             lines.append(f"| ablation: l1 + KD with {variant} | {r['criterion']} | {r['macs'] / 1e6:.2f} | "
-                         f"{r['params'] / 1e3:.1f} | 0 + {r['train_steps']} | {_pct(r['val_acc'])} (n=1) | "
-                         f"{_pct(r['test_acc'])} (n=1) |")
+                         f"{r['params'] / 1e3:.1f} | 0 + {r['train_steps']} | {r['seconds'] / 60:.0f} | "
+                         f"{_pct(r['val_acc'])} (n=1) | {_pct(r['test_acc'])} (n=1) |")
         if key.startswith(f"ce:{BASELINE}@lr"):
             lines.append(f"| ablation: l1 + CE at peak lr {r['lr']:g} | {r['criterion']} | {r['macs'] / 1e6:.2f} | "
-                         f"{r['params'] / 1e3:.1f} | 0 + {r['train_steps']} | {_pct(r['val_acc'])} (n=1) | "
-                         f"{_pct(r['test_acc'])} (n=1) |")
+                         f"{r['params'] / 1e3:.1f} | 0 + {r['train_steps']} | {r['seconds'] / 60:.0f} | "
+                         f"{_pct(r['val_acc'])} (n=1) | {_pct(r['test_acc'])} (n=1) |")
     ms, bl = _rows(rows, "mskd", seeds), _rows(rows, f"ce:{BASELINE}", seeds)
     if ms and bl:
         a, b = statistics.mean(r["test_acc"] for r in ms), statistics.mean(r["test_acc"] for r in bl)
