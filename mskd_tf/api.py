@@ -40,8 +40,12 @@ def _banner(stage: str, text: str):
 
 @training.fused_batchnorm()  # the measured training speed-up (BENCHMARKS.md), only while the stages run
 def run_pipeline(cfg: Config, *, user_teacher=None, user_data=None, stop_after: str | None = None) -> CompressionResult:
-    """Run (or resume) every stage for ``cfg``; the CLI and ``compress`` both land here."""
+    """Run (or resume) every stage for ``cfg``; the CLI and ``compress`` both land here.
+
+    ``stop_after`` (default ``cfg.stop_after``) ends the run after that stage, finished or reused.
+    """
     cfg.validate()
+    stop_after = stop_after or cfg.stop_after or None
     wd = Workdir(cfg.workdir)
     ctx = stages.Context(cfg=cfg, wd=wd, user_teacher=user_teacher, user_data=user_data)
     # Each stage needs the one before it: run the implemented prefix, then the report.
@@ -89,6 +93,8 @@ def run_pipeline(cfg: Config, *, user_teacher=None, user_data=None, stop_after: 
         print(f"==== [{stage}] finished in {seconds:.1f} s", flush=True)
         if stage == stop_after:
             break
+    if stop_after and stop_after != STAGES[-1]:
+        print(f"\nStopped after {stop_after} (stop_after); the same command without it continues from here.", flush=True)
     missing = [s for s in STAGES if s not in available]
     if missing:
         print(f"\nNot implemented yet, skipped: {', '.join(missing)}.", flush=True)

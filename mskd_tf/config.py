@@ -45,6 +45,8 @@ class Config:
     seed: int = _field(0, "Seed for data order, augmentation, initialisation and the random criterion.")
     workdir: str = _field("runs/quickstart", "Where every stage writes its artifact; reruns resume here.")
     restart_from: str = _field("", "Redo this stage and every later one.", ("",) + STAGES)
+    stop_after: str = _field("", "Stop after this stage; rerun without it to continue from its artifacts.",
+                             ("",) + STAGES)
     # --- teacher
     model: str = _field("small_cnn", "Teacher architecture from mskd_tf.models (ignored with --teacher).")
     teacher: str = _field("", "Path to a trained .keras teacher; skips teacher training.")
@@ -54,7 +56,7 @@ class Config:
     lr: float = _field(0.05, "Peak learning rate of teacher training.")
     schedule: str = _field("cosine", "Learning-rate schedule.", ("cosine", "onecycle", "constant"))
     momentum: float = _field(0.9, "SGD momentum (Nesterov).")
-    weight_decay: float = _field(5e-4, "Decoupled weight decay on kernels.")
+    weight_decay: float = _field(5e-3, "Decoupled weight decay on kernels (5e-3 here ~ L2 5e-4 through SGD momentum 0.9).")
     # --- rank / candidates
     criteria: tuple = _field(ALL_CRITERIA, "Pruning criteria to rank channels with (comma list).")
     target_macs: float = _field(0.5, "Candidates keep this fraction of the teacher's MACs.")
@@ -125,6 +127,8 @@ class Config:
             bad("target_macs", "is a fraction of the teacher's MACs and must be in (0, 1].")
         if not 0 <= self.alpha <= 1:
             bad("alpha", "must be in [0, 1].")
+        if self.stop_after and self.restart_from and STAGES.index(self.restart_from) > STAGES.index(self.stop_after):
+            bad("restart_from", f"comes after --stop_after={self.stop_after}, so it would never run.")
         if self.select_epochs <= 0:
             bad("select_epochs", "must be > 0.")
         if self.distill_epochs <= self.select_epochs:

@@ -29,8 +29,8 @@ import tensorflow as tf
 from keras import ops
 
 from mskd_tf.errors import MskdError
-from mskd_tf.training import (NanGuard, StopAfterSteps, budget_steps, compile_kwargs, fused_batchnorm, make_optimizer,
-                              steps_per_epoch)
+from mskd_tf.training import (DEFAULT_WEIGHT_DECAY, NanGuard, StopAfterSteps, budget_steps, compile_kwargs,
+                              fused_batchnorm, make_optimizer, steps_per_epoch)
 from mskd_tf.workdir import atomic_path
 
 OUTPUT_KINDS = ("auto", "logits", "probabilities")
@@ -356,7 +356,7 @@ def distill(
     kd=True,
     optimizer="sgd",
     lr=0.01,
-    weight_decay=5e-4,
+    weight_decay=DEFAULT_WEIGHT_DECAY,
     strategy=None,
     callbacks=(),
     seed=0,

@@ -80,7 +80,7 @@ def select(
     bn_recalibration_batches: int = 20,
     optimizer: str = "sgd",
     lr: float = 0.01,
-    weight_decay: float = 5e-4,
+    weight_decay: float = training.DEFAULT_WEIGHT_DECAY,
     strategy=None,
     parallel: bool = False,
     seed: int = 0,

@@ -1,5 +1,6 @@
 """The CLI's contract: flags map onto the config, bad input gives one clear line and exit 2."""
 
+import json
 import os
 import subprocess
 import sys
@@ -36,6 +37,32 @@ def test_shipped_flagfiles_parse():
         config_lib.define_flags(flag_values)
         flag_values(["prog", f"--flagfile={path}"])
         config_lib.config_from_flags(flag_values)  # raises on an invalid value
+
+
+def _first_stage_runs(path, tmp_path):
+    """The flagfile as shipped, shrunk to a few batches, stops after its teacher stage."""
+    workdir = tmp_path / path.stem
+    proc = _run_cli(f"--flagfile={path}", "--train_subset=96", "--epochs=1", "--batch_size=32", "--stop_after=teacher",
+                    f"--workdir={workdir}", timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Stopped after teacher" in proc.stdout and "[rank]" not in proc.stdout
+    assert (workdir / "teacher.keras").exists()
+    assert list(json.loads((workdir / "stages.json").read_text())) == ["teacher"]
+
+
+def test_quickstart_flagfile_runs_its_first_stage(tmp_path):
+    _first_stage_runs(REPO / "configs" / "quickstart.cfg", tmp_path)
+
+
+@pytest.mark.slow  # decodes the CIFAR-10 archive once (cached after) and builds the full-size teachers
+@pytest.mark.parametrize("name", [p.name for p in sorted((REPO / "configs").glob("*.cfg")) if p.name != "quickstart.cfg"])
+def test_every_shipped_flagfile_runs_its_first_stage(tmp_path, name):
+    _first_stage_runs(REPO / "configs" / name, tmp_path)
+
+
+def test_stop_after_must_not_precede_restart_from():
+    with pytest.raises(MskdError, match="--restart_from='distill': comes after --stop_after=teacher"):
+        config_lib.Config(stop_after="teacher", restart_from="distill").validate()
 
 
 def test_digest_follows_only_named_fields():

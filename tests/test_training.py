@@ -1,5 +1,6 @@
 """Shared training helpers: fused BatchNorm runtime, compile settings, optimizer, NaN guard, augmentation."""
 
+import inspect
 import math
 
 import keras
@@ -183,6 +184,22 @@ def test_make_optimizer_schedule_and_errors():
         training.make_optimizer("adam", 0.1, total_steps=10)
     with pytest.raises(MskdError, match="total_steps=0"):
         training.make_optimizer("sgd", 0.1, total_steps=0)
+
+
+def test_default_weight_decay_is_the_momentum_sgd_equivalent_everywhere():
+    # One default for the library functions and the CLI/API Config (the Config module stays keras-free).
+    from mskd_tf import distill, selection
+    from mskd_tf.config import Config
+
+    assert training.DEFAULT_WEIGHT_DECAY == Config().weight_decay == 5e-3
+    for function in (training.make_optimizer, distill.distill, selection.select):
+        assert inspect.signature(function).parameters["weight_decay"].default == training.DEFAULT_WEIGHT_DECAY
+    # Decoupled decay: one step at lr 0.1 shrinks a kernel by lr * wd, and leaves BatchNorm's gamma alone.
+    opt = training.make_optimizer("sgd", 0.1, total_steps=10, schedule="constant", momentum=0.0)
+    kernel, gamma = keras.Variable(np.ones(4, "float32"), name="kernel"), keras.Variable(np.ones(4, "float32"), name="gamma")
+    opt.apply_gradients([(tf.zeros(4), kernel), (tf.zeros(4), gamma)])
+    np.testing.assert_allclose(kernel.numpy(), 1 - 0.1 * 5e-3, rtol=1e-6)
+    np.testing.assert_allclose(gamma.numpy(), 1.0)
 
 
 def test_nan_guard_stops_and_names_the_stage():
