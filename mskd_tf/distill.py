@@ -384,6 +384,7 @@ def distill(
     fit_epochs = math.ceil(total_steps / per_epoch)
     strategy = strategy or tf.distribute.get_strategy()
     copy = strategy is not tf.distribute.get_strategy()
+    teacher_was_trainable = teacher.trainable
     with strategy.scope():
         if copy:
             student = _in_scope(student)
@@ -398,16 +399,19 @@ def distill(
                 opt, keras.losses.SparseCategoricalCrossentropy(from_logits=not _is_softmax(student.layers[-1])),
                 metrics=["accuracy"], **compile_kwargs(),
             )
-    if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
-        return student, _fit_across_workers(model, train_ds, val_ds, fit_epochs, strategy, total_steps)
-    guard = NanGuard()
-    history = model.fit(
-        train_ds, validation_data=val_ds, epochs=fit_epochs,
-        callbacks=[guard, StopAfterSteps(total_steps), *callbacks], verbose=verbose,
-        shuffle=False,  # tf.data input: shuffling is the pipeline's job
-    )
-    guard.raise_if_tripped("distill")
-    return student, history.history
+    try:
+        if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+            return student, _fit_across_workers(model, train_ds, val_ds, fit_epochs, strategy, total_steps)
+        guard = NanGuard()
+        history = model.fit(
+            train_ds, validation_data=val_ds, epochs=fit_epochs,
+            callbacks=[guard, StopAfterSteps(total_steps), *callbacks], verbose=verbose,
+            shuffle=False,  # tf.data input: shuffling is the pipeline's job
+        )
+        guard.raise_if_tripped("distill")
+        return student, history.history
+    finally:
+        teacher.trainable = teacher_was_trainable  # the Distiller froze it; it may be the caller's own model
 
 
 def _fit_across_workers(model, train_ds, val_ds, epochs, strategy, total_steps) -> dict:

@@ -210,6 +210,19 @@ def test_fractional_budget_trains_exactly_that_many_steps():
     assert len(counted) == 5
 
 
+def test_distill_leaves_the_callers_teacher_trainable_even_on_error():
+    x, y = synthetic(32)
+    teacher = tiny_cnn(8, "teacher")
+    before = [w.copy() for w in teacher.get_weights()]
+    distill(teacher, tiny_cnn(4, "student"), batches(x, y), None, epochs=1, verbose=0)
+    assert teacher.trainable
+    for a, b in zip(before, teacher.get_weights()):
+        np.testing.assert_array_equal(a, b)  # frozen while it taught
+    with pytest.raises(MskdError, match="training loss became"):
+        distill(teacher, tiny_cnn(4, "student"), batches(x, y), None, epochs=1, lr=1e30, verbose=0)
+    assert teacher.trainable
+
+
 def test_distill_rejects_bad_inputs():
     x, y = synthetic(32)
     teacher, student = tiny_cnn(8, "teacher"), tiny_cnn(4, "student")
