@@ -12,9 +12,9 @@ import json
 import time
 from pathlib import Path
 
-from mskd_tf import stages, training
+from mskd_tf import distribute, stages, training
 from mskd_tf.stages import CompressionResult  # noqa: F401  (part of the API)
-from mskd_tf.config import STAGES, Config
+from mskd_tf.config import STAGES, Config, as_arguments
 from mskd_tf.errors import MskdError
 from mskd_tf.workdir import Workdir
 
@@ -45,8 +45,14 @@ def run_pipeline(cfg: Config, *, user_teacher=None, user_data=None, stop_after: 
     ``stop_after`` (default ``cfg.stop_after``) ends the run after that stage, finished or reused.
     """
     cfg.validate()
-    stop_after = stop_after or cfg.stop_after or None
     wd = Workdir(cfg.workdir)
+    # Under multi_worker every worker runs this in one shared workdir on purpose: each holds its task's lock.
+    task = distribute.task_name() if cfg.strategy == "multi_worker" else ""
+    with wd.lock(f".lock-{task}" if task else ".lock"):
+        return _run_locked(cfg, wd, user_teacher, user_data, stop_after or cfg.stop_after or None)
+
+
+def _run_locked(cfg: Config, wd: Workdir, user_teacher, user_data, stop_after) -> CompressionResult:
     ctx = stages.Context(cfg=cfg, wd=wd, user_teacher=user_teacher, user_data=user_data)
     # Each stage needs the one before it: run the implemented prefix, then the report.
     available = []
@@ -82,6 +88,8 @@ def run_pipeline(cfg: Config, *, user_teacher=None, user_data=None, stop_after: 
             if stage == stop_after:
                 break
             continue
+        if not redo:  # the first stage with work to do: check data and model before anything trains
+            stages.preflight(ctx, stage)
         redo = True
         _banner(stage, f"running ({why})")
         wd.forget(stage)
@@ -149,23 +157,47 @@ def compress(
         result = mskd_tf.compress(teacher, (x[..., None] / 255.0, y), target_macs=0.5)
         result.student.save("student.keras"); print(result.summary())
     """
+    try:
+        return _compress(model, train, val, test=test, target_macs=target_macs, criteria=criteria,
+                         selection=selection, distill=distill, strategy=strategy, export=export, workdir=workdir,
+                         seed=seed, class_names=class_names)
+    except MskdError as exc:  # the API speaks of arguments (target_macs=2.0), not flags (--target_macs=2.0)
+        exc.args = (as_arguments(str(exc)),)
+        raise
+
+
+def _compress(model, train, val, *, test, target_macs, criteria, selection, distill, strategy, export, workdir, seed,
+              class_names) -> CompressionResult:
     import tempfile
 
     import keras
 
+    from mskd_tf.pruning.graph import require_layer_graph
+
     if not isinstance(model, keras.Model):
         raise MskdError(f"model: expected a keras.Model, got {type(model).__name__}.")
+    require_layer_graph(model)  # a subclassed model has no input/output shapes to check the data against
     overrides = {}
     for name, group in (("selection", selection), ("distill", distill)):
+        if group is not None and not isinstance(group, dict):
+            raise MskdError(f"{name}: expected a dict of settings, e.g. {{'select_epochs': 2}}; got {type(group).__name__}.")
         for key, value in (group or {}).items():
             if key not in {f.name for f in Config.fields()}:
                 raise MskdError(f"{name}: unknown setting {key!r}; see mskd_tf.Config for the names.")
             overrides[key] = value
-    if isinstance(export, str):
-        export = (export,)
+    export = (export,) if isinstance(export, str) else export
+    criteria = (criteria,) if isinstance(criteria, str) else criteria
+    for name, value in (("export", export), ("criteria", criteria), ("class_names", class_names)):
+        if value is not None and not isinstance(value, (tuple, list)):
+            raise MskdError(f"{name}: expected a list of names, got {type(value).__name__} {value!r}.")
+    if workdir is not None and not isinstance(workdir, (str, Path)):
+        raise MskdError(f"workdir: expected a folder path, got {type(workdir).__name__} {workdir!r}.")
+    # The MCU kit follows the int8 export unless asked for: export=("float32",) alone is no reason to warn.
+    explicit_micro = "micro" in overrides
+    overrides.setdefault("micro", "int8" in tuple(export))
     cfg = Config(
         dataset="user",
-        workdir=workdir or tempfile.mkdtemp(prefix="mskd_tf-"),
+        workdir=str(workdir) if workdir else tempfile.mkdtemp(prefix="mskd_tf-"),
         target_macs=target_macs,
         strategy=strategy or "default",
         export=tuple(export),
@@ -173,13 +205,13 @@ def compress(
         **overrides,
     )
     if criteria is not None:
-        cfg.criteria = tuple([criteria] if isinstance(criteria, str) else criteria)
-    try:
-        cfg.validate()
-    except MskdError as exc:  # the API speaks of arguments, not flags
-        raise MskdError(str(exc).replace("--", "", 1)) from None
+        cfg.criteria = tuple(criteria)
+    cfg.validate()
+    cfg.check_micro(explicit=explicit_micro)
     user_data = stages.user_data(model, train, val, test, batch_size=cfg.batch_size, seed=seed,
                                  class_names=class_names)
+    if class_names is not None and len(class_names) != user_data.info.num_classes:
+        raise MskdError(f"class_names: {len(class_names)} names for a model with {user_data.info.num_classes} outputs.")
     return run_pipeline(cfg, user_teacher=model, user_data=user_data)
 
 

@@ -12,6 +12,8 @@ import dataclasses
 import hashlib
 import json
 import math
+import numbers
+import re
 
 from mskd_tf.errors import MskdError
 
@@ -105,6 +107,20 @@ class Config:
         def bad(name, why):
             raise MskdError(f"--{name}={getattr(self, name)!r}: {why}")
 
+        for f in self.fields():  # types first: a string where a number belongs must not reach a comparison
+            expected = _field_type(f)
+            value = getattr(self, f.name)
+            if expected is tuple:
+                if not isinstance(value, (tuple, list)) or not all(isinstance(v, str) for v in value):
+                    bad(f.name, "must be a list of names (strings).")
+            elif expected is float:
+                if not isinstance(value, numbers.Real) or isinstance(value, bool):
+                    bad(f.name, "must be a number.")
+            elif expected is int:
+                if not isinstance(value, numbers.Integral) or isinstance(value, bool):
+                    bad(f.name, "must be a whole number.")
+            elif not isinstance(value, expected):
+                bad(f.name, f"must be {'True or False' if expected is bool else 'a string'}.")
         for f in self.fields():
             value = getattr(self, f.name)
             choices = f.metadata.get("choices")
@@ -149,6 +165,15 @@ class Config:
             bad("workdir", "must name a folder.")
         return self
 
+    def check_micro(self, explicit: bool) -> str | None:
+        """--micro needs the int8 export. Asked for explicitly without it: an error; left on by default: a warning."""
+        if not self.micro or "int8" in self.export:
+            return None
+        why = (f"--micro runs the int8 model in TFLite Micro, but --export={','.join(self.export)} has no int8")
+        if explicit:
+            raise MskdError(f"{why}: add int8 to --export or drop --micro.")
+        return f"{why}, so no microcontroller kit will be written (add int8 to --export for one)."
+
     def digest(self, names) -> str:
         """A short hash of the named fields: a stage's artifact is stale when it changes."""
         payload = json.dumps({n: getattr(self, n) for n in sorted(names)}, sort_keys=True, default=str)
@@ -156,6 +181,18 @@ class Config:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def _field_type(field) -> type:
+    default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
+    return type(default)
+
+
+def as_arguments(message: str) -> str:
+    """Reword a flag-style message (``--target_macs=2.0``) for Python callers (``target_macs=2.0``)."""
+    names = "|".join(sorted((f.name for f in Config.fields()), key=len, reverse=True))
+    message = re.sub(rf"--no({names})\b", r"\1=False", message)
+    return re.sub(rf"--({names})\b", r"\1", message)
 
 
 def _is_registered_criterion(name: str) -> bool:
@@ -201,4 +238,6 @@ def config_from_flags(flag_values=None) -> Config:
     for f in Config.fields():
         value = flag_values[f.name].value
         values[f.name] = tuple(value) if isinstance(value, list) else value
-    return Config(**values).validate()
+    cfg = Config(**values).validate()
+    cfg.check_micro(explicit=flag_values["micro"].present)
+    return cfg

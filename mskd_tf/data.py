@@ -257,11 +257,8 @@ def _npz(path_text: str):
         if missing:
             raise MskdError(f"{path} lacks arrays {sorted(missing)}; an npz dataset needs x_train, y_train, x_test, y_test (it has {z.files}).")
         arrays = [z[k] for k in ("x_train", "y_train", "x_test", "y_test")]
-    x_train, y_train, x_test, y_test = arrays
-    if x_train.ndim == 3:
-        x_train, x_test = x_train[..., None], x_test[..., None]
-    num_classes = int(max(y_train.max(), y_test.max())) + 1
-    return x_train, y_train, x_test, y_test, tuple(str(i) for i in range(num_classes))
+    # No class list is stored: check_splits infers it from the training labels (and checks the test labels).
+    return (*arrays, None)
 
 
 def load_arrays(source: str, *, data_dir: str | None = None, download: bool = False):
@@ -280,17 +277,133 @@ def load_arrays(source: str, *, data_dir: str | None = None, download: bool = Fa
     else:
         raise MskdError(f"dataset={source!r} is not understood; give fashion_mnist, folder:DIR, tfds:NAME or npz:FILE.")
     x_train, y_train, x_test, y_test, classes = out
-    y_train, y_test = np.asarray(y_train).reshape(-1).astype(np.int64), np.asarray(y_test).reshape(-1).astype(np.int64)
-    for split, x, y in (("train", x_train, y_train), ("test", x_test, y_test)):
-        if len(x) != len(y) or len(x) == 0:
-            raise MskdError(f"dataset {source}: {split} split has {len(x)} images and {len(y)} labels; they must match and be > 0.")
-        if x.ndim != 4:
-            raise MskdError(f"dataset {source}: {split} images have shape {x.shape}; expected (N, H, W, C) or (N, H, W).")
-        if np.issubdtype(x.dtype, np.floating) and (np.nanmin(x) < 0 or np.nanmax(x) > 1 or np.isnan(x).any()):
-            raise MskdError(f"dataset {source}: float {split} images must be finite and scaled to [0, 1].")
-        if y.min() < 0 or y.max() >= len(classes):
-            raise MskdError(f"dataset {source}: {split} labels must lie in [0, {len(classes)}); found {y.min()}..{y.max()}.")
-    return x_train, y_train, x_test, y_test, classes
+    checked = check_splits({"train": (x_train, y_train), "test": (x_test, y_test)}, where=f"dataset {source}",
+                           num_classes=None if classes is None else len(classes),
+                           classes_from=None if classes is None else f"its {len(classes)} classes", unit_range=True)
+    if classes is None:
+        classes = tuple(str(i) for i in range(int(checked["train"].y.max()) + 1))
+    return checked["train"].x, checked["train"].y, checked["test"].x, checked["test"].y, tuple(classes)
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+def _listing(values, limit: int = 6) -> str:
+    """``1, 2, 3 and 4 more``: values for an error message, never a wall of numbers."""
+    values = [v.item() if hasattr(v, "item") else v for v in values]
+    text = ", ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in values[:limit])
+    return text + (f" and {len(values) - limit} more" if len(values) > limit else "")
+
+
+def _check_images(split: str, x, where: str, unit_range: bool) -> np.ndarray:
+    if x.ndim == 3:
+        x = x[..., None]
+    if x.ndim != 4 or 0 in x.shape[1:]:
+        raise MskdError(f"{where}{split} images have shape {x.shape}; expected (N, H, W, C) or (N, H, W).")
+    if not (np.issubdtype(x.dtype, np.integer) or np.issubdtype(x.dtype, np.floating) or x.dtype == bool):
+        raise MskdError(f"{where}{split} images have dtype {x.dtype}; expected uint8 pixels or float values.")
+    if x.dtype == np.uint8:
+        return x
+    if unit_range and (np.issubdtype(x.dtype, np.integer) or x.dtype == bool):
+        # Integer pixels of a wider type: the pipelines scale only uint8 by 1/255, so narrow them losslessly.
+        low, high = int(x.min()), int(x.max())
+        if low < 0 or high > 255:
+            raise MskdError(f"{where}integer {split} images must be pixels in [0, 255]; found {low}..{high}.")
+        return x.astype(np.uint8)
+    x = x.astype(np.float32)  # what the model sees (a float64 1e300 becomes inf here)
+    finite = np.isfinite(x)
+    if not finite.all():
+        raise MskdError(f"{where}{split} images hold {int(x.size - finite.sum())} NaN or infinite values (as float32); "
+                        "clean or drop those images.")
+    if unit_range and (x.min() < 0 or x.max() > 1):
+        raise MskdError(f"{where}float {split} images must be scaled to [0, 1]; found {x.min():g}..{x.max():g}. "
+                        "Divide 0..255 pixels by 255 (or store them as uint8).")
+    return x
+
+
+def _check_labels(split: str, y, where: str) -> np.ndarray:
+    if y.ndim == 2 and y.shape[1] == 1:
+        y = y.reshape(-1)
+    if y.ndim != 1:
+        raise MskdError(f"{where}{split} labels have shape {y.shape}; expected one integer class index per image, "
+                        "shape (N,) (not one-hot rows).")
+    if y.dtype == bool or np.issubdtype(y.dtype, np.integer):
+        return y.astype(np.int64)
+    if not np.issubdtype(y.dtype, np.floating):
+        raise MskdError(f"{where}{split} labels have dtype {y.dtype}; expected integer class indices.")
+    whole = np.isfinite(y) & (y == np.round(y))
+    if not whole.all():
+        raise MskdError(f"{where}{split} labels must be integer class indices; found {_listing(np.unique(y[~whole]))} "
+                        "(not truncated silently: map them to 0..K-1 yourself).")
+    if np.abs(y).max() > np.iinfo(np.int64).max / 2:
+        raise MskdError(f"{where}{split} labels must be class indices; found {y.max():g}.")
+    return y.astype(np.int64)
+
+
+def check_splits(splits: dict, *, where: str = "", num_classes: int | None = None, classes_from: str | None = None,
+                 image_shape=None, shape_from: str = "the model", unit_range: bool = False) -> dict:
+    """Validate every split's images and labels before anything trains; the API and the CLI both use it.
+
+    ``splits`` maps a split name (train first) to ``(images, labels)``. Checks, each an
+    :class:`MskdError` naming the split and the value: images and labels match in number and are
+    not empty; images are a numeric (N, H, W, C) array ((N, H, W) gets a channel axis), finite,
+    and with ``unit_range`` uint8 or float in [0, 1] (the ``--dataset`` convention); labels are
+    whole numbers (0.5 is an error, 1.0 is class 1); every split's images have the training
+    split's shape, and ``image_shape`` (the model's input; ``None`` dims match anything).
+    Labels lie in ``[0, num_classes)`` (``classes_from`` says where that count comes from);
+    without ``num_classes`` the classes are inferred from the training labels, which must then
+    be 0..K-1 without a gap, and no other split may hold a label training never saw.
+
+    Returns ``{split: Arrays}``: uint8 or float32 images, int64 labels.
+    """
+    where = f"{where}: " if where else ""
+    checked = {}
+    for split, (x, y) in splits.items():
+        try:
+            x, y = np.asarray(x), np.asarray(y)
+        except (ValueError, TypeError) as exc:  # ragged nested lists
+            raise MskdError(f"{where}{split} images and labels must be arrays ({exc}).") from None
+        if y.ndim == 0 or x.ndim == 0 or len(x) != len(y) or len(x) == 0:
+            raise MskdError(f"{where}{split} split has {len(x) if x.ndim else 0} images and {len(y) if y.ndim else 0} "
+                            "labels; they must match and be > 0.")
+        checked[split] = Arrays(_check_images(split, x, where, unit_range), _check_labels(split, y, where))
+    first, reference = next(iter(checked)), None
+    for split, arrays in checked.items():
+        shape = tuple(int(d) for d in arrays.x.shape[1:])
+        if reference is None:
+            reference = shape
+        elif shape != reference:
+            raise MskdError(f"{where}{split} images have shape {shape}, but the {first} images have shape {reference}; "
+                            "every split must have one image shape.")
+        if image_shape is not None:
+            expected = tuple(image_shape)
+            if len(expected) != len(shape) or any(e is not None and int(e) != s for e, s in zip(expected, shape)):
+                raise MskdError(f"{where}{split} images have shape {shape}, but {shape_from} takes inputs of shape "
+                                f"{expected}.")
+    for split, arrays in checked.items():
+        low = int(arrays.y.min())
+        if low < 0:
+            raise MskdError(f"{where}{split} labels must be class indices >= 0; found {_listing(np.unique(arrays.y[arrays.y < 0]))}.")
+        if num_classes is not None:
+            outside = np.unique(arrays.y[arrays.y >= num_classes])
+            if len(outside):
+                raise MskdError(f"{where}{split} label {_listing(outside)} is outside [0, {num_classes}) "
+                                f"({classes_from or f'{num_classes} classes'}).")
+    if num_classes is None:
+        seen = np.unique(checked[first].y)
+        count = int(seen[-1]) + 1
+        if len(seen) != count:
+            missing = count - len(seen)
+            raise MskdError(
+                f"{where}{first} labels are {_listing(seen)}: label {seen[-1]} would make a model of {count} classes, "
+                f"{missing} of which never occur{'' if missing > 1 else 's'}; number the classes 0..{len(seen) - 1} "
+                "without gaps (or fix the stray label).")
+        for split, arrays in checked.items():
+            unseen = np.setdiff1d(np.unique(arrays.y), seen)
+            if len(unseen):
+                raise MskdError(f"{where}{split} label {_listing(unseen)} never occurs in the {first} split (labels "
+                                f"0..{count - 1}); the model could never predict it.")
+    return checked
 
 
 # ----------------------------------------------------------------------------- pipelines
@@ -402,6 +515,9 @@ def load(
         if train_subset < 1:
             raise MskdError(f"train_subset={train_subset} must be a positive number of images (or 0 for all).")
         train = Arrays(train.x[:train_subset], train.y[:train_subset])
+    if len(train) == 0:
+        raise MskdError(f"dataset {source}: no training images left after holding out val_fraction={val_fraction:g} "
+                        f"of {len(y_train)} for validation; lower val_fraction or add images.")
     test = Arrays(x_test, y_test)
     mean, std = channel_stats(train.x)
     info = DatasetInfo(

@@ -108,6 +108,14 @@ def _tpu(address: str) -> tf.distribute.TPUStrategy:
     return tf.distribute.TPUStrategy(resolver)
 
 
+def task_name() -> str:
+    """``worker-1``, ``chief-0``...: this process's task in ``TF_CONFIG``; ``""`` when there is none."""
+    config = _read_tf_config(required=False)
+    if config is None:
+        return ""
+    return f"{config['task']['type']}-{int(config['task']['index'])}"
+
+
 def is_chief() -> bool:
     """True on the process that should write artifacts.
 

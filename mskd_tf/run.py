@@ -8,6 +8,7 @@ no traceback and exit with code 2.
 from __future__ import annotations
 
 import os
+import re
 import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -31,6 +32,12 @@ def _fail(message: str) -> None:
 def _parse_flags(argv):
     try:
         return flags.FLAGS(argv)
+    except flags.CantOpenFlagFileError as exc:
+        # absl's text is "ERROR:: Unable to open flagfile: [Errno 2] No such file or directory: 'x.cfg'".
+        found = re.search(r"\[Errno \d+\] (?P<why>[^:]+): '(?P<path>.*)'", str(exc))
+        if found:
+            _fail(f"cannot open flagfile {found['path']} ({found['why'].lower()}); check the --flagfile path.")
+        _fail(f"cannot open a flagfile ({str(exc).split('flagfile:', 1)[-1].strip()}); check the --flagfile path.")
     except flags.Error as exc:
         _fail(f"{exc}. See --helpfull for every flag.")
 
@@ -41,6 +48,9 @@ def main(argv):
         _fail(f"unexpected arguments {argv[1:]}; every setting is a --flag (see --helpfull).")
     try:
         cfg = config_from_flags()
+        micro_warning = cfg.check_micro(explicit=False)
+        if micro_warning:
+            print(f"mskd-tf: warning: {micro_warning}", file=sys.stderr, flush=True)
         from mskd_tf.api import run_pipeline
 
         result = run_pipeline(cfg)

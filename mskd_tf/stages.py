@@ -16,7 +16,7 @@ import time
 import numpy as np
 
 from mskd_tf import data as data_lib
-from mskd_tf.config import Config
+from mskd_tf.config import STAGES, Config
 from mskd_tf.errors import MskdError
 from mskd_tf.workdir import Workdir
 
@@ -93,43 +93,62 @@ class UserData:
 
 
 def user_data(model, train, val, test, *, batch_size: int, seed: int, class_names=None) -> UserData:
-    """Accept tf.data datasets of (images, labels) batches or numpy (x, y) tuples."""
+    """Accept tf.data datasets of (images, labels) batches or numpy (x, y) tuples, checked before any training.
+
+    Numpy splits are checked whole, datasets on their first batch, by :func:`mskd_tf.data.check_splits`
+    (the check the CLI's ``--dataset`` sources go through): finite images of the model's input shape,
+    whole-number labels within the model's outputs. Errors name the argument (``train``, ``val``, ``test``).
+    """
     import tensorflow as tf
 
-    def as_dataset(name, value, training):
-        if value is None:
-            return None
+    def is_arrays(value):
+        return isinstance(value, (tuple, list)) and len(value) == 2
+
+    for name, value in (("train", train), ("val", val), ("test", test)):
+        if value is None and name != "train":
+            continue
+        if not (isinstance(value, tf.data.Dataset) or is_arrays(value)):
+            raise MskdError(f"{name}: expected a tf.data.Dataset or an (x, y) tuple of arrays, got {type(value).__name__}.")
         if isinstance(value, tf.data.Dataset):
             spec = value.element_spec
             if not (isinstance(spec, tuple) and len(spec) == 2):
                 raise MskdError(f"{name}: a dataset must yield (images, labels) batches; it yields {spec}.")
-            return value
-        if isinstance(value, (tuple, list)) and len(value) == 2:
-            x, y = np.asarray(value[0]), np.asarray(value[1]).reshape(-1)
-            if len(x) != len(y) or len(x) == 0:
-                raise MskdError(f"{name}: got {len(x)} images and {len(y)} labels; they must match and be > 0.")
-            arrays = data_lib.Arrays(x.astype(np.float32) if x.dtype != np.uint8 else x, y.astype(np.int64))
-            if training:
-                return data_lib.train_pipeline(arrays, batch_size, augment=False, seed=seed)
-            return data_lib.eval_pipeline(arrays, 2 * batch_size)
-        raise MskdError(f"{name}: expected a tf.data.Dataset or an (x, y) tuple of arrays, got {type(value).__name__}.")
-
-    if not isinstance(train, (tf.data.Dataset, tuple, list)):
-        as_dataset("train", train, True)  # raises the error that names the argument
-    if val is None and isinstance(train, (tuple, list)) and len(train) == 2:
-        x, y = np.asarray(train[0]), np.asarray(train[1]).reshape(-1)
-        tr, va = data_lib.split_validation(x, y, 0.1, seed)
-        train, val = (tr.x, tr.y), (va.x, va.y)
-    if val is None:
+    if val is None and isinstance(train, tf.data.Dataset):
         raise MskdError("val: pass validation data (a dataset or (x, y)); it is needed to select candidates.")
     num_classes = int(model.output_shape[-1])
+    given = {}
+    for name, value in (("train", train), ("val", val), ("test", test)):
+        if value is None:
+            continue
+        if isinstance(value, tf.data.Dataset):  # the first batch stands for the rest: a dataset may be endless
+            batch = next(iter(value.take(1)), None)
+            if batch is None:
+                raise MskdError(f"{name}: the dataset yields no batches.")
+            value = (batch[0].numpy(), batch[1].numpy())
+        given[name] = value
+    checked = data_lib.check_splits(given, num_classes=num_classes, classes_from=f"the model has {num_classes} outputs",
+                                    image_shape=tuple(model.input_shape[1:]), shape_from="the model")
+    if val is None:
+        tr, va = data_lib.split_validation(checked["train"].x, checked["train"].y, 0.1, seed)
+        if len(va) == 0 or len(tr) == 0:
+            raise MskdError(f"train: {len(checked['train'])} images are too few to hold out 10% for validation; "
+                            "pass more images or val=(x, y).")
+        checked["train"], checked["val"] = tr, va
     info = data_lib.DatasetInfo(
         name="user", image_shape=tuple(model.input_shape[1:]), num_classes=num_classes,
         class_names=tuple(class_names or (str(i) for i in range(num_classes))),
         mean=(), std=(), num_train=-1, num_val=-1, num_test=-1,
     )
-    train_ds, val_ds = as_dataset("train", train, True), as_dataset("val", val, False)
-    test_ds = val_ds if test is None else as_dataset("test", test, False)
+
+    def pipeline(name, value):
+        if isinstance(value, tf.data.Dataset):
+            return value
+        if name == "train":
+            return data_lib.train_pipeline(checked[name], batch_size, augment=False, seed=seed)
+        return data_lib.eval_pipeline(checked[name], 2 * batch_size)
+
+    train_ds, val_ds = pipeline("train", train), pipeline("val", val)
+    test_ds = val_ds if test is None else pipeline("test", test)
     return UserData(train=train_ds, val=val_ds, test=test_ds, info=info)
 
 
@@ -218,6 +237,56 @@ def _check_teacher_fits(model, info, where: str):
                         f"{info.num_classes} classes.")
 
 
+def _given_teacher(ctx: Context):
+    """The ``--teacher`` file, loaded once and checked against the data."""
+    import keras
+
+    cfg = ctx.cfg
+    key = f"--teacher={cfg.teacher}"
+    if key not in ctx._models:
+        try:
+            teacher = keras.models.load_model(cfg.teacher)
+        except Exception as exc:
+            raise MskdError(f"--teacher={cfg.teacher}: cannot load it as a Keras model ({exc}).") from exc
+        _check_teacher_fits(teacher, ctx.data.info, key)
+        ctx.remember(key, teacher)
+    return ctx._models[key]
+
+
+def preflight(ctx: Context, first_stage: str):
+    """Every check that needs the data or the model, before ``first_stage`` (the first to run) trains anything.
+
+    Loading the data runs :func:`mskd_tf.data.check_splits` (the API's data were checked by
+    :func:`user_data`, with the same function). The teacher, or for ``--model`` the untrained
+    architecture (built in well under a second), must have a layer graph the pruning engine can
+    follow and must contain every ``--protect`` name; a GroupNormalization teacher or a typo in
+    ``--protect`` would otherwise surface only after the teacher trained.
+    """
+    from mskd_tf import models
+    from mskd_tf.pruning import build_graph, plan
+
+    cfg, d = ctx.cfg, ctx.data
+    if first_stage == "teacher" and ctx.user_teacher is None and not cfg.teacher and cfg.model not in models.available():
+        raise MskdError(f"--model={cfg.model}: unknown model; available models: {', '.join(models.available())}.")
+    if STAGES.index(first_stage) > STAGES.index("candidates"):
+        return  # the teacher's graph and --protect were used already, by finished stages
+    if ctx.user_teacher is not None:
+        teacher, where = ctx.user_teacher, "model"
+    elif (ctx.wd / "teacher.keras").exists() and first_stage != "teacher":
+        teacher, where = ctx.model("teacher.keras"), "the trained teacher"
+    elif cfg.teacher:
+        teacher, where = _given_teacher(ctx), f"--teacher={cfg.teacher}"
+    elif cfg.protect:  # the architecture alone tells the layer names; nothing is trained here
+        teacher = models.build(cfg.model, d.info.image_shape, d.info.num_classes, width=cfg.width)
+        where = f"--model={cfg.model}"
+    else:
+        return  # a library architecture: prunable by construction
+    graph = build_graph(teacher)
+    message = plan.unknown_protect_message(graph, cfg.protect) if cfg.protect else None
+    if message:
+        raise MskdError(f"--protect={','.join(cfg.protect)}: {message} (checked on {where})")
+
+
 def run_teacher(ctx: Context):
     import keras
 
@@ -229,11 +298,7 @@ def run_teacher(ctx: Context):
     if ctx.user_teacher is not None:
         teacher = ctx.user_teacher
     elif cfg.teacher:
-        try:
-            teacher = keras.models.load_model(cfg.teacher)
-        except Exception as exc:
-            raise MskdError(f"--teacher={cfg.teacher}: cannot load it as a Keras model ({exc}).") from exc
-        _check_teacher_fits(teacher, d.info, f"--teacher={cfg.teacher}")
+        teacher = _given_teacher(ctx)
     else:
         teacher = models.build(cfg.model, d.info.image_shape, d.info.num_classes,
                                normalization=(d.info.mean, d.info.std), width=cfg.width)

@@ -6,11 +6,24 @@ at any moment leaves either the old artifact or the new one, never half a file.
 the stage depends on (chained with the previous stage's digest) and its
 seconds; a stage is *done* when its artifacts exist, load, and its digest
 matches the current config.
+
+Each finished stage's record is also kept in its own file, ``records/<stage>.json``, written
+after the stage's artifacts and removed before the stage is redone. ``stages.json`` is the
+one file every stage rewrites, so it is the one most exposed to damage (an editor, a copy
+cut short, a full disk). When it cannot be read it is moved aside to ``stages.json.damaged``
+with a warning and rebuilt from those per-stage records: a recovered stage is still reused
+only when its digest matches the current config and its artifacts load, so hours of teacher
+training survive a damaged record, and nothing unverified is trusted.
+
+One run at a time: :meth:`Workdir.lock` takes an exclusive ``flock`` on ``.lock`` (the
+holder's PID written inside) for the whole run. The OS drops the lock when its process dies,
+so a lock file left by a killed run never blocks the next one.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import json
 import os
 import tempfile
@@ -59,7 +72,15 @@ class Workdir:
         except OSError as exc:
             raise MskdError(f"--workdir={self.path}: cannot write there ({exc.strerror}); choose a writable folder.") from exc
         self._state_file = self.path / "stages.json"
-        self.state = self._read_state()
+        self._records = self.path / "records"
+        self._state = None
+
+    @property
+    def state(self) -> dict:
+        """The stage records, read on first use (so :meth:`lock` is taken before a damaged file is moved aside)."""
+        if self._state is None:
+            self._state = self._read_state()
+        return self._state
 
     def __truediv__(self, name: str) -> Path:
         return self.path / name
@@ -68,10 +89,62 @@ class Workdir:
         if not self._state_file.exists():
             return {}
         try:
-            return json.loads(self._state_file.read_text())
-        except (json.JSONDecodeError, OSError):
-            # A damaged state file only costs recomputation; never a crash.
-            return {}
+            state = json.loads(self._state_file.read_text())
+            if isinstance(state, dict) and all(isinstance(r, dict) for r in state.values()):
+                return state
+            problem = "it does not hold one record per stage"
+        except (json.JSONDecodeError, UnicodeDecodeError, OSError) as exc:
+            problem = str(exc)
+        return self._recover_state(problem)
+
+    def _recover_state(self, problem: str) -> dict:
+        """Move the unreadable stages.json aside and rebuild it from records/<stage>.json (verified later)."""
+        damaged = self.path / "stages.json.damaged"
+        os.replace(self._state_file, damaged)
+        state = {}
+        for path in sorted(self._records.glob("*.json")) if self._records.is_dir() else []:
+            try:
+                record = json.loads(path.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError, OSError):
+                continue
+            if isinstance(record, dict) and isinstance(record.get("digest"), str):
+                state[path.stem] = record
+        kept = (f"recovered the records of {', '.join(state)} from records/; each is reused only if its config "
+                "digest matches and its artifacts load" if state else
+                "no per-stage records to recover from, so every stage runs again")
+        print(f"WARNING: {self._state_file} is unreadable ({problem}); moved it to {damaged.name}; {kept}.", flush=True)
+        self._state = state
+        if state:
+            self._flush()
+        return state
+
+    @contextlib.contextmanager
+    def lock(self, name: str = ".lock"):
+        """Hold an exclusive lock on this workdir for the block; fail at once if another run holds it.
+
+        Two runs interleaving their stages in one workdir would leave artifacts that match neither.
+        ``flock`` is released by the OS when the holder dies, so a stale lock file never blocks.
+        """
+        path = self.path / name
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "unknown"
+                raise MskdError(
+                    f"--workdir={self.path} is in use by another mskd-tf run (pid {holder}); wait for it to finish, "
+                    "or choose another --workdir. Two runs in one workdir would mix their artifacts."
+                ) from None
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            try:
+                yield
+            finally:
+                os.ftruncate(fd, 0)  # the PID would be a stale name once released
+                fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
 
     # ------------------------------------------------------------------ atomic writes
 
@@ -112,9 +185,11 @@ class Workdir:
 
     def mark_done(self, stage: str, digest: str, inputs: dict, seconds: float):
         self.state[stage] = {"digest": digest, "inputs": inputs, "seconds": round(seconds, 3), "finished": time.time()}
+        self.write_json(f"records/{stage}.json", self.state[stage])  # the copy a damaged stages.json is rebuilt from
         self._flush()
 
     def forget(self, stage: str):
+        (self._records / f"{stage}.json").unlink(missing_ok=True)
         if self.state.pop(stage, None) is not None:
             self._flush()
 

@@ -223,6 +223,19 @@ def functional_of(operation):
     return None
 
 
+def require_layer_graph(model):
+    """The model's functional graph, or the MskdError that says why a model without one cannot be pruned."""
+    functional = functional_of(model)
+    if functional is None or not isinstance(model, keras.Model):
+        kind = type(model).__name__
+        raise MskdError(
+            f"model {getattr(model, 'name', model)!r} ({kind}) is not a functional or Sequential Keras "
+            "model: a subclassed model's call() is Python code with no layer graph to analyse. "
+            "Rebuild it with keras.Model(inputs, outputs) or keras.Sequential (build it with an input shape)."
+        )
+    return functional
+
+
 class DependencyGraph:
     """Channel groups of a model plus the per-layer channel maps the clone builder needs."""
 
@@ -291,14 +304,7 @@ def build_graph(model, skip=(), handlers=None):
     """
     from mskd_tf.pruning import layers as layer_handlers
 
-    functional = functional_of(model)
-    if functional is None or not isinstance(model, keras.Model):
-        kind = type(model).__name__
-        raise MskdError(
-            f"model {getattr(model, 'name', model)!r} ({kind}) is not a functional or Sequential Keras "
-            "model: a subclassed model's call() is Python code with no layer graph to analyse. "
-            "Rebuild it with keras.Model(inputs, outputs) or keras.Sequential (build it with an input shape)."
-        )
+    functional = require_layer_graph(model)
     ctx = BuildContext()
     tensor_maps = {}
     records = {}

@@ -319,16 +319,36 @@ def _check_ratio(ratio):
     return ratio
 
 
+def prunable_layer_names(graph) -> list[str]:
+    """Names ``protect`` accepts: the layers producing the channels of prunable groups, in graph order."""
+    names = []
+    for group in graph.groups:
+        if group.prunable:
+            names += [r.layer for r in group.producers if r.layer not in names]
+    return names
+
+
+def unknown_protect_message(graph, protect) -> str | None:
+    """Why ``protect`` names no prunable channels (listing a few valid names), or None when every name is valid."""
+    if isinstance(protect, str):
+        protect = [protect]
+    unknown = [name for name in protect if not _groups_named(graph, name)]
+    if not unknown:
+        return None
+    valid = prunable_layer_names(graph)
+    listed = ", ".join(valid[:8]) + (f" ... ({len(valid) - 8} more)" if len(valid) > 8 else "")
+    return (f"{', '.join(repr(n) for n in unknown)} {'is' if len(unknown) == 1 else 'are'} neither a group id nor a "
+            f"layer producing a group's channels in model {graph.model.name!r}; prunable layers: "
+            f"{listed or 'none'}.")
+
+
 def _resolve_protect(graph, protect):
     if isinstance(protect, str):
         protect = [protect]
-    protected = set()
-    for name in protect:
-        hits = [g.id for g in _groups_named(graph, name)]
-        if not hits:
-            raise MskdError(f"protect: {name!r} is neither a group id nor a layer producing a group's channels.")
-        protected.update(hits)
-    return protected
+    message = unknown_protect_message(graph, protect)
+    if message:
+        raise MskdError(f"protect: {message}")
+    return {g.id for name in protect for g in _groups_named(graph, name)}
 
 
 def _resolve_ratios(graph, ratios):
