@@ -4,6 +4,13 @@ Stages run in order; each reads the previous stage's artifact from the work
 directory and writes its own atomically. A stage is skipped when its artifacts
 exist, load, and were made from the same config (see :mod:`mskd_tf.workdir`);
 otherwise it and every later stage run again, and the reason is printed.
+
+One run per workdir: the runner holds ``Workdir.lock`` throughout, so a second run on the
+same folder fails at once naming the holder's PID. Bad input fails before anything trains:
+``Config.validate`` first, then, just before the first stage with work to do,
+``stages.preflight`` (data through ``data.check_splits``, the teacher's graph, ``protect``).
+``compress`` checks its arrays with the same ``check_splits`` and words every error as
+Python arguments (``target_macs=``) rather than flags (``--target_macs=``).
 """
 
 from __future__ import annotations

@@ -125,6 +125,8 @@ def user_data(model, train, val, test, *, batch_size: int, seed: int, class_name
             if batch is None:
                 raise MskdError(f"{name}: the dataset yields no batches.")
             value = (batch[0].numpy(), batch[1].numpy())
+            if value[1].ndim == 0:
+                raise MskdError(f"{name}: the dataset yields single examples, not batches; add .batch(128).")
         given[name] = value
     checked = data_lib.check_splits(given, num_classes=num_classes, classes_from=f"the model has {num_classes} outputs",
                                     image_shape=tuple(model.input_shape[1:]), shape_from="the model")
@@ -265,6 +267,8 @@ def preflight(ctx: Context, first_stage: str):
     from mskd_tf import models
     from mskd_tf.pruning import build_graph, plan
 
+    if first_stage == "report":
+        return  # writes files from the other stages' records: no data, no training
     cfg, d = ctx.cfg, ctx.data
     if first_stage == "teacher" and ctx.user_teacher is None and not cfg.teacher and cfg.model not in models.available():
         raise MskdError(f"--model={cfg.model}: unknown model; available models: {', '.join(models.available())}.")

@@ -198,6 +198,10 @@ API_CASES = {
         lambda: {"train": __import__("tensorflow").data.Dataset.from_tensor_slices(
             (_scaled(_toy())[0], np.eye(3)[_toy()[1]])).batch(16), "val": _scaled(_toy(30))},
         "train labels have shape \\(16, 3\\); expected one integer class index per image"),
+    "dataset_unbatched": (
+        lambda: {"train": __import__("tensorflow").data.Dataset.from_tensor_slices(_scaled(_toy())),
+                 "val": _scaled(_toy(30))},
+        "^train: the dataset yields single examples, not batches"),
     "subclassed_model": (lambda: {"model": _Subclassed()}, "model .*\\(_Subclassed\\) is not a functional or "
                                                             "Sequential Keras model"),
     "target_macs_text": (lambda: {"target_macs": "abc"}, "^target_macs='abc': must be a number"),
