@@ -72,7 +72,9 @@ class LogitsTap:
         else:
             self.exact = not self.probabilities
         features = [model.get_layer(name).output for name in feature_layers]
-        self.graph = keras.Model(model.input, [final, *features], name=f"{model.name}_tap")
+        # ``model.inputs``, not ``model.input``: a keras.Sequential has no ``input`` of its own.
+        inputs = model.inputs[0] if len(model.inputs) == 1 else model.inputs
+        self.graph = keras.Model(inputs, [final, *features], name=f"{model.name}_tap")
 
     def __call__(self, x, training):
         """Returns ``(logits, [features...])``."""
