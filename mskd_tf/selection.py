@@ -362,6 +362,7 @@ class Finetuner:
         self.temperature, self.alpha = float(temperature), float(alpha)
         self._train_step = tf.function(self._distributed_train_step, reduce_retracing=True)
         self._eval_step = tf.function(self._distributed_eval_step, reduce_retracing=True)
+        self.first_step_seconds = None  # tracing + one step: the part of training that is not training
 
     def train(self, train_ds, steps: int, *, start: int = 0, steps_per_epoch: int | None = None) -> float | None:
         """Train ``steps`` batches of ``train_ds`` beginning at batch ``start`` (counted across epochs).
@@ -377,7 +378,10 @@ class Finetuner:
             chunk = min(stop - position, steps_per_epoch - offset)
             batches = self.strategy.experimental_distribute_dataset(train_ds.skip(offset).take(chunk))
             for batch in batches:
+                began = time.perf_counter() if self.first_step_seconds is None else None
                 loss = float(self._train_step(batch))
+                if began is not None:
+                    self.first_step_seconds = time.perf_counter() - began
                 if not math.isfinite(loss):
                     return loss
             position += chunk
@@ -478,8 +482,8 @@ class _CandidateTrainer:
 
     def row(self, name) -> dict:
         state = self.state[name]
-        keys = ("criterion", "macs", "params", "curve", "val_acc", "budget_epochs", "seconds", "steps", "weights",
-                "worker", "error")
+        keys = ("criterion", "macs", "params", "curve", "val_acc", "budget_epochs", "seconds", "time_split", "steps",
+                "weights", "worker", "error")
         return {k: state[k] for k in keys if k in state}
 
     def forget(self, names):
@@ -536,12 +540,19 @@ class _CandidateTrainer:
         if state is not None and (state["steps"] >= target_steps or state.get("error")):
             return  # finished earlier (this run or a previous one)
         began = time.perf_counter()
+        fresh = name not in self.models
         tuner = self._live_model(name)
         state = self.state[name]
+        # Where the rung's seconds go (issue 14): setup = load + first validation, trace = the train
+        # step's first call beyond one ordinary step, score = BatchNorm re-estimation + validation.
+        split = {"setup": time.perf_counter() - began, "train": 0.0, "trace": 0.0, "score": 0.0, "save": 0.0}
+        first_step = state["steps"]
         while state["steps"] < target_steps:
             epoch_end = (state["steps"] // self.steps_per_epoch + 1) * self.steps_per_epoch
             chunk = min(target_steps, epoch_end) - state["steps"]
+            clock = time.perf_counter()
             bad_loss = tuner.train(self.train_ds, chunk, start=state["steps"], steps_per_epoch=self.steps_per_epoch)
+            split["train"] += time.perf_counter() - clock
             state["steps"] += chunk
             state["budget_epochs"] = round(state["steps"] / self.steps_per_epoch, 4)
             if bad_loss is not None:
@@ -549,16 +560,30 @@ class _CandidateTrainer:
                 state["error"] = f"the loss became {bad_loss} within {state['steps']} steps"
                 self.forget([name])
                 break
+            clock = time.perf_counter()
             state["val_acc"] = self._score(tuner)
+            split["score"] += time.perf_counter() - clock
             state["curve"].append([state["budget_epochs"], state["val_acc"]])
-        state["seconds"] = round(state["seconds"] + time.perf_counter() - began, 3)
+        if fresh and tuner.first_step_seconds is not None:
+            # One ordinary step's time stays in "train"; the rest of the first call was tracing.
+            typical = (split["train"] - tuner.first_step_seconds) / max(1, state["steps"] - first_step - 1)
+            split["trace"] = max(0.0, tuner.first_step_seconds - typical)
+            split["train"] -= split["trace"]
         if not state.get("error"):
             state["weights"] = _weights_digest(tuner.model)  # each worker's copy; equal when synchronous
+        clock = time.perf_counter()
         self._save(name, None if state.get("error") else tuner.model)
+        split["save"] = time.perf_counter() - clock
+        spent = time.perf_counter() - began
+        state["seconds"] = round(state["seconds"] + spent, 3)
+        state.setdefault("time_split", []).append({"rung": rung, **{k: round(v, 2) for k, v in split.items()}})
+        if not state.get("error"):
+            self._save(name, None)  # the record again, now with the save's own time
         if self.verbose:
             result = state.get("error") or f"val acc {100 * state['val_acc']:.2f}%"
+            parts = ", ".join(f"{k} {v:.1f}" for k, v in split.items())
             print(f"select: rung {rung}: {name} at {state['budget_epochs']:g} epochs: {result} "
-                  f"({state['seconds']:.1f} s)", flush=True)
+                  f"({spent:.1f} s this rung: {parts})", flush=True)
 
     def _score(self, tuner) -> float:
         """Validation accuracy after re-estimating BatchNorm statistics (no optimizer step).

@@ -132,6 +132,11 @@ def test_select_writes_artifacts_and_follows_the_plan(tmp_path, data):
     for r in rows.values():
         assert r["curve"][0][0] == 0.0 and r["curve"][-1] == [r["budget_epochs"], r["val_acc"]]
         assert 0.0 <= r["val_acc"] <= 1.0 and r["macs"] > 0 and r["params"] > 0 and r["seconds"] > 0
+        # Where the seconds went, per rung: the parts account for the candidate's total.
+        assert [split["rung"] for split in r["time_split"]] == ["1/2", "2/2"][:len(r["time_split"])]
+        parts = sum(v for split in r["time_split"] for k, v in split.items() if k != "rung")
+        assert abs(parts - r["seconds"]) <= 0.05 * r["seconds"] + 0.05
+        assert r["time_split"][0]["trace"] > 0 and all(split["train"] > 0 for split in r["time_split"])
     chosen = payload["selected"]["criterion"]
     finalists = payload["protocol"]["rungs"][-1]["candidates"]
     assert chosen in finalists
