@@ -101,6 +101,7 @@ def _run_locked(cfg: Config, wd: Workdir, user_teacher, user_data, stop_after) -
         _banner(stage, f"running ({why})")
         wd.forget(stage)
         start = time.perf_counter()
+        ctx.stage_digest = digest
         getattr(stages, f"run_{stage}")(ctx)
         seconds = time.perf_counter() - start
         wd.mark_done(stage, digest, inputs, seconds)

@@ -10,8 +10,10 @@ import dataclasses
 import hashlib
 import importlib
 import json
+import shutil
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -164,6 +166,7 @@ class Context:
     user_data: UserData | None = None
     _splits: object = None
     _models: dict = dataclasses.field(default_factory=dict)
+    stage_digest: str = ""  # the running stage's settings digest (keys its mid-stage backup)
 
     @property
     def data(self):
@@ -316,11 +319,17 @@ def run_teacher(ctx: Context):
         )
         guard = training.NanGuard()
         best = ctx.wd / "teacher_best.keras"
-        callbacks = [guard, *training.standard_callbacks(str(ctx.wd / "logs" / "teacher"),
-                                                         checkpoint=str(best) if d.val is not None else None)]
+        backup, resumed_at, best_so_far = _teacher_backup(ctx, best)
+        callbacks = [guard, keras.callbacks.BackupAndRestore(str(backup), save_freq="epoch", delete_checkpoint=True),
+                     *training.standard_callbacks(str(ctx.wd / "logs" / "teacher"),
+                                                  checkpoint=str(best) if d.val is not None else None,
+                                                  append=resumed_at > 0, best_so_far=best_so_far)]
+        if resumed_at:
+            print(f"teacher: resuming after epoch {resumed_at} of {cfg.epochs} from {backup}", flush=True)
         history = teacher.fit(d.train, validation_data=d.val, epochs=cfg.epochs, callbacks=callbacks,
                               shuffle=False, verbose=_verbose())
         guard.raise_if_tripped("teacher")
+        shutil.rmtree(backup, ignore_errors=True)
         if best.exists():  # restore the best-on-validation weights
             teacher = keras.models.load_model(best)
     teacher, repair = repair_batchnorm(teacher, ctx.calibration, d.val)
@@ -329,12 +338,46 @@ def run_teacher(ctx: Context):
     metrics.update(_cost(teacher))
     if history is not None:
         metrics["history"] = {k: [float(v) for v in vals] for k, vals in history.history.items()}
+        if resumed_at:  # this process saw only the epochs after the interruption; the CSV has them all
+            metrics["history"] = _csv_history(ctx.wd / "logs" / "teacher" / "history.csv") or metrics["history"]
     ctx.wd.save_model(teacher, "teacher.keras")
     ctx.wd.write_json("teacher.json", metrics)
     ctx.remember("teacher.keras", teacher)
     (ctx.wd / "teacher_best.keras").unlink(missing_ok=True)
     print(f"teacher: val acc {_pct(metrics['val_acc'])}, test acc {_pct(metrics['test_acc'])}, "
           f"{metrics['macs'] / 1e6:.2f}M MACs, {metrics['params'] / 1e6:.3f}M params", flush=True)
+
+
+def _teacher_backup(ctx: Context, best: Path):
+    """The teacher's epoch backup folder, emptied when it was written for other settings.
+
+    Keras' BackupAndRestore saves weights and optimizer state after every epoch, so a teacher
+    run that is interrupted (a session that ends, Ctrl-C) continues at the next epoch instead of
+    starting over. Returns ``(folder, epochs already done, best validation accuracy so far)``.
+    """
+    folder = ctx.wd / "teacher_backup"
+    marker = folder / "settings_digest"
+    if folder.exists() and (not marker.exists() or marker.read_text() != ctx.stage_digest):
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    marker.write_text(ctx.stage_digest)
+    try:
+        done = int(json.loads((folder / "training_metadata.json").read_text())["epoch"])  # epochs completed
+    except (OSError, ValueError, KeyError, TypeError):
+        return folder, 0, None
+    seen = _csv_history(ctx.wd / "logs" / "teacher" / "history.csv").get("val_accuracy", [])
+    return folder, done, (max(seen) if seen and best.exists() else None)
+
+
+def _csv_history(path: Path) -> dict:
+    import csv
+
+    try:
+        with open(path) as handle:
+            rows = list(csv.DictReader(handle))
+    except OSError:
+        return {}
+    return {key: [float(row[key]) for row in rows] for key in (rows[0] if rows else {}) if key != "epoch"}
 
 
 # Batches of un-augmented training data for re-estimating the teacher's BatchNorm statistics.

@@ -293,15 +293,21 @@ class NanGuard(keras.callbacks.Callback):
             )
 
 
-def standard_callbacks(log_dir: str | None, *, checkpoint: str | None = None, monitor: str = "val_accuracy"):
-    """CSV + TensorBoard logs and a best-on-validation checkpoint (when paths are given)."""
+def standard_callbacks(log_dir: str | None, *, checkpoint: str | None = None, monitor: str = "val_accuracy",
+                       append: bool = False, best_so_far: float | None = None):
+    """CSV + TensorBoard logs and a best-on-validation checkpoint (when paths are given).
+
+    ``append`` and ``best_so_far`` continue an interrupted run: the CSV keeps its earlier epochs and
+    the checkpoint is replaced only by an epoch better than the best one already saved.
+    """
     callbacks = []
     if log_dir:
         os.makedirs(log_dir, exist_ok=True)
-        callbacks.append(keras.callbacks.CSVLogger(os.path.join(log_dir, "history.csv")))
+        callbacks.append(keras.callbacks.CSVLogger(os.path.join(log_dir, "history.csv"), append=append))
         callbacks.append(keras.callbacks.TensorBoard(log_dir=os.path.join(log_dir, "tensorboard"), write_graph=False))
     if checkpoint:
         callbacks.append(
-            keras.callbacks.ModelCheckpoint(checkpoint, monitor=monitor, mode="max", save_best_only=True)
+            keras.callbacks.ModelCheckpoint(checkpoint, monitor=monitor, mode="max", save_best_only=True,
+                                            initial_value_threshold=best_so_far)
         )
     return callbacks

@@ -51,6 +51,51 @@ def test_teacher_stage_resumes_and_detects_changes(tiny_cfg, capsys):
     assert "config changed since it ran (lr)" in capsys.readouterr().out
 
 
+def _interrupt_teacher_after_epoch(monkeypatch, epoch_index):
+    import keras
+
+    from mskd_tf import training
+
+    original = training.standard_callbacks
+
+    class Interrupt(keras.callbacks.Callback):  # after the epoch's backup was written, as a killed session
+        def on_epoch_end(self, epoch, logs=None):
+            if epoch == epoch_index:
+                raise KeyboardInterrupt
+
+    monkeypatch.setattr(training, "standard_callbacks", lambda *a, **k: [*original(*a, **k), Interrupt()])
+    return lambda: monkeypatch.setattr(training, "standard_callbacks", original)
+
+
+def test_interrupted_teacher_resumes_at_the_next_epoch(tiny_cfg, monkeypatch, capsys):
+    tiny_cfg.epochs = 3
+    restore = _interrupt_teacher_after_epoch(monkeypatch, 1)
+    with pytest.raises(KeyboardInterrupt):
+        run_pipeline(tiny_cfg, stop_after="teacher")
+    restore()
+    capsys.readouterr()
+    run_pipeline(tiny_cfg, stop_after="teacher")
+    out = capsys.readouterr().out
+    assert "teacher: resuming after epoch 2 of 3" in out
+    assert "Epoch 3/3" in out and "Epoch 1/3" not in out and "Epoch 2/3" not in out
+    record = json.loads(open(f"{tiny_cfg.workdir}/teacher.json").read())
+    assert len(record["history"]["loss"]) == 3 and len(record["history"]["val_accuracy"]) == 3
+    assert not (Workdir(tiny_cfg.workdir) / "teacher_backup").exists()
+
+
+def test_teacher_backup_from_other_settings_is_not_resumed(tiny_cfg, monkeypatch, capsys):
+    tiny_cfg.epochs = 3
+    restore = _interrupt_teacher_after_epoch(monkeypatch, 0)
+    with pytest.raises(KeyboardInterrupt):
+        run_pipeline(tiny_cfg, stop_after="teacher")
+    restore()
+    tiny_cfg.lr = 0.02
+    capsys.readouterr()
+    run_pipeline(tiny_cfg, stop_after="teacher")
+    out = capsys.readouterr().out
+    assert "resuming" not in out and "Epoch 1/3" in out
+
+
 def test_damaged_artifact_is_redone(tiny_cfg, capsys):
     run_pipeline(tiny_cfg, stop_after="teacher")
     path = f"{tiny_cfg.workdir}/teacher.keras"
