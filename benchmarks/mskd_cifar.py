@@ -351,6 +351,13 @@ def _spearman(a, b):
     return cov / var if var else 0.0
 
 
+def _selection_seconds(rows, row) -> float:
+    """A MS-KD row's selection time (rows cached before it was stored in the row: from its select/ row)."""
+    if "selection_steps" not in row:
+        return 0.0
+    return row.get("selection_seconds", rows.get(f"select/s{row['seed']}", {}).get("seconds", 0.0))
+
+
 def _rows(rows, prefix, seeds, tag=""):
     return [rows[f"{prefix}/s{sd}{tag}"] for sd in seeds if f"{prefix}/s{sd}{tag}" in rows]
 
@@ -389,7 +396,7 @@ def render(data: dict) -> str:
         if found:
             steps = f"{found[0].get('selection_steps', 0)} + {found[0]['train_steps']}"
             crit = ", ".join(sorted({r.get("criterion", "") for r in found}))
-            minutes = statistics.mean(r["seconds"] + r.get("selection_seconds", 0) for r in found) / 60
+            minutes = statistics.mean(r["seconds"] + _selection_seconds(rows, r) for r in found) / 60
             lines.append(f"| {label} | {crit} | {found[0]['macs'] / 1e6:.2f} | {found[0]['params'] / 1e3:.1f} | "
                          f"{steps} | {minutes:.0f} | {_spread([r['val_acc'] for r in found])} | "
                          f"{_spread([r['test_acc'] for r in found])} |")
