@@ -25,22 +25,6 @@ from mskd_tf.config import STAGES, Config, as_arguments
 from mskd_tf.errors import MskdError
 from mskd_tf.workdir import Workdir
 
-# The config fields each stage's artifact depends on (digests chain, so a change
-# upstream also invalidates everything downstream). Strategy and replica count are
-# left out on purpose: results are exact across strategies.
-STAGE_INPUTS = {
-    "teacher": ("dataset", "data_dir", "val_fraction", "train_subset", "augment", "batch_size", "seed", "model",
-                "teacher", "width", "epochs", "optimizer", "lr", "schedule", "momentum", "weight_decay"),
-    "rank": ("criteria", "calibration_batches"),
-    "candidates": ("target_macs", "allocations", "round_to", "min_channels", "protect", "bn_recalibration_batches"),
-    "select": ("select_epochs", "zero_cost_keep", "select_loss", "successive_halving", "tie_tolerance", "finetune_lr",
-               "temperature", "alpha"),
-    "distill": ("distill_epochs", "temperature", "alpha", "feature_kd", "no_distill_baseline"),
-    "export": ("export", "calibration_samples", "qat", "micro"),
-    "report": (),
-}
-
-
 def _banner(stage: str, text: str):
     print(f"\n==== [{stage}] {text}", flush=True)
 
@@ -61,33 +45,24 @@ def run_pipeline(cfg: Config, *, user_teacher=None, user_data=None, stop_after: 
 
 def _run_locked(cfg: Config, wd: Workdir, user_teacher, user_data, stop_after) -> CompressionResult:
     ctx = stages.Context(cfg=cfg, wd=wd, user_teacher=user_teacher, user_data=user_data)
-    # Each stage needs the one before it: run the implemented prefix, then the report.
-    available = []
-    for stage in STAGES[:-1]:
-        if not stages.implemented(stage):
-            break
-        available.append(stage)
-    if stages.implemented("report"):
-        available.append("report")
     restart = cfg.restart_from
-    if restart and restart not in available:
-        raise MskdError(f"--restart_from={restart!r}: that stage is not available; stages are {', '.join(available)}.")
     previous_digest = ""
     redo = False
     timings = {}
-    for stage in available:
-        inputs = json.loads(json.dumps({n: getattr(cfg, n) for n in STAGE_INPUTS[stage]}))
+    for step in stages.PIPELINE:
+        stage = step.name
+        inputs = json.loads(json.dumps({n: getattr(cfg, n) for n in step.inputs}))
         if stage == "teacher" and user_teacher is not None:
             inputs["user_teacher_weights"] = stages.weights_digest(user_teacher)
         digest = stages.chain_digest(previous_digest, inputs)
         previous_digest = digest
-        artifacts = stages.ARTIFACTS[stage]
+        artifacts = list(step.artifacts)
         done, why = wd.stage_status(stage, digest, inputs, artifacts)
         if done and stage == restart:
             done, why = False, f"--restart_from={restart}"
         if done and redo:
             done, why = False, "an earlier stage was redone"
-        if done and not stages.artifacts_load(ctx, stage):
+        if done and not stages.artifacts_load(ctx, step):
             done, why = False, "its artifact is damaged (cannot be loaded)"
         if done:
             _banner(stage, f"done already, reusing {', '.join(artifacts)}")
@@ -102,7 +77,7 @@ def _run_locked(cfg: Config, wd: Workdir, user_teacher, user_data, stop_after) -
         wd.forget(stage)
         start = time.perf_counter()
         ctx.stage_digest = digest
-        getattr(stages, f"run_{stage}")(ctx)
+        step.run(ctx)
         seconds = time.perf_counter() - start
         wd.mark_done(stage, digest, inputs, seconds)
         timings[stage] = round(seconds, 3)
@@ -111,9 +86,6 @@ def _run_locked(cfg: Config, wd: Workdir, user_teacher, user_data, stop_after) -
             break
     if stop_after and stop_after != STAGES[-1]:
         print(f"\nStopped after {stop_after} (stop_after); the same command without it continues from here.", flush=True)
-    missing = [s for s in STAGES if s not in available]
-    if missing:
-        print(f"\nNot implemented yet, skipped: {', '.join(missing)}.", flush=True)
     return stages.result(ctx, timings)
 
 

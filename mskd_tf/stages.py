@@ -1,14 +1,14 @@
 """The pipeline's stages: each reads earlier artifacts and writes its own.
 
-``run_<stage>(ctx)`` does the work; ``ARTIFACTS[stage]`` names what it leaves in
-the workdir; :mod:`mskd_tf.api` decides which stages need to run.
+``PIPELINE`` lists them in order, each a :class:`Stage`: the Config fields its artifact
+depends on, the files it leaves in the workdir and the function that makes them;
+:mod:`mskd_tf.api` decides which stages need to run.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
-import importlib
 import json
 import shutil
 import sys
@@ -22,34 +22,26 @@ from mskd_tf.config import STAGES, Config
 from mskd_tf.errors import MskdError
 from mskd_tf.workdir import Workdir
 
-ARTIFACTS = {
-    "teacher": ["teacher.keras", "teacher.json"],
-    "rank": ["rankings.json"],
-    "candidates": ["candidates.json"],
-    "select": ["selected.keras", "selection.json"],
-    "distill": ["student.keras", "distill.json"],
-    "export": ["export.json"],
-    "report": ["report.json", "report.md"],
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    """One step of the pipeline: what it depends on, what it leaves, what does the work."""
+
+    name: str
+    inputs: tuple  # Config fields the artifact depends on (digests chain: upstream changes redo it too)
+    artifacts: tuple  # files in the workdir that must exist and load for the stage to count as done
+    run: object  # run(ctx)
+
+
+# Config fields that are no stage's input, and why. A new field must be listed here or in a
+# stage's inputs (tests/test_pipeline.py checks), so that no setting can leave stale artifacts.
+NOT_STAGE_INPUTS = {
+    "download": "where data may come from, not what it is",
+    "workdir": "where the artifacts live",
+    "restart_from": "which stages to redo, not how",
+    "stop_after": "where this run ends, not how stages work",
+    "strategy": "results are exact across strategies (tested)",
+    "num_replicas": "results are exact across replica counts (tested)",
 }
-
-# The module each stage needs; a stage whose module is not there yet is skipped.
-STAGE_MODULES = {
-    "teacher": "mskd_tf.models",
-    "rank": "mskd_tf.pruning.criteria",
-    "candidates": "mskd_tf.pruning.clone",
-    "select": "mskd_tf.selection",
-    "distill": "mskd_tf.distill",
-    "export": "mskd_tf.deploy",
-    "report": "mskd_tf.report",
-}
-
-
-def implemented(stage: str) -> bool:
-    try:
-        importlib.import_module(STAGE_MODULES[stage])
-    except ModuleNotFoundError:
-        return False
-    return hasattr(sys.modules[__name__], f"run_{stage}")
 
 
 def chain_digest(previous: str, inputs: dict) -> str:
@@ -204,9 +196,9 @@ class Context:
         self._models[name] = model
 
 
-def artifacts_load(ctx: Context, stage: str) -> bool:
+def artifacts_load(ctx: Context, stage: Stage) -> bool:
     """A cheap integrity check: JSON parses and .keras archives open."""
-    for name in ARTIFACTS[stage]:
+    for name in stage.artifacts:
         path = ctx.wd / name
         try:
             if name.endswith(".json"):
@@ -644,3 +636,19 @@ def result(ctx: Context, timings: dict):
         report=rep,
     )
 
+
+PIPELINE = (
+    Stage("teacher", ("dataset", "data_dir", "val_fraction", "train_subset", "augment", "batch_size", "seed", "model",
+                      "teacher", "width", "epochs", "optimizer", "lr", "schedule", "momentum", "weight_decay"),
+          ("teacher.keras", "teacher.json"), run_teacher),
+    Stage("rank", ("criteria", "calibration_batches"), ("rankings.json",), run_rank),
+    Stage("candidates", ("target_macs", "allocations", "round_to", "min_channels", "protect",
+                         "bn_recalibration_batches"), ("candidates.json",), run_candidates),
+    Stage("select", ("select_epochs", "zero_cost_keep", "select_loss", "successive_halving", "tie_tolerance",
+                     "finetune_lr", "temperature", "alpha"), ("selected.keras", "selection.json"), run_select),
+    Stage("distill", ("distill_epochs", "temperature", "alpha", "feature_kd", "no_distill_baseline"),
+          ("student.keras", "distill.json"), run_distill),
+    Stage("export", ("export", "calibration_samples", "qat", "micro"), ("export.json",), run_export),
+    Stage("report", (), ("report.json", "report.md"), run_report),
+)
+assert tuple(stage.name for stage in PIPELINE) == STAGES, "config.STAGES names the flag choices: keep them equal"

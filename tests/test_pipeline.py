@@ -35,6 +35,17 @@ def tiny_cfg(tmp_path):
                   workdir=str(tmp_path / "wd"), val_fraction=0.2)
 
 
+def test_every_config_field_is_a_stage_input_or_deliberately_not():
+    from mskd_tf import stages
+
+    fields = {f.name for f in Config.fields()}
+    inputs = [name for stage in stages.PIPELINE for name in stage.inputs]
+    assert set(inputs) <= fields, set(inputs) - fields  # no stage depends on a field that does not exist
+    assert not set(inputs) & set(stages.NOT_STAGE_INPUTS)
+    assert set(inputs) | set(stages.NOT_STAGE_INPUTS) == fields, "list a new Config field as some stage's input"
+    assert all(stage.artifacts and callable(stage.run) for stage in stages.PIPELINE)
+
+
 def test_teacher_stage_resumes_and_detects_changes(tiny_cfg, capsys):
     run_pipeline(tiny_cfg, stop_after="teacher")
     wd = tiny_cfg.workdir
