@@ -538,12 +538,12 @@ def run_distill(ctx: Context):
     teacher_val = ctx.wd.read_json("teacher.json").get("val_acc")
     selected_val = selection["selected"].get("val_acc")
     if teacher_val is not None and selected_val is not None and selected_val > teacher_val:
-        note = ("the cross-entropy run decides which student ships" if cfg.no_distill_baseline
+        note = ("the cross-entropy run decides which student ships" if cfg.distill_baseline
                 else "distillation is still used (no cross-entropy run to compare with)")
         out["warnings"].append(f"the selected candidate ({_pct(selected_val)}) is better than the teacher "
                                f"({_pct(teacher_val)}) on validation; {note}")
     students = {}
-    runs = [("kd", True)] + ([("baseline", False)] if cfg.no_distill_baseline else [])
+    runs = [("kd", True)] + ([("baseline", False)] if cfg.distill_baseline else [])
     for label, kd in runs:
         keras.utils.set_random_seed(cfg.seed)
         student = keras.models.load_model(ctx.wd / "selected.keras")  # both runs start from the same weights
@@ -646,7 +646,7 @@ PIPELINE = (
                          "bn_recalibration_batches"), ("candidates.json",), run_candidates),
     Stage("select", ("select_epochs", "zero_cost_keep", "select_loss", "successive_halving", "tie_tolerance",
                      "finetune_lr", "temperature", "alpha"), ("selected.keras", "selection.json"), run_select),
-    Stage("distill", ("distill_epochs", "temperature", "alpha", "feature_kd", "no_distill_baseline"),
+    Stage("distill", ("distill_epochs", "temperature", "alpha", "feature_kd", "distill_baseline"),
           ("student.keras", "distill.json"), run_distill),
     Stage("export", ("export", "calibration_samples", "qat", "micro"), ("export.json",), run_export),
     Stage("report", (), ("report.json", "report.md"), run_report),

@@ -1,5 +1,6 @@
 """The whole pipeline: compress() end to end, resume after SIGKILL, damaged artifacts."""
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -39,7 +40,7 @@ def test_compress_end_to_end_and_resume(tmp_path, capsys):
     result = mskd_tf.compress(
         teacher, (x, y), test=(xt, yt), criteria=("l1", "taylor", "random"), target_macs=0.5,
         selection={"select_epochs": 0.5, "calibration_batches": 2},
-        distill={"distill_epochs": 1, "no_distill_baseline": True}, export=("float32",),
+        distill={"distill_epochs": 1, "distill_baseline": True}, export=("float32",),
         workdir=str(tmp_path / "wd"), seed=0,
     )
     names = [f"{c}-{a}" for a in ("global", "uniform") for c in ("l1", "taylor", "random")]
@@ -63,7 +64,7 @@ def test_compress_end_to_end_and_resume(tmp_path, capsys):
     again = mskd_tf.compress(
         teacher, (x, y), test=(xt, yt), criteria=("l1", "taylor", "random"), target_macs=0.5,
         selection={"select_epochs": 0.5, "calibration_batches": 2},
-        distill={"distill_epochs": 1, "no_distill_baseline": True}, export=("float32",),
+        distill={"distill_epochs": 1, "distill_baseline": True}, export=("float32",),
         workdir=str(tmp_path / "wd"), seed=0,
     )
     out = capsys.readouterr().out
@@ -144,7 +145,8 @@ def test_compress_uses_the_fused_batchnorm_only_while_it_runs_even_when_it_fails
         seen.append(keras.layers.BatchNormalization.call is training._batchnorm_call)
         raise MskdError("stopped in rank")
 
-    monkeypatch.setattr(stages, "run_rank", failing_rank)
+    monkeypatch.setattr(stages, "PIPELINE", tuple(
+        dataclasses.replace(stage, run=failing_rank) if stage.name == "rank" else stage for stage in stages.PIPELINE))
     with pytest.raises(MskdError, match="stopped in rank"):
         mskd_tf.compress(toy_teacher(), (x, y), workdir=str(tmp_path / "wd"), export=("float32",))
     assert seen == [True] and keras.layers.BatchNormalization.call is training._ORIGINAL_BN_CALL
