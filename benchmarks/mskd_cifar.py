@@ -187,7 +187,9 @@ def main(_):
             keras.utils.set_random_seed(seed)
             student = keras.models.load_model(source)
             start = time.perf_counter()
-            student, _ = distill.distill(teacher, student, train_for(seed), None, epochs=steps / per_epoch,
+            # Validation after every epoch (~3 s each): from the oracle rows, how early a short run ranks the
+            # candidates as B steps do, i.e. which selection horizon could be predictive, at no training cost.
+            student, history = distill.distill(teacher, student, train_for(seed), val, epochs=steps / per_epoch,
                                          steps=steps, kd=kd, **loss,
                                          lr=lr or s["finetune_lr"], weight_decay=s["weight_decay"], seed=seed,
                                          verbose=2)
@@ -195,7 +197,8 @@ def main(_):
             row = {"kd": kd, **({"kd_settings": loss} if kd else {}), "seed": seed, "lr": lr or s["finetune_lr"],
                    "train_steps": steps, "seconds": round(time.perf_counter() - start, 1),
                    "val_acc": training.accuracy(student, val), "test_acc": training.accuracy(student, test),
-                   "macs": int(cost.macs), "params": int(cost.params), **(extra or {})}
+                   "macs": int(cost.macs), "params": int(cost.params),
+                   "val_curve": [round(float(v), 4) for v in history.get("val_accuracy", [])], **(extra or {})}
             row["total_steps"] = row["train_steps"] + row.get("selection_steps", 0)
             print(f"row {name}: val {100 * row['val_acc']:.2f}%  test {100 * row['test_acc']:.2f}%  "
                   f"({row['total_steps']} steps, {row['seconds']:.0f} s)", flush=True)
@@ -439,7 +442,14 @@ def render(data: dict) -> str:
             after = [r["val_acc"] for _, r in oracle_rows]
             lines.append(f"\nSpearman rank correlation, validation accuracy before fine-tuning vs after B steps of CE, "
                          f"over these {len(oracle_rows)} candidates: {_spearman(before, after):+.2f} (how well the "
-                         "zero-cost rung can rank them).")
+                         "zero-cost rung can rank them); parameter count vs after B steps: "
+                         f"{_spearman([r['params'] for _, r in oracle_rows], after):+.2f}.")
+            curves = [r["val_curve"] for _, r in oracle_rows if r.get("val_curve")]
+            if len(curves) == len(oracle_rows):
+                ranks = [f"{e + 1} epoch{'s' if e else ''} {_spearman([c[e] for c in curves], after):+.2f}"
+                         for e in (0, 1, 3, 7) if all(len(c) > e for c in curves)]
+                lines.append("Validation accuracy after k epochs of the B-step cosine run vs after B steps (Spearman): "
+                             + ", ".join(ranks) + " (how long a selection rung must be to rank them).")
     selections = [(k, r) for k, r in rows.items() if k.startswith("select/")]
     for k, r in selections:
         lines.append(f"\n{k}: zero-cost rung kept {', '.join(r['zero_cost_kept'])}; chose "
