@@ -62,28 +62,28 @@ def test_teacher_stage_resumes_and_detects_changes(tiny_cfg, capsys):
     assert "config changed since it ran (lr)" in capsys.readouterr().out
 
 
-def _interrupt_teacher_after_epoch(monkeypatch, epoch_index):
+def _interrupted_teacher_run(cfg, monkeypatch, epoch_index):
+    """A 3-epoch teacher run stopped (as a killed session) right after epoch ``epoch_index``'s backup."""
     import keras
 
     from mskd_tf import training
 
     original = training.standard_callbacks
 
-    class Interrupt(keras.callbacks.Callback):  # after the epoch's backup was written, as a killed session
+    class Interrupt(keras.callbacks.Callback):  # runs after BackupAndRestore wrote the epoch
         def on_epoch_end(self, epoch, logs=None):
             if epoch == epoch_index:
                 raise KeyboardInterrupt
 
+    cfg.epochs = 3
     monkeypatch.setattr(training, "standard_callbacks", lambda *a, **k: [*original(*a, **k), Interrupt()])
-    return lambda: monkeypatch.setattr(training, "standard_callbacks", original)
+    with pytest.raises(KeyboardInterrupt):
+        run_pipeline(cfg, stop_after="teacher")
+    monkeypatch.setattr(training, "standard_callbacks", original)
 
 
 def test_interrupted_teacher_resumes_at_the_next_epoch(tiny_cfg, monkeypatch, capsys):
-    tiny_cfg.epochs = 3
-    restore = _interrupt_teacher_after_epoch(monkeypatch, 1)
-    with pytest.raises(KeyboardInterrupt):
-        run_pipeline(tiny_cfg, stop_after="teacher")
-    restore()
+    _interrupted_teacher_run(tiny_cfg, monkeypatch, 1)
     capsys.readouterr()
     run_pipeline(tiny_cfg, stop_after="teacher")
     out = capsys.readouterr().out
@@ -95,11 +95,7 @@ def test_interrupted_teacher_resumes_at_the_next_epoch(tiny_cfg, monkeypatch, ca
 
 
 def test_teacher_backup_from_other_settings_is_not_resumed(tiny_cfg, monkeypatch, capsys):
-    tiny_cfg.epochs = 3
-    restore = _interrupt_teacher_after_epoch(monkeypatch, 0)
-    with pytest.raises(KeyboardInterrupt):
-        run_pipeline(tiny_cfg, stop_after="teacher")
-    restore()
+    _interrupted_teacher_run(tiny_cfg, monkeypatch, 0)
     tiny_cfg.lr = 0.02
     capsys.readouterr()
     run_pipeline(tiny_cfg, stop_after="teacher")
