@@ -49,14 +49,8 @@ import keras
 import numpy as np
 
 from mskd_tf.errors import MskdError
-
-
-@dataclasses.dataclass(frozen=True)
-class ChannelMap:
-    """Atoms (channel identities) along the channel axis of one tensor."""
-
-    atoms: np.ndarray
-    axis: int = -1  # where the channels are; only the option-A pad pattern moves them
+from mskd_tf.pruning import layers as layer_handlers
+from mskd_tf.pruning.channel_map import ChannelMap
 
 
 @dataclasses.dataclass(frozen=True)
@@ -302,8 +296,6 @@ def build_graph(model, skip=(), handlers=None):
     Raises:
         MskdError: subclassed model, or a layer type with no handler (not in ``skip``).
     """
-    from mskd_tf.pruning import layers as layer_handlers
-
     functional = require_layer_graph(model)
     ctx = BuildContext()
     tensor_maps = {}

@@ -23,7 +23,7 @@ import numpy as np
 from keras.src.ops import numpy as numpy_ops  # the Operation classes behind `x + 3.0` etc.
 
 from mskd_tf.errors import MskdError
-from mskd_tf.pruning.graph import ChannelMap
+from mskd_tf.pruning.channel_map import ChannelMap
 
 _REGISTRY = {}
 
