@@ -274,16 +274,16 @@ def main(_):
             row_t(f"kd:{BASELINE}/s{s0}", path_t(BASELINE), kd=True, seed=s0, extra={"criterion": BASELINE})
             mskd_t(s0, with_ce=False)
 
-    # Order, so that a partial table already answers the most: seed 0's decisive rows; the other MACs
-    # targets (does KD's gain grow with the teacher-student gap?); the 18-row oracle table (seed 0's
-    # selection + CE lost 1.12 points to l1 + CE: which candidates win after B steps, and how early a run
-    # ranks them so); then the other seeds; then the ablations.
+    # Order, so that a partial table already answers the most: seed 0's decisive rows; the 18-row oracle
+    # table (seed 0's selection + CE lost 1.12 points to l1 + CE: which candidates win after B steps, and
+    # how early a run ranks them so, the evidence a better selection needs); the other MACs targets (does
+    # KD's gain grow with the teacher-student gap?); then the other seeds; then the ablations.
     decisive(s0)
-    other_targets()
     for c in candidates:  # the oracle table
         student_row(f"ce:{c}/s{s0}", path(c), kd=False, seed=s0, extra={"criterion": c})
     oracle = max(candidates, key=lambda c: res.row(f"ce:{c}/s{s0}")["val_acc"])
     res.data["oracle_criterion"] = oracle
+    other_targets()
     for seed in s["seeds"][1:]:
         decisive(seed)
         student_row(f"ce:{oracle}/s{seed}", path(oracle), kd=False, seed=seed, extra={"criterion": oracle})
