@@ -362,7 +362,8 @@ class Finetuner:
         self.temperature, self.alpha = float(temperature), float(alpha)
         self._train_step = tf.function(self._distributed_train_step, reduce_retracing=True)
         self._eval_step = tf.function(self._distributed_eval_step, reduce_retracing=True)
-        self.first_step_seconds = None  # tracing + one step: the part of training that is not training
+        # The train step's first two calls: the first traces it, so the difference is the tracing time.
+        self.first_step_seconds = self.second_step_seconds = None
 
     def train(self, train_ds, steps: int, *, start: int = 0, steps_per_epoch: int | None = None) -> float | None:
         """Train ``steps`` batches of ``train_ds`` beginning at batch ``start`` (counted across epochs).
@@ -378,10 +379,13 @@ class Finetuner:
             chunk = min(stop - position, steps_per_epoch - offset)
             batches = self.strategy.experimental_distribute_dataset(train_ds.skip(offset).take(chunk))
             for batch in batches:
-                began = time.perf_counter() if self.first_step_seconds is None else None
+                began = time.perf_counter() if self.second_step_seconds is None else None
                 loss = float(self._train_step(batch))
                 if began is not None:
-                    self.first_step_seconds = time.perf_counter() - began
+                    if self.first_step_seconds is None:
+                        self.first_step_seconds = time.perf_counter() - began
+                    else:
+                        self.second_step_seconds = time.perf_counter() - began
                 if not math.isfinite(loss):
                     return loss
             position += chunk
@@ -546,7 +550,6 @@ class _CandidateTrainer:
         # Where the rung's seconds go (issue 14): setup = load + first validation, trace = the train
         # step's first call beyond one ordinary step, score = BatchNorm re-estimation + validation.
         split = {"setup": time.perf_counter() - began, "train": 0.0, "trace": 0.0, "score": 0.0, "save": 0.0}
-        first_step = state["steps"]
         while state["steps"] < target_steps:
             epoch_end = (state["steps"] // self.steps_per_epoch + 1) * self.steps_per_epoch
             chunk = min(target_steps, epoch_end) - state["steps"]
@@ -564,10 +567,9 @@ class _CandidateTrainer:
             state["val_acc"] = self._score(tuner)
             split["score"] += time.perf_counter() - clock
             state["curve"].append([state["budget_epochs"], state["val_acc"]])
-        if fresh and tuner.first_step_seconds is not None:
+        if fresh and tuner.second_step_seconds is not None:
             # One ordinary step's time stays in "train"; the rest of the first call was tracing.
-            typical = (split["train"] - tuner.first_step_seconds) / max(1, state["steps"] - first_step - 1)
-            split["trace"] = max(0.0, tuner.first_step_seconds - typical)
+            split["trace"] = max(0.0, tuner.first_step_seconds - tuner.second_step_seconds)
             split["train"] -= split["trace"]
         if not state.get("error"):
             state["weights"] = _weights_digest(tuner.model)  # each worker's copy; equal when synchronous
