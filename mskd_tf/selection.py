@@ -43,6 +43,7 @@ import math
 import os
 import re
 import time
+import weakref
 from pathlib import Path
 
 import keras
@@ -259,17 +260,36 @@ def recalibrate_batchnorm(model, dataset, num_batches: int) -> int:
     if not layers or num_batches < 1:
         return 0
     saved = [layer.momentum for layer in layers]
-    used = 0
+    sums, used = None, 0
     try:
+        for layer in layers:  # momentum 0: each forward pass leaves exactly its batch's statistics
+            layer.momentum = 0.0
+        forward = _batch_statistics_pass(model)
         for images, _ in dataset.take(num_batches):
+            forward(images)
+            stats = [(layer.moving_mean.numpy(), layer.moving_variance.numpy()) for layer in layers]
+            sums = stats if sums is None else [(m + dm, v + dv) for (m, v), (dm, dv) in zip(sums, stats)]
             used += 1
-            for layer in layers:  # cumulative average: batch k gets weight 1/k
-                layer.momentum = (used - 1) / used
-            model(images, training=True)
+        for layer, (mean, variance) in zip(layers, sums or []):  # the average over the batches
+            layer.moving_mean.assign(mean / used)
+            layer.moving_variance.assign(variance / used)
     finally:
         for layer, momentum in zip(layers, saved):
             layer.momentum = momentum
     return used
+
+
+# One traced training-mode forward per model, reused by every recalibration of it (a selection scores
+# each candidate at every rung): traced with momentum 0, which recalibrate_batchnorm always sets first.
+_BATCH_STATISTICS_PASSES = weakref.WeakKeyDictionary()
+
+
+def _batch_statistics_pass(model):
+    forward = _BATCH_STATISTICS_PASSES.get(model)
+    if forward is None:
+        forward = tf.function(lambda images: model(images, training=True), reduce_retracing=True)
+        _BATCH_STATISTICS_PASSES[model] = forward
+    return forward
 
 
 def all_layers(model):
@@ -453,6 +473,7 @@ class _CandidateTrainer:
         self.steps_per_epoch, self.writes, self.verbose, self.rank = steps_per_epoch, writes, verbose, rank
         self.sync_bn = strategy.num_replicas_in_sync > 1
         self.models: dict[str, Finetuner] = {}
+        self._score_copies: dict[str, keras.Model] = {}  # candidate -> the plain copy it is scored on
         self.digests = {name: _source_digest(source) for name, source in candidates.items()}
         # Read once, before any collective step, so every worker starts from the same state.
         self.state = {name: self._read_state(name) for name in candidates}
@@ -493,6 +514,7 @@ class _CandidateTrainer:
     def forget(self, names):
         for name in names:
             self.models.pop(name, None)
+            self._score_copies.pop(name, None)
 
     # ------------------------------------------------------------------ training
 
@@ -564,7 +586,7 @@ class _CandidateTrainer:
                 self.forget([name])
                 break
             clock = time.perf_counter()
-            state["val_acc"] = self._score(tuner)
+            state["val_acc"] = self._score(name, tuner)
             split["score"] += time.perf_counter() - clock
             state["curve"].append([state["budget_epochs"], state["val_acc"]])
         if fresh and tuner.second_step_seconds is not None:
@@ -587,7 +609,7 @@ class _CandidateTrainer:
             print(f"select: rung {rung}: {name} at {state['budget_epochs']:g} epochs: {result} "
                   f"({spent:.1f} s this rung: {parts})", flush=True)
 
-    def _score(self, tuner) -> float:
+    def _score(self, name, tuner) -> float:
         """Validation accuracy after re-estimating BatchNorm statistics (no optimizer step).
 
         At a constant, fairly high learning rate the moving averages trail the weights, and a
@@ -598,7 +620,11 @@ class _CandidateTrainer:
         batches = self.settings.get("bn_recalibration_batches", 0)
         if not batches:
             return tuner.accuracy(self.val_ds)
-        copy = _with_batchnorm_sync(tuner.model, False)
+        copy = self._score_copies.get(name)
+        if copy is None:  # one plain copy per candidate, so its traced functions serve every rung
+            copy = self._score_copies[name] = _with_batchnorm_sync(tuner.model, False)
+        else:
+            copy.set_weights(tuner.model.get_weights())
         recalibrate_batchnorm(copy, self.train_ds, batches)
         return training.accuracy(copy, self.val_ds, "select: val_ds")
 
