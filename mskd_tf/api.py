@@ -195,10 +195,3 @@ def _compress(model, train, val, *, test, target_macs, criteria, selection, dist
     return run_pipeline(cfg, user_teacher=model, user_data=user_data)
 
 
-def load_result(workdir: str | Path) -> dict:
-    """Read a finished run's ``report.json``."""
-    path = Path(workdir) / "report.json"
-    if not path.exists():
-        raise MskdError(f"{path} does not exist; run the pipeline (or its report stage) first.")
-    return json.loads(path.read_text())
-

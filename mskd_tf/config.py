@@ -9,8 +9,6 @@ apart. ``Config.validate`` names the offending ``--flag`` in its error.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import math
 import numbers
 import re
@@ -174,11 +172,6 @@ class Config:
         if explicit:
             raise MskdError(f"{why}: add int8 to --export or drop --micro.")
         return f"{why}, so no microcontroller kit will be written (add int8 to --export for one)."
-
-    def digest(self, names) -> str:
-        """A short hash of the named fields: a stage's artifact is stale when it changes."""
-        payload = json.dumps({n: getattr(self, n) for n in sorted(names)}, sort_keys=True, default=str)
-        return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

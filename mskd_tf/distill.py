@@ -22,7 +22,6 @@ under a strategy and saves the teacher with the student.
 from __future__ import annotations
 
 import math
-import os
 
 import keras
 import tensorflow as tf
@@ -31,7 +30,6 @@ from keras import ops
 from mskd_tf.errors import MskdError
 from mskd_tf.training import (DEFAULT_WEIGHT_DECAY, NanGuard, StopAfterSteps, budget_steps, compile_kwargs,
                               fused_batchnorm, make_optimizer, steps_per_epoch)
-from mskd_tf.workdir import atomic_path
 
 OUTPUT_KINDS = ("auto", "logits", "probabilities")
 _TINY = 1e-30  # floor before log(probabilities); far below any softmax value that matters at T >= 1
@@ -313,14 +311,6 @@ class Distiller(keras.Model):
 def _reject_sample_weight(sample_weight):
     if sample_weight is not None:
         raise MskdError("Distiller does not support sample weights / class_weight; rebalance the dataset instead.")
-
-
-def save_student(student: keras.Model, workdir: str, filename: str = "student.keras") -> str:
-    """Atomically write ``workdir/student.keras`` (temp name, then rename); returns the path."""
-    path = os.path.join(workdir, filename)
-    with atomic_path(path) as tmp:
-        student.save(tmp)
-    return path
 
 
 def _in_scope(model: keras.Model) -> keras.Model:

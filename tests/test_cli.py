@@ -65,12 +65,6 @@ def test_stop_after_must_not_precede_restart_from():
         config_lib.Config(stop_after="teacher", restart_from="distill").validate()
 
 
-def test_digest_follows_only_named_fields():
-    a, b = config_lib.Config(), config_lib.Config(lr=0.3)
-    assert a.digest(["epochs", "seed"]) == b.digest(["epochs", "seed"])
-    assert a.digest(["lr"]) != b.digest(["lr"])
-
-
 @pytest.mark.parametrize(
     "field, value, message",
     [
