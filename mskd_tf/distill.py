@@ -29,7 +29,7 @@ from keras import ops
 
 from mskd_tf.errors import MskdError
 from mskd_tf.training import (DEFAULT_WEIGHT_DECAY, NanGuard, StopAfterSteps, budget_steps, compile_kwargs,
-                              fused_batchnorm, make_optimizer, steps_per_epoch)
+                              fused_batchnorm, is_softmax, make_optimizer, outputs_probabilities, steps_per_epoch)
 
 OUTPUT_KINDS = ("auto", "logits", "probabilities")
 _TINY = 1e-30  # floor before log(probabilities); far below any softmax value that matters at T >= 1
@@ -47,7 +47,7 @@ class LogitsTap:
     def __init__(self, model: keras.Model, role: str, feature_layers=(), output_kind: str = "auto"):
         self.model = model
         head = model.layers[-1] if getattr(model, "layers", None) else None
-        softmax_head = head is not None and _is_softmax(head)
+        softmax_head = head is not None and is_softmax(head)
         if output_kind == "logits" and softmax_head:
             raise MskdError(
                 f"output_kind='logits' but the {role}'s last layer {head.name!r} applies softmax; "
@@ -89,13 +89,6 @@ class LogitsTap:
         elif self.probabilities and not self.exact:
             out = ops.log(ops.maximum(out, _TINY))
         return out, features
-
-
-def _is_softmax(layer) -> bool:
-    if isinstance(layer, keras.layers.Softmax):
-        return True
-    activation = getattr(layer, "activation", None)
-    return activation is not None and getattr(activation, "__name__", "") == "softmax"
 
 
 # Layers whose 4-D output is an image-like feature map on the main path.
@@ -388,7 +381,7 @@ def distill(
         else:
             model = student
             model.compile(
-                opt, keras.losses.SparseCategoricalCrossentropy(from_logits=not _is_softmax(student.layers[-1])),
+                opt, keras.losses.SparseCategoricalCrossentropy(from_logits=not outputs_probabilities(student)),
                 metrics=["accuracy"], **compile_kwargs(),
             )
     try:

@@ -546,7 +546,7 @@ class _CandidateTrainer:
                     mine.assign(saved)  # momentum and step count continue where they stopped
             # Compiled only so that checkpoints carry the optimizer state.
             model.compile(optimizer=optimizer, loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True))
-        tuner = Finetuner(model, optimizer, self.strategy, from_logits=not _outputs_probabilities(start),
+        tuner = Finetuner(model, optimizer, self.strategy, from_logits=not training.outputs_probabilities(start),
                           teacher=self.teacher, temperature=self.settings.get("temperature", 4.0),
                           alpha=self.settings.get("alpha", 0.5))
         if state is None:
@@ -700,12 +700,6 @@ def _worker_rank() -> tuple[int, int]:
         raise MskdError(f"TF_CONFIG: task {me[0]}:{me[1]} is not a chief or worker of the cluster {cluster}; "
                         "candidate-parallel selection runs on chief and worker tasks.")
     return members.index(me), len(members)
-
-
-def _outputs_probabilities(model) -> bool:
-    last = model.layers[-1]
-    activation = getattr(last, "activation", None)
-    return isinstance(last, keras.layers.Softmax) or getattr(activation, "__name__", "") == "softmax"
 
 
 def _with_batchnorm_sync(model, synchronized: bool) -> keras.Model:

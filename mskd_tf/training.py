@@ -24,6 +24,19 @@ from mskd_tf.errors import MskdError
 # teacher (BENCHMARKS.md): 5e-4 overfit to 85.31% test, 5e-3 gave 87.00%. Config.weight_decay equals it.
 DEFAULT_WEIGHT_DECAY = 5e-3
 
+
+def is_softmax(layer) -> bool:
+    """A ``Softmax`` layer, or any layer whose ``activation`` is softmax (``Dense(10, "softmax")``, ``Activation``)."""
+    if isinstance(layer, keras.layers.Softmax):
+        return True
+    activation = getattr(layer, "activation", None)
+    return activation is not None and getattr(activation, "__name__", "") == "softmax"
+
+
+def outputs_probabilities(model) -> bool:
+    """Whether ``model`` ends in softmax (so losses must not treat its outputs as logits)."""
+    return bool(model.layers) and is_softmax(model.layers[-1])
+
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "onecycle", "constant")
 

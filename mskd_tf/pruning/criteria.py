@@ -71,6 +71,7 @@ from keras import ops
 from mskd_tf.errors import MskdError
 from mskd_tf.pruning.graph import build_graph
 from mskd_tf.pruning.layers import MAC_WEIGHTS
+from mskd_tf.training import outputs_probabilities
 from mskd_tf.workdir import write_atomic
 
 RANKINGS_FORMAT = 1
@@ -368,10 +369,7 @@ def _output_tensor(graph, path):
 
 
 def _default_loss(model):
-    last = model.layers[-1] if model.layers else None
-    from_logits = getattr(last, "activation", None) is not keras.activations.softmax and not isinstance(
-        last, keras.layers.Softmax)
-    return keras.losses.SparseCategoricalCrossentropy(from_logits=from_logits, reduction="none")
+    return keras.losses.SparseCategoricalCrossentropy(from_logits=not outputs_probabilities(model), reduction="none")
 
 
 def _split_batch(batch):
