@@ -287,7 +287,8 @@ _BATCH_STATISTICS_PASSES = weakref.WeakKeyDictionary()
 def _batch_statistics_pass(model):
     forward = _BATCH_STATISTICS_PASSES.get(model)
     if forward is None:
-        forward = tf.function(lambda images: model(images, training=True), reduce_retracing=True)
+        owner = weakref.ref(model)  # a strong reference in the value would keep the key (and the model) alive
+        forward = tf.function(lambda images: owner()(images, training=True), reduce_retracing=True)
         _BATCH_STATISTICS_PASSES[model] = forward
     return forward
 
