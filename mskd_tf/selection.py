@@ -165,6 +165,7 @@ def select(
                 scores[n] = training.accuracy(model, val_ds, "select: val_ds")
         alive = sorted(names, key=lambda n: (-scores[n], macs[n], n))[:zero_cost_keep]
         zero_cost = {"scores": {n: float(v) for n, v in scores.items()}, "kept": alive}
+        trainer.accuracy_before_training.update(zero_cost["scores"])
         if verbose and chief:
             print(f"select: zero-cost rung (validation accuracy before any step) keeps {', '.join(alive)}", flush=True)
     rungs = halving_rungs(len(alive), total_budget) if successive_halving else [(len(alive), _even_share(
@@ -475,6 +476,8 @@ class _CandidateTrainer:
         self.sync_bn = strategy.num_replicas_in_sync > 1
         self.models: dict[str, Finetuner] = {}
         self._score_copies: dict[str, keras.Model] = {}  # candidate -> the plain copy it is scored on
+        # Validation accuracy at step 0 where the zero-cost rung already measured it: not measured twice.
+        self.accuracy_before_training: dict[str, float] = {}
         self.digests = {name: _source_digest(source) for name, source in candidates.items()}
         # Read once, before any collective step, so every worker starts from the same state.
         self.state = {name: self._read_state(name) for name in candidates}
@@ -554,7 +557,8 @@ class _CandidateTrainer:
             cost = flops.count(start)
             self.state[name] = {
                 "criterion": name, "macs": int(cost.macs), "params": int(cost.params),
-                "curve": [[0.0, tuner.accuracy(self.val_ds)]], "val_acc": None, "budget_epochs": 0.0,
+                "curve": [[0.0, self.accuracy_before_training.get(name) or tuner.accuracy(self.val_ds)]],
+                "val_acc": None, "budget_epochs": 0.0,
                 "seconds": 0.0, "steps": 0, "settings": self.settings, "source": self.digests[name],
                 "worker": self.rank,
             }

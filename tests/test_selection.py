@@ -216,6 +216,9 @@ def test_zero_cost_rung_trains_only_the_best_by_accuracy_before_any_step(tmp_pat
     assert steps["w4"] == 0 and steps["w6"] == steps["w8"] == 3  # two survivors share 6 steps in one rung
     assert payload["protocol"]["zero_cost"]["kept"] == ["w6", "w8"]
     assert payload["selected"]["criterion"] in ("w6", "w8") and payload["protocol"]["total_steps"] == 6
+    # The step-0 point of each curve is the score the rung already had, not a second validation pass.
+    assert {r["criterion"]: r["curve"][0] for r in payload["candidates"] if r["steps"]} == {
+        "w6": [0.0, 0.9], "w8": [0.0, 0.5]}
     # Without given scores the rung measures them: the same numbers as a plain evaluation.
     measured = select(candidates, *data, workdir=tmp_path / "m", epochs=1.0, zero_cost_keep=1, verbose=False)
     from mskd_tf.training import accuracy
