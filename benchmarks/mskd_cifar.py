@@ -451,12 +451,14 @@ def render(data: dict) -> str:
                          f"over these {len(oracle_rows)} candidates: {_spearman(before, after):+.2f} (how well the "
                          "zero-cost rung can rank them); parameter count vs after B steps: "
                          f"{_spearman([r['params'] for _, r in oracle_rows], after):+.2f}.")
-            curves = [r["val_curve"] for _, r in oracle_rows if r.get("val_curve")]
-            if len(curves) == len(oracle_rows):
-                ranks = [f"{e + 1} epoch{'s' if e else ''} {_spearman([c[e] for c in curves], after):+.2f}"
-                         for e in (0, 1, 3, 7) if all(len(c) > e for c in curves)]
-                lines.append("Validation accuracy after k epochs of the B-step cosine run vs after B steps (Spearman): "
-                             + ", ".join(ranks) + " (how long a selection rung must be to rank them).")
+            with_curves = [r for _, r in oracle_rows if r.get("val_curve")]  # rows cached before curves have none
+            if len(with_curves) >= 3:
+                final = [r["val_acc"] for r in with_curves]
+                ranks = [f"{e + 1} epoch{'s' if e else ''} {_spearman([r['val_curve'][e] for r in with_curves], final):+.2f}"
+                         for e in (0, 1, 3, 7) if all(len(r["val_curve"]) > e for r in with_curves)]
+                lines.append(f"Validation accuracy after k epochs of the B-step cosine run vs after B steps (Spearman, "
+                             f"the {len(with_curves)} rows with curves): " + ", ".join(ranks)
+                             + " (how long a selection rung must be to rank them).")
     selections = [(k, r) for k, r in rows.items() if k.startswith("select/")]
     for k, r in selections:
         lines.append(f"\n{k}: zero-cost rung kept {', '.join(r['zero_cost_kept'])}; chose "
