@@ -1,13 +1,4 @@
 #!/bin/bash
 # Reruns the CIFAR-10 accuracy benchmark: benchmarks/mskd_cifar.sh [--quick] [flags of mskd_cifar.py]
-# The library is imported from a snapshot of the committed mskd_tf/ (git archive of HEAD, or of
-# $MSKD_LIBRARY_COMMIT), so that edits made while a long run is going can neither change the code under
-# measurement nor break it mid-run (autograph re-reads a function's source file when it traces it).
-set -e
-cd "$(dirname "$0")/.."
-export MSKD_LIBRARY_COMMIT="$(git rev-parse --short "${MSKD_LIBRARY_COMMIT:-HEAD}")"
-snapshot="${TMPDIR:-/tmp}/mskd_tf_snapshot_$MSKD_LIBRARY_COMMIT"
-if [ ! -d "$snapshot/mskd_tf" ]; then
-  mkdir -p "$snapshot" && git archive "$MSKD_LIBRARY_COMMIT" mskd_tf | tar -x -C "$snapshot"
-fi
-PYTHONPATH="$snapshot" exec .venv/bin/python benchmarks/mskd_cifar.py "$@"
+# against a snapshot of the committed library (see snapshot_run.sh).
+exec "$(dirname "$0")/snapshot_run.sh" mskd_cifar.py "$@"

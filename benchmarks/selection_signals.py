@@ -1,0 +1,164 @@
+"""Which cheap signal ranks the candidates the way B steps of training do? (issue 13's selection evidence)
+
+    benchmarks/selection_signals.sh                    # every signal, resumable -> benchmarks/results/selection_signals.json
+    benchmarks/selection_signals.sh --render_only      # the correlations against the oracle rows finished so far
+
+The MS-KD benchmark (``benchmarks/mskd_cifar.sh``) found that the default selection (zero-cost rung, then
+0.56 epochs of constant-lr successive halving) picks a candidate that ends 1.12 points below l1-uniform after
+B steps. Its oracle table trains every candidate for B steps; this script measures, on the same 18 candidate
+files (``runs/bench_mskd_cifar/candidates``), the signals a selection could afford, and prints the Spearman
+rank correlation of each with the oracle's final validation accuracy:
+
+* zero-cost (one validation pass of the BatchNorm-recalibrated candidate): accuracy, cross-entropy, KL to
+  the teacher at the KD temperature, agreement with the teacher's top-1; parameter count.
+* short annealed runs: ``--proxy_steps`` optimizer steps of the KD loss with the learning rate decayed
+  (cosine) to 0 within the run, validation accuracy at the end. The library's rungs keep the learning rate
+  constant instead, so a score is taken mid-descent (the oracle's per-epoch curves show how noisy that is).
+
+Every finished candidate x signal is cached, so a rerun resumes.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import results_io
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_string("workdir", "runs/bench_mskd_cifar", "The MS-KD benchmark's workdir (teacher, candidates).")
+flags.DEFINE_list("proxy_steps", ["132", "352"], "Lengths of the annealed KD runs, in optimizer steps "
+                  "(132 = what each of 4 finalists gets of a 1.5-epoch selection; 352 = one epoch).")
+flags.DEFINE_float("lr", 0.05, "Peak learning rate of the annealed runs (the benchmark's finetune_lr).")
+flags.DEFINE_float("weight_decay", 5e-3, "As the benchmark.")
+flags.DEFINE_float("temperature", 4.0, "KD temperature (as the benchmark).")
+flags.DEFINE_float("alpha", 0.5, "KD label weight (as the benchmark).")
+flags.DEFINE_bool("render_only", False, "Only print the correlations of the cached signals.")
+
+NAME = "selection_signals"
+
+
+def _spearman(a, b):
+    def ranks(values):
+        order = sorted(range(len(values)), key=lambda i: values[i])
+        out = [0.0] * len(values)
+        i = 0
+        while i < len(order):  # ties share their mean rank
+            j = i
+            while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
+                j += 1
+            for k in range(i, j + 1):
+                out[order[k]] = (i + j) / 2
+            i = j + 1
+        return out
+
+    ra, rb = ranks(a), ranks(b)
+    ma, mb = sum(ra) / len(ra), sum(rb) / len(rb)
+    cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb))
+    var = (sum((x - ma) ** 2 for x in ra) * sum((y - mb) ** 2 for y in rb)) ** 0.5
+    return cov / var if var else float("nan")
+
+
+def render(signals: dict) -> str:
+    """Spearman of every signal with the oracle's final validation (and test) accuracy."""
+    oracle = json.loads((results_io.RESULTS / "mskd_cifar.json").read_text())["figures"]["rows"]
+    finals = {c: oracle[f"ce:{c}/s0"] for c in signals if f"ce:{c}/s0" in oracle}
+    if len(finals) < 3:
+        return f"{len(finals)} oracle rows finished: too few to correlate."
+    names = sorted(finals)
+    keys = sorted({k for c in names for k in signals[c]})
+    # Higher must mean better for every signal: losses and divergences enter negated.
+    sign = {"val_loss": -1, "kl_to_teacher": -1}
+    lines = [f"Spearman with the oracle's accuracy after B steps of CE, over {len(names)} candidates "
+             f"({', '.join(names)}):", "", "| signal | vs final val | vs final test | n |", "|---|---|---|---|"]
+    for key in keys:
+        have = [c for c in names if signals[c].get(key) is not None]
+        if len(have) < 3:
+            continue
+        values = [sign.get(key, 1) * signals[c][key] for c in have]
+        lines.append(f"| {key} | {_spearman(values, [finals[c]['val_acc'] for c in have]):+.2f} | "
+                     f"{_spearman(values, [finals[c]['test_acc'] for c in have]):+.2f} | {len(have)} |")
+    curves = [c for c in names if finals[c].get("val_curve")]
+    for epoch in (1, 2, 4, 8):
+        if len(curves) >= 3:
+            lines.append(f"| oracle run's own val acc after epoch {epoch} (lr still high) | "
+                         f"{_spearman([finals[c]['val_curve'][epoch - 1] for c in curves], [finals[c]['val_acc'] for c in curves]):+.2f}"
+                         f" | {_spearman([finals[c]['val_curve'][epoch - 1] for c in curves], [finals[c]['test_acc'] for c in curves]):+.2f}"
+                         f" | {len(curves)} |")
+    lines += ["", "| candidate | final val | final test | " + " | ".join(keys) + " |",
+              "|---|---|---|" + "---|" * len(keys)]
+    for c in sorted(names, key=lambda c: -finals[c]["val_acc"]):
+        cells = [f"{signals[c][k]:.4g}" if signals[c].get(k) is not None else "-" for k in keys]
+        lines.append(f"| {c} | {100 * finals[c]['val_acc']:.2f} | {100 * finals[c]['test_acc']:.2f} | "
+                     + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def main(_):
+    path = results_io.RESULTS / f"{NAME}.json"
+    signals = json.loads(path.read_text())["figures"]["signals"] if path.exists() else {}
+    if FLAGS.render_only:
+        print(render(signals))
+        return
+
+    import keras
+    import numpy as np
+    import tensorflow as tf
+
+    from mskd_tf import data as data_lib
+    from mskd_tf import distill, flops, selection, training
+
+    wd = Path(FLAGS.workdir)
+    teacher = keras.models.load_model(wd / "teacher.keras")
+    candidates = {r["criterion"]: r for r in json.loads((wd / "candidates.json").read_text())["candidates"]}
+    splits = data_lib.load(f"folder:{results_io.SHARED_CIFAR10}", batch_size=128, seed=0)
+    val = splits.val
+    teacher_logits = np.concatenate([teacher(x, training=False).numpy() for x, _ in val])
+    labels = np.concatenate([y.numpy() for _, y in val])
+    t = FLAGS.temperature
+
+    def save():
+        results_io.write_results(NAME, {"workdir": str(wd), "settings": {
+            "proxy_steps": FLAGS.proxy_steps, "lr": FLAGS.lr, "weight_decay": FLAGS.weight_decay,
+            "temperature": t, "alpha": FLAGS.alpha}, "signals": signals})
+
+    for name, record in candidates.items():
+        got = signals.setdefault(name, {})
+        if "kl_to_teacher" not in got:
+            model = keras.models.load_model(wd / "candidates" / f"{name}.keras")
+            # The candidates stage already recalibrated BatchNorm; the stored accuracy is its validation score.
+            logits = np.concatenate([model(x, training=False).numpy() for x, _ in val])
+            log_p = tf.nn.log_softmax(logits).numpy()
+            p_t, log_p_t = tf.nn.softmax(teacher_logits / t).numpy(), tf.nn.log_softmax(teacher_logits / t).numpy()
+            log_p_s = tf.nn.log_softmax(logits / t).numpy()
+            got.update(zero_cost_acc=record["val_acc_before_finetune"],
+                       val_loss=float(-log_p[np.arange(len(labels)), labels].mean()),
+                       kl_to_teacher=float((p_t * (log_p_t - log_p_s)).sum(axis=1).mean() * t * t),
+                       teacher_agreement=float((logits.argmax(1) == teacher_logits.argmax(1)).mean()),
+                       params=int(flops.count(model).params))
+            save()
+    for steps in (int(s) for s in FLAGS.proxy_steps):
+        for name in candidates:
+            key = f"annealed_kd_{steps}"
+            if key in signals[name]:
+                continue
+            keras.utils.set_random_seed(0)
+            student = keras.models.load_model(wd / "candidates" / f"{name}.keras")
+            start = time.perf_counter()
+            train = data_lib.train_pipeline(splits.arrays["train"], 128, augment=True, seed=0)
+            student, _ = distill.distill(teacher, student, train, None, epochs=steps / training.steps_per_epoch(train),
+                                         steps=steps, kd=True, temperature=t, alpha=FLAGS.alpha, lr=FLAGS.lr,
+                                         weight_decay=FLAGS.weight_decay, seed=0, verbose=0)
+            # Score as the selection does: on a copy with BatchNorm re-estimated on training batches.
+            selection.recalibrate_batchnorm(student, data_lib.train_pipeline(
+                splits.arrays["train"], 128, augment=False, seed=0), 20)
+            signals[name][key] = training.accuracy(student, val)
+            print(f"{name}: {key} = {signals[name][key]:.4f} ({time.perf_counter() - start:.0f} s)", flush=True)
+            save()
+    print(render(signals))
+
+
+if __name__ == "__main__":
+    app.run(main)
