@@ -31,6 +31,7 @@ from mskd_tf import models, report
 from results_io import write_results
 from mskd_tf.pruning import build_graph, plan_keep
 from mskd_tf.pruning import criteria as C
+from mskd_tf.pruning.candidates import overlap_matrix
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("model", None, "A trained .keras model (32x32x3 input); default: random-weight ResNet-20.")
@@ -92,7 +93,7 @@ def main(argv):
         print(f"  sum alone: {sum(alone.values()):6.1f} s vs shared {driven_s:.1f} s")
     keeps = {name: plan_keep(graph, scores, target_macs=0.5).keep for name, scores in {**free, **driven}.items()}
     print("\nJaccard overlap of kept channels at 50% MACs:")
-    overlap = C.overlap_matrix(keeps)
+    overlap = overlap_matrix(keeps)
     print(report.overlap_table(overlap))
     write_results("criteria_speed", {
         "model": model.name, "batches": FLAGS.batches, "batch_size": FLAGS.batch_size,

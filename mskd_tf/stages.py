@@ -20,7 +20,7 @@ import numpy as np
 from mskd_tf import data as data_lib
 from mskd_tf.config import STAGES, Config
 from mskd_tf.errors import MskdError
-from mskd_tf.workdir import Workdir
+from mskd_tf.workdir import Workdir, write_atomic
 
 @dataclasses.dataclass(frozen=True)
 class Stage:
@@ -431,8 +431,68 @@ def run_rank(ctx: Context):
     calibration = ctx.calibration if needs_data else None
     rankings = criteria.rank(teacher, cfg.criteria, calibration, graph=graph, num_batches=cfg.calibration_batches,
                              seed=cfg.seed)
-    criteria.save_rankings(str(ctx.wd / "rankings.json"), rankings, graph)
+    save_rankings(str(ctx.wd / "rankings.json"), rankings, graph)
     print(f"rank: {len(rankings)} criteria x {sum(g.prunable for g in graph.groups)} prunable groups", flush=True)
+
+
+RANKINGS_FORMAT = 1
+
+
+def save_rankings(path, rankings, graph):
+    """Write ``rankings`` to ``path`` (JSON) atomically: a temp file in the same folder, renamed.
+
+    The file holds, per group, its size and the layer names it touches (so the ranking can be
+    read against the model), and per criterion the scores of every group.
+    """
+    groups = {}
+    for scores in rankings.values():
+        for group_id in scores:
+            if group_id not in groups:
+                group = graph.group(group_id)
+                groups[group_id] = {"size": group.size, "producers": [r.layer for r in group.producers],
+                                    "layers": group.layers}
+    payload = {
+        "format": RANKINGS_FORMAT,
+        "model": graph.model.name,
+        "groups": groups,
+        "criteria": {name: {g: [float(v) for v in np.asarray(s).reshape(-1)] for g, s in scores.items()}
+                     for name, scores in rankings.items()},
+    }
+    write_atomic(path, json.dumps(payload, indent=1))
+
+
+def load_rankings(path, graph=None):
+    """Read a ``rankings.json``: ``{criterion: {group_id: np.ndarray}}``.
+
+    With ``graph``, checks that every group exists in it with the same size (the rankings
+    belong to this model) and raises :class:`MskdError` naming the first mismatch.
+    """
+    try:
+        with open(path) as handle:
+            payload = json.load(handle)
+    except FileNotFoundError:
+        raise MskdError(f"rankings file {path} does not exist; run the rank stage first.") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise MskdError(f"rankings file {path} is not valid JSON ({exc}); "
+                        "delete it and rerun the rank stage.") from None
+    if not isinstance(payload, dict) or payload.get("format") != RANKINGS_FORMAT or "criteria" not in payload:
+        raise MskdError(f"rankings file {path} is not a format-{RANKINGS_FORMAT} rankings file; "
+                        "delete it and rerun the rank stage.")
+    rankings = {name: {g: np.asarray(v, dtype=np.float64) for g, v in scores.items()}
+                for name, scores in payload["criteria"].items()}
+    if graph is not None:
+        for name, scores in rankings.items():
+            for group_id, score in scores.items():
+                try:
+                    size = graph.group(group_id).size
+                except MskdError:
+                    raise MskdError(f"rankings file {path}: group {group_id!r} (criterion {name!r}) is not in "
+                                    f"model {graph.model.name!r}; the file belongs to another model. "
+                                    "Delete it and rerun the rank stage.") from None
+                if size != score.size:
+                    raise MskdError(f"rankings file {path}: group {group_id!r} has {score.size} scores but the "
+                                    f"model's group has {size} channels; rerun the rank stage.")
+    return rankings
 
 
 def candidate_name(criterion: str, allocation: str, allocations) -> str:
@@ -442,16 +502,17 @@ def candidate_name(criterion: str, allocation: str, allocations) -> str:
 
 def run_candidates(ctx: Context):
     from mskd_tf import flops, report, selection
-    from mskd_tf.pruning import build_graph, criteria
+    from mskd_tf.pruning import build_graph
+    from mskd_tf.pruning.candidates import build_candidates, layer_widths, overlap_matrix
 
     cfg = ctx.cfg
     teacher = ctx.model("teacher.keras")
     graph = build_graph(teacher)
-    rankings = criteria.load_rankings(str(ctx.wd / "rankings.json"), graph=graph)
+    rankings = load_rankings(str(ctx.wd / "rankings.json"), graph=graph)
     rankings = {name: rankings[name] for name in cfg.criteria}
     candidates = []
     for allocation in cfg.allocations:
-        built = criteria.build_candidates(
+        built = build_candidates(
             teacher, rankings, target_macs=cfg.target_macs, graph=graph, mode=allocation,
             evaluate=lambda clone: evaluate(clone, ctx.data.val), round_to=cfg.round_to,
             adapt=lambda clone: selection.recalibrate_batchnorm(clone, ctx.calibration, cfg.bn_recalibration_batches),
@@ -460,7 +521,7 @@ def run_candidates(ctx: Context):
         for c in built:  # the candidate's name: its criterion, plus the allocation when there are several
             candidates.append((candidate_name(c.criterion, allocation, cfg.allocations), c.criterion, allocation, c))
     teacher_macs = flops.count(teacher).macs
-    teacher_widths = criteria.layer_widths(graph, {})
+    teacher_widths = layer_widths(graph, {})
     rows = []
     for name, criterion, allocation, c in candidates:
         ctx.wd.save_model(c.model, f"candidates/{name}.keras")
@@ -469,7 +530,7 @@ def run_candidates(ctx: Context):
         rows.append(dict(row, criterion=name, ranking=criterion, allocation=allocation, macs_ratio=c.macs / teacher_macs,
                          teacher_widths=teacher_widths, kept={k: [int(i) for i in v] for k, v in c.keep.items()}))
     candidates = [dataclasses.replace(c, criterion=name) for name, _, _, c in candidates]
-    overlap = criteria.overlap_matrix({c.criterion: c.keep for c in candidates})
+    overlap = overlap_matrix({c.criterion: c.keep for c in candidates})
     ctx.wd.write_json("candidates.json", {"candidates": rows, "jaccard": overlap})
     print(report.candidates_table(rows) + "\n\nJaccard overlap of kept channels:\n\n"
           + report.overlap_table(overlap), flush=True)

@@ -10,7 +10,9 @@ import tensorflow as tf
 
 from mskd_tf.errors import MskdError
 from mskd_tf.pruning import build_graph, plan_keep, prune
+from mskd_tf.pruning.candidates import build_candidates, jaccard, layer_widths, overlap_matrix
 from mskd_tf.pruning import criteria as C
+from mskd_tf.stages import load_rankings, save_rankings
 
 EPS32 = float(np.finfo(np.float32).eps)
 
@@ -244,7 +246,7 @@ def test_resnet20_option_a_group_scores_every_channel_once():
     assert prunable["stem_conv"] == 64 and np.all(scores["l1"]["stem_conv"] > 0)
     # Per-layer widths of a plan are what the pruned clone's convolutions have.
     plan = plan_keep(graph, scores["l1"], keep_ratio=0.5, mode="uniform")
-    widths = C.layer_widths(graph, plan.keep)
+    widths = layer_widths(graph, plan.keep)
     clone = prune(model, plan.keep, graph=graph)
     assert widths == {name: clone.get_layer(name).filters for name in widths}
     assert widths["stage1_block1_conv2"] < widths["stage3_block1_conv2"]
@@ -303,30 +305,30 @@ def test_rankings_json_round_trip_atomic_and_checked(tmp_path):
     graph = build_graph(model)
     rankings = C.rank(model, ["l1", "random"], graph=graph)
     path = tmp_path / "work" / "rankings.json"
-    C.save_rankings(path, rankings, graph)
+    save_rankings(path, rankings, graph)
     assert os.listdir(path.parent) == ["rankings.json"]  # no temp file left behind
     payload = json.loads(path.read_text())
     (group_id,) = payload["groups"]
     assert {"conv_a", "conv_b", "bn_a", "bn_b", "relu"} <= set(payload["groups"][group_id]["layers"])
-    loaded = C.load_rankings(path, graph)
+    loaded = load_rankings(path, graph)
     for name in rankings:
         np.testing.assert_allclose(loaded[name][group_id], rankings[name][group_id])
 
     other = build_graph(conv_net())
     with pytest.raises(MskdError, match="belongs to another model"):
-        C.load_rankings(path, other)
+        load_rankings(path, other)
     path.write_text("{not json")
     with pytest.raises(MskdError, match="not valid JSON"):
-        C.load_rankings(path)
+        load_rankings(path)
     with pytest.raises(MskdError, match="does not exist"):
-        C.load_rankings(tmp_path / "missing.json")
+        load_rankings(tmp_path / "missing.json")
 
 
 def test_jaccard():
-    assert C.jaccard({"a": [0, 1, 2], "b": [0]}, {"a": [1, 2, 3], "b": [0]}) == pytest.approx(3 / 5)
-    assert C.jaccard({"a": [0, 1]}, {"a": [0, 1]}) == 1.0
-    assert C.jaccard({"a": [0]}, {"b": [0]}) == 0.0  # same index, different group
-    assert C.jaccard({}, {}) == 1.0
+    assert jaccard({"a": [0, 1, 2], "b": [0]}, {"a": [1, 2, 3], "b": [0]}) == pytest.approx(3 / 5)
+    assert jaccard({"a": [0, 1]}, {"a": [0, 1]}) == 1.0
+    assert jaccard({"a": [0]}, {"b": [0]}) == 0.0  # same index, different group
+    assert jaccard({}, {}) == 1.0
 
 
 def test_candidates_at_one_target_with_table():
@@ -339,7 +341,7 @@ def test_candidates_at_one_target_with_table():
     def accuracy(clone):
         return float(np.mean(np.argmax(clone.predict(x, verbose=0), axis=1) == y))
 
-    candidates = C.build_candidates(model, rankings, target_macs=0.5, graph=graph, evaluate=accuracy)
+    candidates = build_candidates(model, rankings, target_macs=0.5, graph=graph, evaluate=accuracy)
     assert [c.criterion for c in candidates] == ["l1", "random"]
     for c in candidates:
         assert c.widths == {"conv_a": 2, "conv_b": 2} and c.model.count_params() < model.count_params()
@@ -352,7 +354,7 @@ def test_candidates_at_one_target_with_table():
     rows = [dict(c.row(), macs_ratio=c.macs / base, val_acc_before_finetune=c.accuracy) for c in candidates]
     table = report.candidates_table(rows)
     assert "| l1 | " in table and "| random | " in table and "| 0.500 |" in table
-    overlap = C.overlap_matrix({c.criterion: c.keep for c in candidates})
+    overlap = overlap_matrix({c.criterion: c.keep for c in candidates})
     assert overlap["l1"]["l1"] == 1.0 and "| l1 | 1.00 |" in report.overlap_table(overlap)
 
 
@@ -384,9 +386,9 @@ def test_criteria_disagree_on_a_trained_model():
              for name, scores in rankings.items()}
     from mskd_tf import report
 
-    print("\n" + report.overlap_table(C.overlap_matrix(keeps)))
+    print("\n" + report.overlap_table(overlap_matrix(keeps)))
     names = list(keeps)
-    overlaps = {(a, b): C.jaccard(keeps[a], keeps[b]) for i, a in enumerate(names) for b in names[i + 1:]}
+    overlaps = {(a, b): jaccard(keeps[a], keeps[b]) for i, a in enumerate(names) for b in names[i + 1:]}
     assert all(v < 1.0 for (a, b), v in overlaps.items() if {a, b} != {"l1", "l2"}), overlaps
     # Unrelated families disagree clearly; the random control overlaps near chance (1/3 at half kept).
     assert overlaps[("l1", "taylor")] < 0.9 and overlaps[("l1", "apoz")] < 0.9

@@ -39,9 +39,10 @@ copy the ranking of the largest-scaled layer. The mean (rather than the max) kee
 outlier channel from squashing the rest of its layer. Channels that no contributing layer
 carries score 0.
 
-All data-driven criteria share one pass over the calibration batches: one multi-output
-``keras.Model`` returns the logits and every tapped activation; ``tf.GradientTape`` gives
-the gradients w.r.t. those activations only when a criterion needs them.
+All data-driven criteria share one pass over the calibration batches
+(:mod:`mskd_tf.pruning.activation_statistics`); this module turns its per-channel means into
+group scores. Candidates (one pruned clone per ranking) are built in
+:mod:`mskd_tf.pruning.candidates`; ``rankings.json`` is the rank stage's (:mod:`mskd_tf.stages`).
 
 User criteria: decorate a plain function with :func:`register_criterion`:
 
@@ -59,22 +60,15 @@ User criteria: decorate a plain function with :func:`register_criterion`:
 from __future__ import annotations
 
 import dataclasses
-import functools
-import itertools
-import json
 import zlib
 
-import keras
 import numpy as np
 from keras import ops
 
 from mskd_tf.errors import MskdError
+from mskd_tf.pruning.activation_statistics import channel_means, tap_refs
 from mskd_tf.pruning.graph import build_graph
 from mskd_tf.pruning.layers import MAC_WEIGHTS
-from mskd_tf.training import outputs_probabilities
-from mskd_tf.workdir import write_atomic
-
-RANKINGS_FORMAT = 1
 
 
 @dataclasses.dataclass(frozen=True)
@@ -328,7 +322,12 @@ def rank(model, criteria, calibration=None, *, graph=None, num_batches=10, seed=
             raise MskdError(f"criterion {listed} {verb} data-driven: pass calibration data "
                             "(a tf.data dataset of (images, labels) batches from the training split), "
                             "or choose data-free criteria (l1, l2, fpgm, bn_gamma, random).")
-        rankings.update(_data_driven_scores(model, graph, groups, data_driven, calibration, num_batches, loss))
+        means = channel_means(model, graph, groups, data_driven, calibration, num_batches, loss)
+        for criterion in data_driven:
+            rankings[criterion.name] = {
+                group.id: _checked(criterion.name, group, aggregate(
+                    group, [(ref, means[criterion.name][ref.layer][ref.positions]) for ref in tap_refs(group)]))
+                for group in groups}
     for name in dict.fromkeys(names):
         criterion = REGISTRY[name]
         if criterion.needs_data:
@@ -346,254 +345,3 @@ def _checked(name, group, score):
         raise MskdError(f"criterion {name!r} gave non-finite scores for group {group.id!r} (layers "
                         f"{group.layers[:4]}): the model produces NaN/inf on the calibration data.")
     return score
-
-
-def _tap_refs(group):
-    """Where to read a group's feature maps: activations, else last per-channel layer, else producers."""
-    if group.activations:
-        return group.activations
-    if group.channelwise:
-        last = group.channelwise[-1].layer
-        return tuple(r for r in group.channelwise if r.layer == last)
-    return group.producers
-
-
-def _output_tensor(graph, path):
-    if "/" in path:
-        raise MskdError(f"layer {path!r} is inside a nested model; data-driven criteria read flat models "
-                        "only. Rebuild the model without nesting, or use data-free criteria.")
-    nodes = getattr(graph.get_layer(path), "_inbound_nodes", [])
-    if not nodes:
-        raise MskdError(f"layer {path!r} has never been called; cannot read its output.")
-    return nodes[0].outputs[0]
-
-
-def _default_loss(model):
-    return keras.losses.SparseCategoricalCrossentropy(from_logits=not outputs_probabilities(model), reduction="none")
-
-
-def _split_batch(batch):
-    if isinstance(batch, dict):
-        raise MskdError("calibration batches must be (images, labels) tuples, not dicts.")
-    if isinstance(batch, (tuple, list)):
-        return batch[0], (batch[1] if len(batch) > 1 else None)
-    return batch, None
-
-
-def _data_driven_scores(model, graph, groups, criteria, calibration, num_batches, loss):
-    import tensorflow as tf  # the gradient tape; this project runs on the TF backend
-
-    if int(num_batches) < 1:
-        raise MskdError(f"num_batches={num_batches} must be >= 1.")
-    taps = {}  # layer path -> index in the probe's tap outputs
-    for group in groups:
-        for ref in _tap_refs(group):
-            taps.setdefault(ref.layer, len(taps))
-    tensors = [_output_tensor(graph, path) for path in taps]
-    from mskd_tf.pruning.graph import functional_of
-
-    functional = functional_of(model)
-    if len(functional.outputs) != 1 and loss is None:
-        if any(c.needs_gradient for c in criteria):
-            raise MskdError(f"model {model.name!r} has {len(functional.outputs)} outputs; pass loss=... "
-                            "for gradient criteria.")
-    probe = keras.Model(functional.inputs, [functional.outputs[0], *tensors], name="criteria_probe")
-    need_gradient = any(c.needs_gradient for c in criteria)
-    loss_fn = loss if loss is not None else _default_loss(model)
-
-    def step(images, labels, active):
-        if any(criteria[i].needs_gradient for i in active):
-            with tf.GradientTape() as tape:
-                tape.watch(images)  # records every op, also when the model's weights are frozen
-                outputs = probe(images, training=False)
-                total = tf.reduce_sum(loss_fn(labels, outputs[0]))
-            gradients = tape.gradient(total, outputs[1:])
-        else:
-            outputs = probe(images, training=False)
-            gradients = [None] * len(tensors)
-        return [[criteria[i].fn(a, g if criteria[i].needs_gradient else None)
-                 for a, g in zip(outputs[1:], gradients)] for i in active]
-
-    traced = {}  # active criteria -> tf.function: a capped criterion drops out with one retrace
-    sums = [[0.0] * len(tensors) for _ in criteria]
-    seen = [0] * len(criteria)
-    for batch in itertools.islice(calibration, int(num_batches)):
-        images, labels = _split_batch(batch)
-        if need_gradient and labels is None:
-            names = [c.name for c in criteria if c.needs_gradient]
-            raise MskdError(f"criteria {names} need labels: calibration batches must be (images, labels).")
-        size = int(tf.shape(images)[0])
-        labels = labels if labels is not None else tf.zeros([size], tf.int64)
-        active = tuple(i for i, c in enumerate(criteria) if c.max_samples is None or seen[i] < c.max_samples)
-        if not active:
-            break
-        if active not in traced:
-            traced[active] = tf.function(functools.partial(step, active=active), reduce_retracing=True)
-        values = traced[active](tf.convert_to_tensor(images, probe.inputs[0].dtype), labels)
-        for i, per_tap in zip(active, values):
-            for j, value in enumerate(per_tap):
-                sums[i][j] = sums[i][j] + size * np.asarray(value, dtype=np.float64)
-            seen[i] += size
-    if not any(seen):
-        raise MskdError("calibration data is empty: it yielded no batches.")
-    rankings = {}
-    for i, criterion in enumerate(criteria):
-        means = [s / seen[i] for s in sums[i]]
-        scores = {}
-        for group in groups:
-            per_layer = [(ref, means[taps[ref.layer]][ref.positions]) for ref in _tap_refs(group)]
-            scores[group.id] = _checked(criterion.name, group, aggregate(group, per_layer))
-        rankings[criterion.name] = scores
-    return rankings
-
-
-# --------------------------------------------------------------------------- artifacts
-
-
-def save_rankings(path, rankings, graph):
-    """Write ``rankings`` to ``path`` (JSON) atomically: a temp file in the same folder, renamed.
-
-    The file holds, per group, its size and the layer names it touches (so the ranking can be
-    read against the model), and per criterion the scores of every group.
-    """
-    groups = {}
-    for scores in rankings.values():
-        for group_id in scores:
-            if group_id not in groups:
-                group = graph.group(group_id)
-                groups[group_id] = {"size": group.size, "producers": [r.layer for r in group.producers],
-                                    "layers": group.layers}
-    payload = {
-        "format": RANKINGS_FORMAT,
-        "model": graph.model.name,
-        "groups": groups,
-        "criteria": {name: {g: [float(v) for v in np.asarray(s).reshape(-1)] for g, s in scores.items()}
-                     for name, scores in rankings.items()},
-    }
-    write_atomic(path, json.dumps(payload, indent=1))
-
-
-def load_rankings(path, graph=None):
-    """Read a ``rankings.json``: ``{criterion: {group_id: np.ndarray}}``.
-
-    With ``graph``, checks that every group exists in it with the same size (the rankings
-    belong to this model) and raises :class:`MskdError` naming the first mismatch.
-    """
-    try:
-        with open(path) as handle:
-            payload = json.load(handle)
-    except FileNotFoundError:
-        raise MskdError(f"rankings file {path} does not exist; run the rank stage first.") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise MskdError(f"rankings file {path} is not valid JSON ({exc}); "
-                        "delete it and rerun the rank stage.") from None
-    if not isinstance(payload, dict) or payload.get("format") != RANKINGS_FORMAT or "criteria" not in payload:
-        raise MskdError(f"rankings file {path} is not a format-{RANKINGS_FORMAT} rankings file; "
-                        "delete it and rerun the rank stage.")
-    rankings = {name: {g: np.asarray(v, dtype=np.float64) for g, v in scores.items()}
-                for name, scores in payload["criteria"].items()}
-    if graph is not None:
-        for name, scores in rankings.items():
-            for group_id, score in scores.items():
-                try:
-                    size = graph.group(group_id).size
-                except MskdError:
-                    raise MskdError(f"rankings file {path}: group {group_id!r} (criterion {name!r}) is not in "
-                                    f"model {graph.model.name!r}; the file belongs to another model. "
-                                    "Delete it and rerun the rank stage.") from None
-                if size != score.size:
-                    raise MskdError(f"rankings file {path}: group {group_id!r} has {score.size} scores but the "
-                                    f"model's group has {size} channels; rerun the rank stage.")
-    return rankings
-
-
-def jaccard(keep_a, keep_b):
-    """Overlap |A & B| / |A | B| of two keep dicts' kept channels (``(group, index)`` pairs, all groups).
-
-    Groups missing from one dict count as keeping nothing there; two empty sets give 1.0.
-    """
-    def pairs(keep):
-        return {(g, int(i)) for g, kept in keep.items() for i in np.asarray(kept).reshape(-1)}
-
-    a, b = pairs(keep_a), pairs(keep_b)
-    union = a | b
-    return len(a & b) / len(union) if union else 1.0
-
-
-# --------------------------------------------------------------------------- candidates
-
-
-@dataclasses.dataclass
-class Candidate:
-    """One slimmer clone: the ranking it came from, its plan, cost and accuracy before fine-tuning."""
-
-    criterion: str
-    model: object
-    keep: dict
-    macs: int
-    params: int
-    widths: dict  # producer layer name -> output channels it keeps
-    accuracy: float | None = None
-
-    def row(self):
-        """JSON-ready summary (no model)."""
-        return {"criterion": self.criterion, "macs": self.macs, "params": self.params,
-                "widths": self.widths, "accuracy": self.accuracy}
-
-
-def build_candidates(model, rankings, *, target_macs, graph=None, evaluate=None, adapt=None, **plan_options):
-    """One pruned clone per criterion, all at the same MACs target.
-
-    Args:
-        model: the model the rankings were computed on (not modified).
-        rankings: ``{criterion: {group_id: scores}}`` from :func:`rank` / :func:`load_rankings`.
-        target_macs: fraction of the model's MACs (or absolute MACs), see ``plan_keep``.
-        graph: ``build_graph(model)`` if already built.
-        evaluate: optional ``fn(clone) -> accuracy`` run on each clone before any fine-tuning.
-        adapt: optional ``fn(clone)`` run on each clone first (e.g. BatchNorm recalibration).
-        **plan_options: passed to ``plan_keep`` (``mode``, ``round_to``, ``min_channels``, ``protect``...).
-
-    Returns:
-        list of :class:`Candidate` in the order of ``rankings``; MACs and params are those of
-        ``flops.count`` on the built clone.
-    """
-    from mskd_tf import flops
-    from mskd_tf.pruning.clone import prune
-    from mskd_tf.pruning.plan import plan_keep
-
-    graph = graph if graph is not None else build_graph(model)
-    cost = flops.count(model)
-    candidates = []
-    for name, scores in rankings.items():
-        plan = plan_keep(graph, scores, target_macs=target_macs, cost=cost, **plan_options)
-        clone = prune(model, plan.keep, graph=graph)
-        clone_cost = flops.count(clone)
-        if adapt is not None:
-            adapt(clone)
-        accuracy = float(evaluate(clone)) if evaluate is not None else None
-        candidates.append(Candidate(name, clone, plan.keep, int(clone_cost.macs), int(clone_cost.params),
-                                    layer_widths(graph, plan.keep), accuracy))
-    return candidates
-
-
-def layer_widths(graph, keep):
-    """``{producer layer: output channels kept}`` over prunable groups, in graph order.
-
-    Per layer, not per group: an option-A shortcut couples stages of different widths.
-    """
-    widths = {}
-    for group in graph.groups:
-        if not group.prunable:
-            continue
-        kept = np.asarray(keep.get(group.id, np.arange(group.size)))
-        for ref in group.producers:
-            widths[ref.layer] = int(np.isin(ref.indices, kept).sum())
-    return widths
-
-
-def overlap_matrix(keeps):
-    """Pairwise :func:`jaccard` overlaps ``{a: {b: overlap}}`` of ``{criterion: keep dict}``.
-
-    Rendered by :func:`mskd_tf.report.overlap_table`.
-    """
-    return {a: {b: jaccard(keeps[a], keeps[b]) for b in keeps} for a in keeps}

@@ -1,6 +1,6 @@
 """Channel dependency graph of a Keras 3 functional model: which channels must go together.
 
-Interface (used by ``criteria.py``, ``plan.py``, ``clone.py``)::
+Interface (used by ``criteria.py``, ``activation_statistics.py``, ``plan.py``, ``candidates.py``, ``clone.py``)::
 
     graph = build_graph(model, skip=())          # -> DependencyGraph
     for group in graph.groups:                    # list[ChannelGroup], topological order
