@@ -207,10 +207,10 @@ def test_export_all_validates_arguments(trained, tmp_path):
 
 
 def test_missing_kit_templates_are_an_error_not_a_silently_thinner_kit(tmp_path, monkeypatch):
-    from mskd_tf import deploy
+    from mskd_tf.deploy import templates
 
-    copied = deploy._copy_templates("micro", str(tmp_path))
+    copied = templates.copy_templates("micro", str(tmp_path))
     assert sorted(copied) == ["README.md", "main.cc"] and (tmp_path / "main.cc").read_bytes().startswith(b"//")
-    monkeypatch.setattr(deploy, "TEMPLATE_PACKAGE", "mskd_tf.no_such_templates")
+    monkeypatch.setattr(templates, "TEMPLATE_PACKAGE", "mskd_tf.no_such_templates")
     with pytest.raises(MskdError, match=r"micro kit templates \(mskd_tf.no_such_templates/micro\) are missing"):
-        deploy._copy_templates("micro", str(tmp_path / "again"))
+        templates.copy_templates("micro", str(tmp_path / "again"))
