@@ -23,6 +23,7 @@ from mskd_tf import distribute, stages, training
 from mskd_tf.stages import CompressionResult  # noqa: F401  (part of the API)
 from mskd_tf.config import STAGES, Config, as_arguments
 from mskd_tf.errors import MskdError
+from mskd_tf.keras_utils import weights_digest
 from mskd_tf.workdir import Workdir
 
 def _banner(stage: str, text: str):
@@ -53,7 +54,7 @@ def _run_locked(cfg: Config, wd: Workdir, user_teacher, user_data, stop_after) -
         stage = step.name
         inputs = json.loads(json.dumps({n: getattr(cfg, n) for n in step.inputs}))
         if stage == "teacher" and user_teacher is not None:
-            inputs["user_teacher_weights"] = stages.weights_digest(user_teacher)
+            inputs["user_teacher_weights"] = weights_digest(user_teacher)
         digest = stages.chain_digest(previous_digest, inputs)
         previous_digest = digest
         artifacts = list(step.artifacts)

@@ -32,6 +32,7 @@ import warnings
 import keras
 
 from mskd_tf.errors import MskdError
+from mskd_tf.keras_utils import all_layers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -184,14 +185,7 @@ def _statistics(layer):
 
 
 def _statistics_of_model(model):
-    return [v for layer in _all_layers(model) for v in _statistics(layer)]
-
-
-def _all_layers(model):
-    for layer in model.layers:
-        yield layer
-        if hasattr(layer, "layers") and isinstance(layer, keras.Model):
-            yield from _all_layers(layer)
+    return [v for layer in all_layers(model) for v in _statistics(layer)]
 
 
 def _learned_params(layer):

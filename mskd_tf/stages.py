@@ -49,13 +49,6 @@ def chain_digest(previous: str, inputs: dict) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 
-def weights_digest(model) -> str:
-    h = hashlib.sha256()
-    for w in model.get_weights():
-        h.update(np.ascontiguousarray(w).tobytes())
-    return h.hexdigest()[:16]
-
-
 @dataclasses.dataclass
 class CompressionResult:
     """What ``compress`` returns: the student and every figure the run measured."""
@@ -390,13 +383,13 @@ def repair_batchnorm(teacher, calibration, val):
     import keras
 
     from mskd_tf import selection
+    from mskd_tf.keras_utils import all_layers, copy_with_weights
 
-    has_bn = any(isinstance(layer, keras.layers.BatchNormalization) for layer in selection.all_layers(teacher))
+    has_bn = any(isinstance(layer, keras.layers.BatchNormalization) for layer in all_layers(teacher))
     if val is None or not has_bn:
         return teacher, None
     before = evaluate(teacher, val)
-    copy = keras.models.clone_model(teacher)
-    copy.set_weights(teacher.get_weights())
+    copy = copy_with_weights(teacher)
     used = selection.recalibrate_batchnorm(copy, calibration, TEACHER_BN_BATCHES)
     after = evaluate(copy, val)
     applied = after > before + TEACHER_BN_MARGIN

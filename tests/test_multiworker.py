@@ -98,7 +98,7 @@ def run_workers(mode, workdirs, timeout=240):
 def test_multi_worker_fine_tune_is_synchronous_and_only_the_chief_writes(tmp_path):
     import keras
 
-    from mskd_tf.selection import _weights_digest
+    from mskd_tf.keras_utils import weights_digest
 
     # Separate workdirs make "who wrote what" visible; a real cluster shares one.
     chief, other = run_workers("sync", [tmp_path / "worker0", tmp_path / "worker1"])
@@ -110,7 +110,7 @@ def test_multi_worker_fine_tune_is_synchronous_and_only_the_chief_writes(tmp_pat
     assert written == ["worker0/selected.keras", "worker0/selection.json", "worker0/selection/tiny.json",
                        "worker0/selection/tiny.keras"]
     selected = keras.models.load_model(tmp_path / "worker0" / "selected.keras")
-    assert _weights_digest(selected) == chief["candidates"][0]["weights"]
+    assert weights_digest(selected) == chief["candidates"][0]["weights"]
 
 
 @pytest.mark.slow  # two fresh TF runtimes: ~30 s on this shared 2-core machine

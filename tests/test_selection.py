@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from mskd_tf import selection
 from mskd_tf.errors import MskdError
+from mskd_tf.keras_utils import weights_digest
 from mskd_tf.selection import Finetuner, choose, halving_rungs, select
 from mskd_tf.training import make_optimizer
 from multiworker_select import tiny_arrays, tiny_candidate, tiny_datasets
@@ -144,7 +144,7 @@ def test_select_writes_artifacts_and_follows_the_plan(tmp_path, data):
         payload["selected"]["reason"]
     assert json.loads((tmp_path / "selection.json").read_text()) == payload
     selected = keras.models.load_model(tmp_path / "selected.keras")
-    assert selection._weights_digest(selected) == rows[chosen]["weights"]
+    assert weights_digest(selected) == rows[chosen]["weights"]
     assert sorted(p.name for p in (tmp_path / "selection").iterdir()) == sorted(
         f"w{w}.{ext}" for w in (4, 6, 8) for ext in ("json", "keras"))
 

@@ -11,9 +11,9 @@ activation with f(0) != 0 (sigmoid) that feeds a layer other than a product.
 
 from __future__ import annotations
 
-import keras
 import numpy as np
 
+from mskd_tf.keras_utils import copy_with_weights
 from mskd_tf.pruning.graph import DependencyGraph, build_graph
 
 # Zeroed too on removed channels: a BN without gamma (scale=False, Inception) maps the zero
@@ -34,8 +34,7 @@ def mask_channels(model, keep, graph: DependencyGraph | None = None):
     """
     graph = graph if graph is not None else build_graph(model)
     mask = graph.keep_mask(keep)
-    masked = keras.models.clone_model(model)
-    masked.set_weights(model.get_weights())
+    masked = copy_with_weights(model)
     for record in graph.records.values():
         if record.handler.role(record.layer) not in ("producer", "channelwise"):
             continue
