@@ -187,6 +187,8 @@ def qat_int8(
     import keras
     import tensorflow as tf
 
+    from mskd_tf import quantize
+
     if epochs < 1 or not lr > 0:
         raise MskdError(f"QAT needs epochs >= 1 and lr > 0, got epochs={epochs}, lr={lr}.")
     if train_ds is None:
@@ -220,10 +222,5 @@ def qat_int8(
         serve = tf.function(lambda x: qat_model(x, training=False), input_signature=[input_spec])
         tf.saved_model.save(qat_model, tmp, signatures=serve.get_concrete_function())
         converter = tf.lite.TFLiteConverter.from_saved_model(tmp)
-        converter.optimizations = [tf.lite.Optimize.DEFAULT]
-        samples = np.asarray(calibration_images, dtype=np.float32)
-        converter.representative_dataset = lambda: ([samples[i : i + 1]] for i in range(len(samples)))
-        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-        converter.inference_input_type = tf.int8
-        converter.inference_output_type = tf.int8
+        quantize.set_full_int8(converter, calibration_images)
         return converter.convert()

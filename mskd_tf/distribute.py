@@ -14,9 +14,8 @@ import os
 
 import tensorflow as tf
 
+from mskd_tf.config import STRATEGIES  # the --strategy choices
 from mskd_tf.errors import MskdError
-
-STRATEGIES = ("default", "one_device", "mirrored", "multi_worker", "tpu")
 
 
 def make_strategy(name: str = "default", num_replicas: int = 2, *, tpu: str = "") -> tf.distribute.Strategy:

@@ -20,9 +20,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from mskd_tf.config import EXPORT_KINDS as KINDS  # the --export choices
 from mskd_tf.errors import MskdError
-
-KINDS = ("float32", "dynamic", "float16", "int8")
 
 
 def dataset_arrays(ds, max_images: int | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -83,17 +82,7 @@ def convert(model: keras.Model, kind: str, *, calibration_images: np.ndarray | N
         if kind == "float16":
             converter.target_spec.supported_types = [tf.float16]
         if kind == "int8":
-            samples = np.asarray(calibration_images, dtype=np.float32)
-
-            def representative():
-                for i in range(len(samples)):
-                    yield [samples[i : i + 1]]
-
-            converter.representative_dataset = representative
-            # Integer-only ops, so the file also runs where there is no float kernel (TFLM, NPUs).
-            converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-            converter.inference_input_type = tf.int8
-            converter.inference_output_type = tf.int8
+            set_full_int8(converter, calibration_images)
         try:
             return converter.convert()
         except Exception as err:  # the converter raises ConverterError and plain RuntimeErrors
@@ -102,6 +91,26 @@ def convert(model: keras.Model, kind: str, *, calibration_images: np.ndarray | N
                 "A layer with no TFLite builtin (e.g. a custom op) cannot be exported as "
                 f"{kind}; replace it or choose another --export_kinds."
             ) from err
+
+
+def set_full_int8(converter, calibration_images: np.ndarray) -> None:
+    """Make ``converter`` write a full-integer model with int8 input and output, calibrated on the images.
+
+    One image per calibration step (float32 NHWC, as the model takes them). Shared by
+    :func:`convert` and the QAT export (:func:`mskd_tf.compat.qat_int8`).
+    """
+    samples = np.asarray(calibration_images, dtype=np.float32)
+
+    def representative():
+        for i in range(len(samples)):
+            yield [samples[i : i + 1]]
+
+    converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    converter.representative_dataset = representative
+    # Integer-only ops, so the file also runs where there is no float kernel (TFLM, NPUs).
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+    converter.inference_input_type = tf.int8
+    converter.inference_output_type = tf.int8
 
 
 def io_details(tflite_bytes: bytes) -> dict:

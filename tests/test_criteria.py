@@ -255,6 +255,12 @@ def test_resnet20_option_a_group_scores_every_channel_once():
 # --------------------------------------------------------------------------- registry and errors
 
 
+def test_the_criteria_flag_default_is_the_built_in_registry():
+    from mskd_tf.config import ALL_CRITERIA  # a plain tuple, so the flags load without TensorFlow
+
+    assert tuple(C.REGISTRY)[:len(ALL_CRITERIA)] == ALL_CRITERIA
+
+
 def test_user_criterion_registered_with_decorator():
     model = conv_net(filters=3)
     set_kernel(model, [[1.0, 2.0, 3.0], [0.0, 0.0, 0.0]])
