@@ -29,7 +29,8 @@ from keras import ops
 
 from mskd_tf.errors import MskdError
 from mskd_tf.training import (DEFAULT_WEIGHT_DECAY, NanGuard, StopAfterSteps, budget_steps, compile_kwargs,
-                              fused_batchnorm, is_softmax, make_optimizer, outputs_probabilities, steps_per_epoch)
+                              fused_batchnorm, is_softmax, make_optimizer, outputs_probabilities, seeded,
+                              steps_per_epoch)
 
 OUTPUT_KINDS = ("auto", "logits", "probabilities")
 _TINY = 1e-30  # floor before log(probabilities); far below any softmax value that matters at T >= 1
@@ -363,40 +364,40 @@ def distill(
         raise MskdError(f"epochs={epochs!r} must be a positive number (--distill_epochs).")
     if steps is not None and (not isinstance(steps, int) or steps < 1):
         raise MskdError(f"steps={steps!r} must be a positive integer (optimizer steps).")
-    keras.utils.set_random_seed(seed)
-    per_epoch = steps_per_epoch(train_ds)
-    total_steps = steps if steps is not None else budget_steps(epochs, per_epoch)
-    fit_epochs = math.ceil(total_steps / per_epoch)
-    strategy = strategy or tf.distribute.get_strategy()
-    copy = strategy is not tf.distribute.get_strategy()
-    teacher_was_trainable = teacher.trainable
-    with strategy.scope():
-        if copy:
-            student = _in_scope(student)
-            teacher = _in_scope(teacher) if kd else teacher
-        opt = make_optimizer(optimizer, lr, total_steps=total_steps, weight_decay=weight_decay)
-        if kd:
-            model = Distiller(teacher, student, feature_pairs="auto" if feature_kd else None)
-            model.compile(opt, temperature=temperature, alpha=alpha, feature_weight=feature_kd, **compile_kwargs())
-        else:
-            model = student
-            model.compile(
-                opt, keras.losses.SparseCategoricalCrossentropy(from_logits=not outputs_probabilities(student)),
-                metrics=["accuracy"], **compile_kwargs(),
+    with seeded(seed):  # reproducible, and the caller's RNGs are given back
+        per_epoch = steps_per_epoch(train_ds)
+        total_steps = steps if steps is not None else budget_steps(epochs, per_epoch)
+        fit_epochs = math.ceil(total_steps / per_epoch)
+        strategy = strategy or tf.distribute.get_strategy()
+        copy = strategy is not tf.distribute.get_strategy()
+        teacher_was_trainable = teacher.trainable
+        with strategy.scope():
+            if copy:
+                student = _in_scope(student)
+                teacher = _in_scope(teacher) if kd else teacher
+            opt = make_optimizer(optimizer, lr, total_steps=total_steps, weight_decay=weight_decay)
+            if kd:
+                model = Distiller(teacher, student, feature_pairs="auto" if feature_kd else None)
+                model.compile(opt, temperature=temperature, alpha=alpha, feature_weight=feature_kd, **compile_kwargs())
+            else:
+                model = student
+                model.compile(
+                    opt, keras.losses.SparseCategoricalCrossentropy(from_logits=not outputs_probabilities(student)),
+                    metrics=["accuracy"], **compile_kwargs(),
+                )
+        try:
+            if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+                return student, _fit_across_workers(model, train_ds, val_ds, fit_epochs, strategy, total_steps)
+            guard = NanGuard()
+            history = model.fit(
+                train_ds, validation_data=val_ds, epochs=fit_epochs,
+                callbacks=[guard, StopAfterSteps(total_steps), *callbacks], verbose=verbose,
+                shuffle=False,  # tf.data input: shuffling is the pipeline's job
             )
-    try:
-        if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
-            return student, _fit_across_workers(model, train_ds, val_ds, fit_epochs, strategy, total_steps)
-        guard = NanGuard()
-        history = model.fit(
-            train_ds, validation_data=val_ds, epochs=fit_epochs,
-            callbacks=[guard, StopAfterSteps(total_steps), *callbacks], verbose=verbose,
-            shuffle=False,  # tf.data input: shuffling is the pipeline's job
-        )
-        guard.raise_if_tripped("distill")
-        return student, history.history
-    finally:
-        teacher.trainable = teacher_was_trainable  # the Distiller froze it; it may be the caller's own model
+            guard.raise_if_tripped("distill")
+            return student, history.history
+        finally:
+            teacher.trainable = teacher_was_trainable  # the Distiller froze it; it may be the caller's own model
 
 
 def _fit_across_workers(model, train_ds, val_ds, epochs, strategy, total_steps) -> dict:

@@ -129,94 +129,97 @@ def select(
     _check_arguments(candidates, val_ds, epochs, tie_tolerance)
     if not isinstance(zero_cost_keep, int) or zero_cost_keep < 0:
         raise MskdError(f"select: zero_cost_keep={zero_cost_keep!r} must be an integer >= 0 (0 = keep all).")
-    strategy = _resolve_strategy(strategy, parallel)
-    rank, workers = _worker_rank() if parallel else (0, 1)
-    chief = is_chief()
-    steps_per_epoch = training.steps_per_epoch(train_ds, "select: train_ds")
-    total_budget = training.budget_steps(epochs, steps_per_epoch)
-    names = list(candidates)
-    teacher = _load_teacher(teacher, strategy)
-    settings = {"optimizer": optimizer, "lr": lr, "weight_decay": weight_decay, "seed": seed,
-                "steps_per_epoch": steps_per_epoch, "bn_recalibration_batches": bn_recalibration_batches,
-                "loss": "ce" if teacher is None else "kd",
-                **({} if teacher is None else {"temperature": temperature, "alpha": alpha,
-                                               "teacher": _weights_digest(teacher)})}
-    trainer = _CandidateTrainer(
-        candidates, train_ds, val_ds, workdir=Path(workdir), settings=settings, strategy=strategy,
-        steps_per_epoch=steps_per_epoch, writes=parallel or chief, verbose=verbose and chief, rank=rank,
-        teacher=teacher,
-    )
+    with training.seeded(seed):  # reproducible, and the caller's RNGs are given back
+        strategy = _resolve_strategy(strategy, parallel)
+        rank, workers = _worker_rank() if parallel else (0, 1)
+        chief = is_chief()
+        steps_per_epoch = training.steps_per_epoch(train_ds, "select: train_ds")
+        total_budget = training.budget_steps(epochs, steps_per_epoch)
+        names = list(candidates)
+        teacher = _load_teacher(teacher, strategy)
+        settings = {"optimizer": optimizer, "lr": lr, "weight_decay": weight_decay, "seed": seed,
+                    "steps_per_epoch": steps_per_epoch, "bn_recalibration_batches": bn_recalibration_batches,
+                    "loss": "ce" if teacher is None else "kd",
+                    **({} if teacher is None else {"temperature": temperature, "alpha": alpha,
+                                                   "teacher": _weights_digest(teacher)})}
+        trainer = _CandidateTrainer(
+            candidates, train_ds, val_ds, workdir=Path(workdir), settings=settings, strategy=strategy,
+            steps_per_epoch=steps_per_epoch, writes=parallel or chief, verbose=verbose and chief, rank=rank,
+            teacher=teacher,
+        )
 
-    alive, zero_cost = names, None
-    # Never spend more than the budget: keep no more candidates than it can give one step per rung.
-    requested = min(zero_cost_keep or len(names), len(names))
-    keep_at_most = requested
-    while keep_at_most > 1 and _smallest_plan_cost(keep_at_most, successive_halving) > total_budget:
-        keep_at_most -= 1
-    if keep_at_most < requested and verbose and chief:
-        print(f"select: a budget of {total_budget} steps can train at most {keep_at_most} candidates", flush=True)
-    zero_cost_keep = keep_at_most if keep_at_most < len(names) else 0
-    if zero_cost_keep and len(names) > zero_cost_keep:
-        scores, macs = {n: (zero_cost_scores or {}).get(n) for n in names}, {}
+        alive, zero_cost = names, None
+        # Never spend more than the budget: keep no more candidates than it can give one step per rung.
+        requested = min(zero_cost_keep or len(names), len(names))
+        keep_at_most = requested
+        while keep_at_most > 1 and _smallest_plan_cost(keep_at_most, successive_halving) > total_budget:
+            keep_at_most -= 1
+        if keep_at_most < requested and verbose and chief:
+            print(f"select: a budget of {total_budget} steps can train at most {keep_at_most} candidates", flush=True)
+        zero_cost_keep = keep_at_most if keep_at_most < len(names) else 0
+        if zero_cost_keep and len(names) > zero_cost_keep:
+            scores, macs = {n: (zero_cost_scores or {}).get(n) for n in names}, {}
+            for n in names:
+                model = trainer._source(n)
+                macs[n] = flops.count(model).macs  # ties go to the cheaper candidate, as in `choose`
+                if scores[n] is None:
+                    scores[n] = training.accuracy(model, val_ds, "select: val_ds")
+            alive = sorted(names, key=lambda n: (-scores[n], macs[n], n))[:zero_cost_keep]
+            zero_cost = {"scores": {n: float(v) for n, v in scores.items()}, "kept": alive}
+            trainer.accuracy_before_training.update(zero_cost["scores"])
+            if verbose and chief:
+                print(f"select: zero-cost rung (validation accuracy before any step) keeps {', '.join(alive)}",
+                      flush=True)
+        rungs = halving_rungs(len(alive), total_budget) if successive_halving else [(len(alive), _even_share(
+            total_budget, len(alive)))]
+        protocol_rungs = []
+        for index, (_, target) in enumerate(rungs):
+            mine = [n for n in alive if not parallel or names.index(n) % workers == rank]
+            for name in mine:
+                trainer.train_to(name, target, rung=f"{index + 1}/{len(rungs)}")
+            if parallel:
+                trainer.wait_for(alive, target, timeout=wait_timeout, workers=workers)
+            ranked = sorted(alive, key=lambda n: _rank_key(trainer.state[n]))
+            keep = ranked[: math.ceil(len(alive) / 2)] if index < len(rungs) - 1 else ranked
+            protocol_rungs.append({"budget_epochs": round(target / steps_per_epoch, 4), "candidates": alive,
+                                   "kept": keep})
+            trainer.forget([n for n in alive if n not in keep])
+            alive = keep
+
+        chosen, reason = choose([trainer.state[n] for n in alive], tie_tolerance)
+        spent = sum(trainer.state[n]["steps"] for n in names if trainer.state[n] is not None)
+        rows = []
         for n in names:
-            model = trainer._source(n)
-            macs[n] = flops.count(model).macs  # ties go to the cheaper candidate, as in `choose`
-            if scores[n] is None:
-                scores[n] = training.accuracy(model, val_ds, "select: val_ds")
-        alive = sorted(names, key=lambda n: (-scores[n], macs[n], n))[:zero_cost_keep]
-        zero_cost = {"scores": {n: float(v) for n, v in scores.items()}, "kept": alive}
-        trainer.accuracy_before_training.update(zero_cost["scores"])
+            row = trainer.row(n) if trainer.state[n] is not None else {"criterion": n, "steps": 0, "val_acc": None}
+            if zero_cost:
+                row["zero_cost_acc"] = zero_cost["scores"][n]
+            rows.append(row)
+        payload = {
+            "candidates": rows,
+            "selected": {"criterion": chosen["criterion"], "val_acc": chosen["val_acc"], "macs": chosen["macs"],
+                         "steps": chosen["steps"], "reason": reason},
+            "protocol": {
+                "successive_halving": successive_halving,
+                "epochs": epochs,
+                "steps_per_epoch": steps_per_epoch,
+                "budget_steps": total_budget,
+                "zero_cost": zero_cost,
+                "loss": settings["loss"],
+                "rungs": protocol_rungs,
+                "total_steps": spent,
+                "spent_epochs": round(spent / steps_per_epoch, 4),
+                "tie_tolerance": tie_tolerance,
+                "replicas": strategy.num_replicas_in_sync,
+                "parallel_workers": workers,
+                "split": "validation",
+            },
+        }
+        if chief:
+            write_selection(workdir, payload, trainer.checkpoint(chosen["criterion"]))
         if verbose and chief:
-            print(f"select: zero-cost rung (validation accuracy before any step) keeps {', '.join(alive)}", flush=True)
-    rungs = halving_rungs(len(alive), total_budget) if successive_halving else [(len(alive), _even_share(
-        total_budget, len(alive)))]
-    protocol_rungs = []
-    for index, (_, target) in enumerate(rungs):
-        mine = [n for n in alive if not parallel or names.index(n) % workers == rank]
-        for name in mine:
-            trainer.train_to(name, target, rung=f"{index + 1}/{len(rungs)}")
-        if parallel:
-            trainer.wait_for(alive, target, timeout=wait_timeout, workers=workers)
-        ranked = sorted(alive, key=lambda n: _rank_key(trainer.state[n]))
-        keep = ranked[: math.ceil(len(alive) / 2)] if index < len(rungs) - 1 else ranked
-        protocol_rungs.append({"budget_epochs": round(target / steps_per_epoch, 4), "candidates": alive, "kept": keep})
-        trainer.forget([n for n in alive if n not in keep])
-        alive = keep
-
-    chosen, reason = choose([trainer.state[n] for n in alive], tie_tolerance)
-    spent = sum(trainer.state[n]["steps"] for n in names if trainer.state[n] is not None)
-    rows = []
-    for n in names:
-        row = trainer.row(n) if trainer.state[n] is not None else {"criterion": n, "steps": 0, "val_acc": None}
-        if zero_cost:
-            row["zero_cost_acc"] = zero_cost["scores"][n]
-        rows.append(row)
-    payload = {
-        "candidates": rows,
-        "selected": {"criterion": chosen["criterion"], "val_acc": chosen["val_acc"], "macs": chosen["macs"],
-                     "steps": chosen["steps"], "reason": reason},
-        "protocol": {
-            "successive_halving": successive_halving,
-            "epochs": epochs,
-            "steps_per_epoch": steps_per_epoch,
-            "budget_steps": total_budget,
-            "zero_cost": zero_cost,
-            "loss": settings["loss"],
-            "rungs": protocol_rungs,
-            "total_steps": spent,
-            "spent_epochs": round(spent / steps_per_epoch, 4),
-            "tie_tolerance": tie_tolerance,
-            "replicas": strategy.num_replicas_in_sync,
-            "parallel_workers": workers,
-            "split": "validation",
-        },
-    }
-    if chief:
-        write_selection(workdir, payload, trainer.checkpoint(chosen["criterion"]))
-    if verbose and chief:
-        print(f"select: {chosen['criterion']} ({reason}); {spent} optimizer steps "
-              f"({payload['protocol']['spent_epochs']:g} epochs) spent", flush=True)
-    return payload
+            print(f"select: {chosen['criterion']} ({reason}); {spent} optimizer steps "
+                  f"({payload['protocol']['spent_epochs']:g} epochs) spent", flush=True)
+        return payload
 
 
 def _smallest_plan_cost(count: int, successive_halving: bool) -> int:
@@ -539,7 +542,7 @@ class _CandidateTrainer:
         state = self.state[name]
         resumed = state is not None and state["steps"] > 0
         start = keras.models.load_model(self.checkpoint(name), compile=resumed) if resumed else self._source(name)
-        keras.utils.set_random_seed(self.settings["seed"])
+        keras.utils.set_random_seed(self.settings["seed"])  # inside select's seeded block: restored on exit
         with self.strategy.scope():
             model = _with_batchnorm_sync(start, self.sync_bn)
             optimizer = make_optimizer(self.settings["optimizer"], self.settings["lr"], total_steps=1,

@@ -13,9 +13,12 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import random
 import threading
 
 import keras
+import numpy as np
+import tensorflow as tf
 
 from mskd_tf.errors import MskdError
 
@@ -125,6 +128,33 @@ def fused_batchnorm():
             _RUNTIME["depth"] -= 1
             if _RUNTIME["depth"] == 0:
                 keras.layers.BatchNormalization.call = _ORIGINAL_BN_CALL
+
+
+@contextlib.contextmanager
+def seeded(seed: int):
+    """Seed every RNG Keras draws from (Python, NumPy, TF, Keras' global SeedGenerator) inside this block.
+
+    Library stages must be reproducible from their ``seed`` but must not reseed the caller's program:
+    on exit (normal or by an exception) the Python and NumPy generator states, TF's global seed and
+    Keras' global seed and SeedGenerator are put back as they were. Blocks nest.
+    """
+    from keras.src.backend.common import global_state  # Keras keeps its global seed here (no public getter)
+    from keras.src.random import seed_generator
+    from keras.src.utils import rng_utils
+    from tensorflow.python.eager import context  # the global seed TF ops derive theirs from (no public getter)
+
+    saved_python, saved_numpy, saved_tf = random.getstate(), np.random.get_state(), context.global_seed()
+    saved_keras = {name: global_state.get_global_attribute(name)
+                   for name in (rng_utils.GLOBAL_RANDOM_SEED, seed_generator.GLOBAL_SEED_GENERATOR)}
+    keras.utils.set_random_seed(int(seed))
+    try:
+        yield
+    finally:
+        random.setstate(saved_python)
+        np.random.set_state(saved_numpy)
+        tf.random.set_seed(saved_tf)
+        for name, value in saved_keras.items():
+            global_state.set_global_attribute(name, value)
 
 
 def configure_runtime(*, fused_batchnorm: bool = True, intra_op_threads: int | None = None,

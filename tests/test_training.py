@@ -231,3 +231,32 @@ def test_pipeline_crops_differ_per_epoch_and_half_are_flipped():
     assert changed > 0.9  # 162 possible (crop, flip) outcomes: repeats are rare
     assert len({v[:2] for v in epochs[0].values()}) > 40  # crops differ between images
     assert 0.38 < np.mean([v[2] for v in epochs[0].values()]) < 0.62
+
+
+def test_seeded_block_is_reproducible_and_gives_the_callers_generators_back():
+    import random
+
+    import keras
+    import numpy as np
+    import tensorflow as tf
+    from tensorflow.python.eager import context
+
+    from mskd_tf.training import seeded
+
+    tf.random.set_seed(5)
+    random.seed(5)
+    np.random.seed(5)
+    expected = (random.random(), float(np.random.random()))
+    random.seed(5)
+    np.random.seed(5)
+    draws = []
+    for _ in range(2):
+        with seeded(42):
+            draws.append((random.random(), float(np.random.random()), float(keras.random.uniform(())),
+                          keras.initializers.GlorotUniform()((2, 2)).numpy().tolist()))
+    assert draws[0] == draws[1]
+    assert (random.random(), float(np.random.random())) == expected
+    assert context.global_seed() == 5
+    with pytest.raises(ValueError), seeded(1):
+        raise ValueError("restored on error too")
+    assert context.global_seed() == 5
