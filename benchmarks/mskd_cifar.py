@@ -279,7 +279,9 @@ def main(_):
     # how early a run ranks them so, the evidence a better selection needs); the other MACs targets (does
     # KD's gain grow with the teacher-student gap?); then the other seeds; then the ablations.
     decisive(s0)
-    for c in candidates:  # the oracle table
+    # The oracle table, in the order a selection meets the candidates (best zero-cost score first), so a
+    # partial table already scores the picks of the selection rules (benchmarks/selection_signals.py).
+    for c in sorted(candidates, key=lambda c: -candidates[c]["val_acc_before_finetune"]):
         student_row(f"ce:{c}/s{s0}", path(c), kd=False, seed=s0, extra={"criterion": c})
     oracle = max(candidates, key=lambda c: res.row(f"ce:{c}/s{s0}")["val_acc"])
     res.data["oracle_criterion"] = oracle

@@ -87,6 +87,7 @@ def render(signals: dict) -> str:
                          f"{_spearman([finals[c]['val_curve'][epoch - 1] for c in curves], [finals[c]['val_acc'] for c in curves]):+.2f}"
                          f" | {_spearman([finals[c]['val_curve'][epoch - 1] for c in curves], [finals[c]['test_acc'] for c in curves]):+.2f}"
                          f" | {len(curves)} |")
+    lines += ["", *policies(signals, finals)]
     lines += ["", "| candidate | final val | final test | " + " | ".join(keys) + " |",
               "|---|---|---|" + "---|" * len(keys)]
     for c in sorted(names, key=lambda c: -finals[c]["val_acc"]):
@@ -94,6 +95,38 @@ def render(signals: dict) -> str:
         lines.append(f"| {c} | {100 * finals[c]['val_acc']:.2f} | {100 * finals[c]['test_acc']:.2f} | "
                      + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def policies(signals: dict, finals: dict) -> list[str]:
+    """What each selection rule would pick from the 18 candidates, and where its pick ends after B steps of CE.
+
+    Offline: a rule's pick is scored by that candidate's oracle row, so rules are compared without a row each.
+    Steps are what the rule spends of B (528 = the benchmark's 1.5-epoch selection budget).
+    """
+    everyone = sorted(signals)
+    zero_cost_top4 = sorted(everyone, key=lambda c: -signals[c]["zero_cost_acc"])[:4]
+    best = lambda pool, key: max(pool, key=lambda c: signals[c].get(key, float("-inf")))  # noqa: E731
+    rules = [("no selection: l1-uniform (the usual default)", "l1-uniform", 0),
+             ("zero-cost top-1 (BN-recalibrated accuracy)", best(everyone, "zero_cost_acc"), 0),
+             ("lowest KL to the teacher (zero-cost)", min(everyone, key=lambda c: signals[c]["kl_to_teacher"]), 0),
+             ("most parameters (zero-cost)", best(everyone, "params"), 0),
+             ("library default: zero-cost keeps 4, constant-lr halving (the select/s0 run)", "activation-uniform",
+              528),
+             ("zero-cost keeps 4, then 132 annealed KD steps each", best(zero_cost_top4, "annealed_kd_132"), 528)]
+    for steps in (132, 352):
+        if all(f"annealed_kd_{steps}" in signals[c] for c in everyone):
+            rules.append((f"every candidate {steps} annealed KD steps (over budget)",
+                          best(everyone, f"annealed_kd_{steps}"), steps * len(everyone)))
+    top = max(finals.values(), key=lambda r: r["val_acc"]) if finals else None
+    lines = ["Selection rules scored offline by the oracle row of their pick (val / test after B steps of CE; "
+             "regret = oracle-best val - pick's val, over the rows finished):", "",
+             "| rule | steps of B | pick | final val | final test | regret (val points) |", "|---|---|---|---|---|---|"]
+    for rule, pick, steps in rules:
+        row = finals.get(pick)
+        cells = (f"{100 * row['val_acc']:.2f} | {100 * row['test_acc']:.2f} | {100 * (top['val_acc'] - row['val_acc']):.2f}"
+                 if row else "- | - | (no oracle row yet)")
+        lines.append(f"| {rule} | {steps} | {pick} | {cells} |")
+    return lines
 
 
 def main(_):
