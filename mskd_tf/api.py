@@ -78,7 +78,8 @@ def _run_locked(cfg: Config, wd: Workdir, user_teacher, user_data, stop_after) -
         wd.forget(stage)
         start = time.perf_counter()
         ctx.stage_digest = digest
-        step.run(ctx)
+        with training.seeded(cfg.seed):  # every stage starts from the seed; the caller's RNGs are given back
+            step.run(ctx)
         seconds = time.perf_counter() - start
         wd.mark_done(stage, digest, inputs, seconds)
         timings[stage] = round(seconds, 3)

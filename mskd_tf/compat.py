@@ -187,7 +187,7 @@ def qat_int8(
     import keras
     import tensorflow as tf
 
-    from mskd_tf import quantize
+    from mskd_tf import quantize, training
 
     if epochs < 1 or not lr > 0:
         raise MskdError(f"QAT needs epochs >= 1 and lr > 0, got epochs={epochs}, lr={lr}.")
@@ -200,7 +200,8 @@ def qat_int8(
     optimizer = tf_keras.optimizers.Adam(lr)
 
     @tf.function
-    def step(x, y):
+    def step(batch):
+        x, y = tf.cast(batch[0], tf.float32), batch[1]
         with tf.GradientTape() as tape:
             logits = qat_model(x, training=True)
             loss = ce(y, logits)
@@ -210,12 +211,11 @@ def qat_int8(
         optimizer.apply_gradients(zip(grads, qat_model.trainable_variables))
         return loss
 
-    for _ in range(epochs):
-        data = train_ds.take(steps_per_epoch) if steps_per_epoch else train_ds
-        for x, y in data:
-            loss = step(tf.cast(x, tf.float32), y)
-            if not np.isfinite(float(loss)):
-                raise MskdError(f"QAT fine-tuning diverged (loss {float(loss)}); lower the QAT lr (now {lr}).")
+    per_epoch = steps_per_epoch or training.steps_per_epoch(train_ds, "QAT train_ds")
+    _, bad_loss = training.run_steps(step, train_ds, epochs * per_epoch, batches_per_epoch=per_epoch,
+                                     what="QAT train_ds")
+    if bad_loss is not None:
+        raise MskdError(f"QAT fine-tuning diverged (loss {bad_loss}); lower the QAT lr (now {lr}).")
 
     with tempfile.TemporaryDirectory(prefix="mskd_qat_") as tmp:
         input_spec = tf.TensorSpec([None, *qat_model.input_shape[1:]], tf.float32)

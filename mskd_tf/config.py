@@ -2,7 +2,7 @@
 
 Each field's metadata carries its help text and, where it matters, its choices;
 ``define_flags`` turns fields into absl flags of the matching type and
-``Config.from_flags`` reads them back, so a flag and a field can never drift
+``config_from_flags`` reads them back, so a flag and a field can never drift
 apart. ``Config.validate`` names the offending ``--flag`` in its error.
 """
 

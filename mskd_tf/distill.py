@@ -4,7 +4,7 @@ The :class:`Distiller` is a ``keras.Model`` whose ``train_step`` runs the frozen
 teacher in inference mode and trains the student on::
 
     alpha * CE(labels, student) + (1 - alpha) * T^2 * KL(softmax(teacher/T) || softmax(student/T))
-      + feature_weight * mean over stage pairs of MSE(teacher_feature, proj(student_feature))
+      + feature_kd * mean over stage pairs of MSE(teacher_feature, proj(student_feature))
 
 The KL term is ``keras.distillation.LogitsDistillation`` with an explicit
 ``keras.losses.KLDivergence()`` instance (its default ``"kl_divergence"`` string
@@ -28,9 +28,10 @@ import tensorflow as tf
 from keras import ops
 
 from mskd_tf.errors import MskdError
+from mskd_tf.keras_utils import copy_with_weights
 from mskd_tf.training import (DEFAULT_WEIGHT_DECAY, NanGuard, StopAfterSteps, budget_steps, compile_kwargs,
-                              fused_batchnorm, is_softmax, make_optimizer, outputs_probabilities, seeded,
-                              steps_per_epoch)
+                              fused_batchnorm, is_softmax, make_optimizer, outputs_probabilities, run_steps,
+                              seeded, steps_per_epoch)
 
 OUTPUT_KINDS = ("auto", "logits", "probabilities")
 _TINY = 1e-30  # floor before log(probabilities); far below any softmax value that matters at T >= 1
@@ -204,7 +205,7 @@ class Distiller(keras.Model):
         self.student_tracker = keras.metrics.Mean(name="student_loss")
         self.distill_tracker = keras.metrics.Mean(name="distillation_loss")
         self.feature_tracker = keras.metrics.Mean(name="feature_loss") if self.feature_pairs else None
-        self.temperature, self.alpha, self.feature_weight = 4.0, 0.5, 0.0
+        self.temperature, self.alpha, self.feature_kd = 4.0, 0.5, 0.0
 
     def _projection(self, index, t_shape, s_shape):
         if t_shape[-1] == s_shape[-1]:
@@ -214,18 +215,18 @@ class Distiller(keras.Model):
         return projection
 
     def compile(
-        self, optimizer="sgd", metrics=("accuracy",), *, temperature=4.0, alpha=0.5, feature_weight=0.0, **kwargs
+        self, optimizer="sgd", metrics=("accuracy",), *, temperature=4.0, alpha=0.5, feature_kd=0.0, **kwargs
     ):
-        """Set the optimizer, metrics and the loss mix (``temperature`` T, ``alpha``, ``feature_weight``)."""
+        """Set the optimizer, metrics and the loss mix (``temperature`` T, ``alpha``, ``feature_kd``)."""
         if not (isinstance(temperature, (int, float)) and temperature > 0):
             raise MskdError(f"temperature={temperature!r} must be a positive number (typical: 2-8).")
         if not (isinstance(alpha, (int, float)) and 0.0 <= alpha <= 1.0):
             raise MskdError(f"alpha={alpha!r} must be in [0, 1] (1 = plain cross-entropy).")
-        if not (isinstance(feature_weight, (int, float)) and feature_weight >= 0):
-            raise MskdError(f"feature_weight={feature_weight!r} must be >= 0.")
-        if feature_weight and not self.feature_pairs:
-            raise MskdError("feature_weight > 0 needs feature pairs: build the Distiller with feature_pairs='auto'.")
-        self.temperature, self.alpha, self.feature_weight = float(temperature), float(alpha), float(feature_weight)
+        if not (isinstance(feature_kd, (int, float)) and feature_kd >= 0):
+            raise MskdError(f"feature_kd={feature_kd!r} must be >= 0.")
+        if feature_kd and not self.feature_pairs:
+            raise MskdError("feature_kd > 0 needs feature pairs: build the Distiller with feature_pairs='auto'.")
+        self.temperature, self.alpha, self.feature_kd = float(temperature), float(alpha), float(feature_kd)
         self._ce = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
         self._kd = keras.distillation.LogitsDistillation(self.temperature, loss=keras.losses.KLDivergence())
         self._hint = keras.distillation.FeatureDistillation(loss=keras.losses.MeanSquaredError())
@@ -258,7 +259,7 @@ class Distiller(keras.Model):
                 for t, s, proj in zip(t_features, s_features, self.projections)
             ]
             terms["feature_loss"] = ops.mean(ops.stack(hints))
-            total = total + self.feature_weight * terms["feature_loss"]
+            total = total + self.feature_kd * terms["feature_loss"]
         terms["loss"] = total
         return terms
 
@@ -272,7 +273,7 @@ class Distiller(keras.Model):
 
     def _trained_variables(self):
         variables = list(self.student.trainable_variables)
-        if self.feature_weight:
+        if self.feature_kd:
             variables += [v for p in self.projections if p is not None for v in p.trainable_variables]
         return variables
 
@@ -309,9 +310,7 @@ def _reject_sample_weight(sample_weight):
 
 def _in_scope(model: keras.Model) -> keras.Model:
     """A copy of ``model`` whose variables belong to the current strategy scope."""
-    clone = keras.models.clone_model(model)
-    clone.set_weights(model.get_weights())
-    return clone
+    return copy_with_weights(model)
 
 
 def kd_per_example(teacher_logits, student_logits, temperature: float):
@@ -378,7 +377,7 @@ def distill(
             opt = make_optimizer(optimizer, lr, total_steps=total_steps, weight_decay=weight_decay)
             if kd:
                 model = Distiller(teacher, student, feature_pairs="auto" if feature_kd else None)
-                model.compile(opt, temperature=temperature, alpha=alpha, feature_weight=feature_kd, **compile_kwargs())
+                model.compile(opt, temperature=temperature, alpha=alpha, feature_kd=feature_kd, **compile_kwargs())
             else:
                 model = student
                 model.compile(
@@ -415,15 +414,17 @@ def _fit_across_workers(model, train_ds, val_ds, epochs, strategy, total_steps) 
 
     train_step, test_step = replicated(model.train_step), replicated(model.test_step)
     history, done = {}, 0
+    per_epoch = steps_per_epoch(train_ds)
     for epoch in range(epochs):
         for metric in model.metrics:
             metric.reset_state()
-        for batch in strategy.experimental_distribute_dataset(train_ds.take(total_steps - done)):
-            done += 1
-            logs = {k: float(v) for k, v in train_step(batch).items()}
-            if not math.isfinite(logs.get("loss", 0.0)):
-                raise MskdError(f"distill: the training loss became {logs['loss']} in epoch {epoch + 1}; "
-                                "nothing was saved for this stage. Lower --finetune_lr or check the data.")
+        steps = min(per_epoch, total_steps - done)
+        logs, bad_loss = run_steps(train_step, train_ds, steps, strategy=strategy, start=done,
+                                   batches_per_epoch=per_epoch)
+        done += steps
+        if bad_loss is not None:
+            raise MskdError(f"distill: the training loss became {bad_loss} in epoch {epoch + 1}; "
+                            "nothing was saved for this stage. Lower --finetune_lr or check the data.")
         if val_ds is not None:
             for metric in model.metrics:
                 metric.reset_state()

@@ -89,7 +89,7 @@ def convert(model: keras.Model, kind: str, *, calibration_images: np.ndarray | N
             raise MskdError(
                 f"TFLite conversion to {kind} failed for model {model.name!r}: {str(err).strip()[:800]}. "
                 "A layer with no TFLite builtin (e.g. a custom op) cannot be exported as "
-                f"{kind}; replace it or choose another --export_kinds."
+                f"{kind}; replace it or choose other variants with --export."
             ) from err
 
 

@@ -47,12 +47,12 @@ import weakref
 from pathlib import Path
 
 import keras
-import numpy as np
 import tensorflow as tf
 
 from mskd_tf import flops, training
 from mskd_tf.distribute import is_chief, make_strategy
 from mskd_tf.errors import MskdError
+from mskd_tf.keras_utils import all_layers, copy_with_weights, weights_digest
 from mskd_tf.training import make_optimizer
 from mskd_tf.workdir import atomic_path
 
@@ -141,7 +141,7 @@ def select(
                     "steps_per_epoch": steps_per_epoch, "bn_recalibration_batches": bn_recalibration_batches,
                     "loss": "ce" if teacher is None else "kd",
                     **({} if teacher is None else {"temperature": temperature, "alpha": alpha,
-                                                   "teacher": _weights_digest(teacher)})}
+                                                   "teacher": weights_digest(teacher)})}
         trainer = _CandidateTrainer(
             candidates, train_ds, val_ds, workdir=Path(workdir), settings=settings, strategy=strategy,
             steps_per_epoch=steps_per_epoch, writes=parallel or chief, verbose=verbose and chief, rank=rank,
@@ -179,7 +179,7 @@ def select(
                 trainer.train_to(name, target, rung=f"{index + 1}/{len(rungs)}")
             if parallel:
                 trainer.wait_for(alive, target, timeout=wait_timeout, workers=workers)
-            ranked = sorted(alive, key=lambda n: _rank_key(trainer.state[n]))
+            ranked = sorted(alive, key=lambda n: _rank_key(trainer.state[n], target))
             keep = ranked[: math.ceil(len(alive) / 2)] if index < len(rungs) - 1 else ranked
             protocol_rungs.append({"budget_epochs": round(target / steps_per_epoch, 4), "candidates": alive,
                                    "kept": keep})
@@ -244,9 +244,7 @@ def _load_teacher(teacher, strategy):
             raise MskdError(f"select: cannot load the teacher {teacher} as a Keras model ({exc}).") from exc
     if strategy is not tf.distribute.get_strategy():
         with strategy.scope():
-            copy = keras.models.clone_model(teacher)
-            copy.set_weights(teacher.get_weights())
-        return copy
+            return copy_with_weights(teacher)
     return teacher
 
 
@@ -295,14 +293,6 @@ def _batch_statistics_pass(model):
         forward = tf.function(lambda images: owner()(images, training=True), reduce_retracing=True)
         _BATCH_STATISTICS_PASSES[model] = forward
     return forward
-
-
-def all_layers(model):
-    for layer in model.layers:
-        if isinstance(layer, keras.Model):
-            yield from all_layers(layer)
-        else:
-            yield layer
 
 
 def halving_rungs(num_candidates: int, total_steps: int) -> list[tuple[int, int]]:
@@ -397,24 +387,20 @@ class Finetuner:
         resumed fine-tune continues where it stopped. Returns None, or the first
         non-finite loss (training stops there).
         """
-        steps_per_epoch = steps_per_epoch or training.steps_per_epoch(train_ds, "select: train_ds")
-        position, stop = start, start + steps
-        while position < stop:
-            offset = position % steps_per_epoch
-            chunk = min(stop - position, steps_per_epoch - offset)
-            batches = self.strategy.experimental_distribute_dataset(train_ds.skip(offset).take(chunk))
-            for batch in batches:
-                began = time.perf_counter() if self.second_step_seconds is None else None
-                loss = float(self._train_step(batch))
-                if began is not None:
-                    if self.first_step_seconds is None:
-                        self.first_step_seconds = time.perf_counter() - began
-                    else:
-                        self.second_step_seconds = time.perf_counter() - began
-                if not math.isfinite(loss):
-                    return loss
-            position += chunk
-        return None
+        _, bad_loss = training.run_steps(self._timed_train_step, train_ds, steps, strategy=self.strategy, start=start,
+                                         batches_per_epoch=steps_per_epoch, what="select: train_ds")
+        return bad_loss
+
+    def _timed_train_step(self, batch):
+        if self.second_step_seconds is not None:
+            return self._train_step(batch)
+        began = time.perf_counter()
+        loss = float(self._train_step(batch))
+        if self.first_step_seconds is None:
+            self.first_step_seconds = time.perf_counter() - began
+        else:
+            self.second_step_seconds = time.perf_counter() - began
+        return loss
 
     def accuracy(self, dataset) -> float:
         """Top-1 accuracy over all of ``dataset``."""
@@ -504,13 +490,15 @@ class _CandidateTrainer:
             return None
         return state
 
-    def _save(self, name, model):
-        state = self.state[name]
-        if not self.writes:
-            return
-        if model is not None:
+    def _save_checkpoint(self, name, model):
+        if self.writes:
             _atomic(self.checkpoint(name), model.save)
-        _atomic(self._record(name), lambda tmp: Path(tmp).write_text(json.dumps(state, indent=2)))
+
+    def _save_record(self, name):
+        """The candidate's JSON, written once its state is final: in parallel mode another worker takes a
+        record at the rung's step count as finished (so it comes after the checkpoint, and only once)."""
+        if self.writes:
+            _atomic(self._record(name), lambda tmp: Path(tmp).write_text(json.dumps(self.state[name], indent=2)))
 
     def row(self, name) -> dict:
         state = self.state[name]
@@ -595,6 +583,7 @@ class _CandidateTrainer:
                 break
             clock = time.perf_counter()
             state["val_acc"] = self._score(name, tuner)
+            state.setdefault("scores", {})[str(state["steps"])] = state["val_acc"]  # JSON keys: strings
             split["score"] += time.perf_counter() - clock
             state["curve"].append([state["budget_epochs"], state["val_acc"]])
         if fresh and tuner.second_step_seconds is not None:
@@ -602,15 +591,15 @@ class _CandidateTrainer:
             split["trace"] = max(0.0, tuner.first_step_seconds - tuner.second_step_seconds)
             split["train"] -= split["trace"]
         if not state.get("error"):
-            state["weights"] = _weights_digest(tuner.model)  # each worker's copy; equal when synchronous
+            state["weights"] = weights_digest(tuner.model)  # each worker's copy; equal when synchronous
         clock = time.perf_counter()
-        self._save(name, None if state.get("error") else tuner.model)
+        if not state.get("error"):
+            self._save_checkpoint(name, tuner.model)
         split["save"] = time.perf_counter() - clock
         spent = time.perf_counter() - began
         state["seconds"] = round(state["seconds"] + spent, 3)
         state.setdefault("time_split", []).append({"rung": rung, **{k: round(v, 2) for k, v in split.items()}})
-        if not state.get("error"):
-            self._save(name, None)  # the record again, now with the save's own time
+        self._save_record(name)
         if self.verbose:
             result = state.get("error") or f"val acc {100 * state['val_acc']:.2f}%"
             parts = ", ".join(f"{k} {v:.1f}" for k, v in split.items())
@@ -660,10 +649,16 @@ class _CandidateTrainer:
 # ----------------------------------------------------------------------------- helpers
 
 
-def _rank_key(state):
-    """Sort key: best validation accuracy first, then fewer MACs; failed candidates last."""
+def _rank_key(state, steps):
+    """Sort key at a rung of ``steps``: best validation accuracy there first, then fewer MACs; failed ones last.
+
+    The score *at the rung*, not the latest: in parallel mode a faster worker's candidate may already be a
+    rung further when a slower worker ranks this one, and every worker must rank on the same numbers.
+    """
     failed = state.get("val_acc") is None
-    return (failed, -(state.get("val_acc") or 0.0), state["macs"], state["criterion"])
+    scores = {int(k): v for k, v in state.get("scores", {}).items() if int(k) <= steps}
+    accuracy = scores[max(scores)] if scores else state.get("val_acc")
+    return (failed, -(accuracy or 0.0), state["macs"], state["criterion"])
 
 
 def _check_arguments(candidates, val_ds, epochs, tie_tolerance):
@@ -728,17 +723,10 @@ def _with_batchnorm_sync(model, synchronized: bool) -> keras.Model:
     return copy
 
 
-def _weights_digest(model) -> str:
-    h = hashlib.sha256()
-    for w in model.get_weights():
-        h.update(np.ascontiguousarray(w).tobytes())
-    return h.hexdigest()[:16]
-
-
 def _source_digest(source) -> str:
     """Identifies a candidate: its file's bytes, or its weights; a changed candidate restarts."""
     if isinstance(source, keras.Model):
-        return _weights_digest(source)
+        return weights_digest(source)
     try:
         return hashlib.sha256(Path(source).read_bytes()).hexdigest()[:16]
     except OSError as exc:

@@ -285,7 +285,6 @@ def run_teacher(ctx: Context):
     from mskd_tf import models, training
 
     cfg, d = ctx.cfg, ctx.data
-    keras.utils.set_random_seed(cfg.seed)
     history = None
     if ctx.user_teacher is not None:
         teacher = ctx.user_teacher
@@ -599,7 +598,6 @@ def run_distill(ctx: Context):
     students = {}
     runs = [("kd", True)] + ([("baseline", False)] if cfg.distill_baseline else [])
     for label, kd in runs:
-        keras.utils.set_random_seed(cfg.seed)
         student = keras.models.load_model(ctx.wd / "selected.keras")  # both runs start from the same weights
         start = time.perf_counter()
         student, history = distill.distill(teacher, student, d.train, d.val, kd=kd,

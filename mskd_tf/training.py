@@ -292,6 +292,37 @@ def accuracy(model, dataset, what: str = "evaluation data") -> float:
     return correct / total
 
 
+def run_steps(step, dataset, steps: int, *, strategy=None, start: int = 0,
+              batches_per_epoch: int | None = None, what: str = "train_ds") -> tuple[dict, float | None]:
+    """The library's one hand-written training loop, for where Keras ``fit`` cannot serve.
+
+    Selection's fine-tunes (checkpointed mid-epoch and resumed), distillation across workers
+    (Keras 3 ``fit`` crashes under MultiWorkerMirroredStrategy, keras-team/keras#20585) and the
+    tf_keras QAT fine-tune all run here. ``step`` is a traced function of one batch that returns
+    the loss or a dict of logs with a ``"loss"``; with a ``strategy`` the batches are distributed
+    (``step`` then calls ``strategy.run`` itself). ``steps`` batches of the finite, one-epoch
+    ``dataset`` are run beginning at batch ``start`` counted across epochs (``start`` = 10 on a
+    4-batch dataset begins at batch 2 of a fresh pass, so a resumed run continues where it stopped);
+    each new pass re-iterates the dataset, which reshuffles itself. Stops at the first non-finite
+    loss. Returns ``(the last step's logs as floats, that bad loss or None)``.
+    """
+    per_epoch = batches_per_epoch or steps_per_epoch(dataset, what)
+    logs, position, stop = {}, start, start + steps
+    while position < stop:
+        offset = position % per_epoch
+        chunk = min(stop - position, per_epoch - offset)
+        batches = dataset.skip(offset).take(chunk) if offset else dataset.take(chunk)
+        if strategy is not None:
+            batches = strategy.experimental_distribute_dataset(batches)
+        for batch in batches:
+            out = step(batch)
+            logs = {k: float(v) for k, v in (out.items() if isinstance(out, dict) else [("loss", out)])}
+            if not math.isfinite(logs.get("loss", 0.0)):
+                return logs, logs["loss"]
+        position += chunk
+    return logs, None
+
+
 def budget_steps(epochs: float, steps_in_epoch: int) -> int:
     """Optimizer steps in ``epochs`` (fractional) epochs of ``steps_in_epoch`` batches, at least 1."""
     return max(1, int(round(epochs * steps_in_epoch)))

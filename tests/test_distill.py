@@ -137,7 +137,7 @@ def test_feature_loss_matches_numpy_with_projections():
     teacher, student = tiny_cnn(8, "teacher", seed=1), tiny_cnn(4, "student", seed=2)
     distiller = Distiller(teacher, student, feature_pairs="auto")
     assert [tuple(p.kernel.shape) for p in distiller.projections] == [(1, 1, 4, 8), (1, 1, 8, 16)]
-    distiller.compile("sgd", alpha=0.5, feature_weight=2.0)
+    distiller.compile("sgd", alpha=0.5, feature_kd=2.0)
     logged = distiller.evaluate(batches(x, y, 32), return_dict=True, verbose=0)
     hints = []
     for name, projection in zip(["stage1", "stage2"], distiller.projections):
@@ -154,7 +154,7 @@ def test_identical_student_has_zero_kd_and_feature_loss():
     teacher, student = tiny_cnn(8, "teacher", seed=1), tiny_cnn(8, "student", seed=1)
     distiller = Distiller(teacher, student, feature_pairs="auto")
     assert distiller.projections == [None, None]  # same width: no projection
-    distiller.compile("sgd", feature_weight=1.0)
+    distiller.compile("sgd", feature_kd=1.0)
     logged = distiller.evaluate(batches(x, y), return_dict=True, verbose=0)
     assert logged["distillation_loss"] == pytest.approx(0.0, abs=1e-6)
     assert logged["feature_loss"] == pytest.approx(0.0, abs=1e-9)
@@ -165,8 +165,8 @@ def test_identical_student_has_zero_kd_and_feature_loss():
     [
         ({"alpha": 1.5}, r"alpha=1.5 must be in \[0, 1\]"),
         ({"temperature": 0}, "temperature=0 must be a positive number"),
-        ({"feature_weight": -1.0}, "feature_weight=-1.0 must be >= 0"),
-        ({"feature_weight": 1.0}, "feature_weight > 0 needs feature pairs"),
+        ({"feature_kd": -1.0}, "feature_kd=-1.0 must be >= 0"),
+        ({"feature_kd": 1.0}, "feature_kd > 0 needs feature pairs"),
     ],
 )
 def test_compile_rejects_bad_arguments(compile_args, message):

@@ -295,3 +295,16 @@ def test_recalibrate_batchnorm_matches_numpy_batch_statistics():
     np.testing.assert_allclose(model.get_layer("bn").moving_mean.numpy(), expected_mean, rtol=1e-4, atol=1e-5)
     np.testing.assert_allclose(model.get_layer("bn").moving_variance.numpy(), expected_var, rtol=1e-3)
     assert model.get_layer("bn").momentum == 0.99  # restored
+
+
+def test_a_rung_ranks_on_the_scores_at_its_step_count():
+    from mskd_tf.selection import _rank_key
+
+    # In parallel mode a faster worker's candidate can be a rung ahead when a slower worker ranks rung 1:
+    # its later (here lower) score must not be used, or the workers keep different survivors.
+    ahead = {"criterion": "a", "macs": 10, "val_acc": 0.20, "scores": {"1": 0.23, "2": 0.20}}
+    level = {"criterion": "b", "macs": 10, "val_acc": 0.21, "scores": {"1": 0.21}}
+    assert sorted([level, ahead], key=lambda s: _rank_key(s, 1))[0]["criterion"] == "a"
+    assert sorted([level, ahead], key=lambda s: _rank_key(s, 2))[0]["criterion"] == "b"
+    failed = {"criterion": "c", "macs": 1, "val_acc": None, "scores": {}}
+    assert sorted([failed, level], key=lambda s: _rank_key(s, 1))[-1]["criterion"] == "c"

@@ -167,7 +167,7 @@ class MicroModel:
         if arena_size < MIN_ARENA_BYTES:
             raise MskdError(
                 f"arena_size={arena_size} bytes is below the {MIN_ARENA_BYTES}-byte minimum TFLite Micro "
-                "needs for its own bookkeeping; use find_arena_size() or a larger --micro_arena."
+                "needs for its own bookkeeping; pass a larger arena_size, or let find_arena_size() measure it."
             )
         check_micro_ops(tflite_bytes)
         works, log = probe_arena(tflite_bytes, arena_size)
