@@ -350,28 +350,6 @@ def _spread(values):
     return f"{_pct(statistics.mean(values))} ± {_pct(statistics.stdev(values))} (n={len(values)})"
 
 
-def _spearman(a, b):
-    """Spearman's rho (average ranks for ties), without scipy."""
-    def ranks(values):
-        order = sorted(range(len(values)), key=lambda i: values[i])
-        out = [0.0] * len(values)
-        i = 0
-        while i < len(order):
-            j = i
-            while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
-                j += 1
-            for k in range(i, j + 1):
-                out[order[k]] = (i + j) / 2
-            i = j + 1
-        return out
-
-    ra, rb = ranks(a), ranks(b)
-    ma, mb = statistics.mean(ra), statistics.mean(rb)
-    cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb))
-    var = (sum((x - ma) ** 2 for x in ra) * sum((y - mb) ** 2 for y in rb)) ** 0.5
-    return cov / var if var else 0.0
-
-
 def _selection_seconds(rows, row) -> float:
     """A MS-KD row's selection time (rows cached before it was stored in the row: from its select/ row)."""
     if "selection_steps" not in row:
@@ -450,13 +428,13 @@ def render(data: dict) -> str:
             before = [cands[c]["val_acc_before_finetune"] for c, _ in oracle_rows]
             after = [r["val_acc"] for _, r in oracle_rows]
             lines.append(f"\nSpearman rank correlation, validation accuracy before fine-tuning vs after B steps of CE, "
-                         f"over these {len(oracle_rows)} candidates: {_spearman(before, after):+.2f} (how well the "
+                         f"over these {len(oracle_rows)} candidates: {results_io.spearman(before, after):+.2f} (how well the "
                          "zero-cost rung can rank them); parameter count vs after B steps: "
-                         f"{_spearman([r['params'] for _, r in oracle_rows], after):+.2f}.")
+                         f"{results_io.spearman([r['params'] for _, r in oracle_rows], after):+.2f}.")
             with_curves = [r for _, r in oracle_rows if r.get("val_curve")]  # rows cached before curves have none
             if len(with_curves) >= 3:
                 final = [r["val_acc"] for r in with_curves]
-                ranks = [f"{e + 1} epoch{'s' if e else ''} {_spearman([r['val_curve'][e] for r in with_curves], final):+.2f}"
+                ranks = [f"{e + 1} epoch{'s' if e else ''} {results_io.spearman([r['val_curve'][e] for r in with_curves], final):+.2f}"
                          for e in (0, 1, 3, 7) if all(len(r["val_curve"]) > e for r in with_curves)]
                 lines.append(f"Validation accuracy after k epochs of the B-step cosine run vs after B steps (Spearman, "
                              f"the {len(with_curves)} rows with curves): " + ", ".join(ranks)

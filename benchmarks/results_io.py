@@ -41,3 +41,16 @@ def write_results(name: str, figures: dict) -> Path:
     tmp.replace(path)
     print(f"figures written to {path}")
     return path
+
+
+def spearman(a, b) -> float:
+    """Spearman rank correlation (ties share their mean rank); 0.0 where one side is constant.
+
+    scipy comes with the pinned set (tensorflow-model-optimization requires it).
+    """
+    import math
+
+    from scipy.stats import spearmanr
+
+    value = float(spearmanr(a, b).statistic)
+    return 0.0 if math.isnan(value) else value

@@ -40,27 +40,6 @@ flags.DEFINE_bool("render_only", False, "Only print the correlations of the cach
 NAME = "selection_signals"
 
 
-def _spearman(a, b):
-    def ranks(values):
-        order = sorted(range(len(values)), key=lambda i: values[i])
-        out = [0.0] * len(values)
-        i = 0
-        while i < len(order):  # ties share their mean rank
-            j = i
-            while j + 1 < len(order) and values[order[j + 1]] == values[order[i]]:
-                j += 1
-            for k in range(i, j + 1):
-                out[order[k]] = (i + j) / 2
-            i = j + 1
-        return out
-
-    ra, rb = ranks(a), ranks(b)
-    ma, mb = sum(ra) / len(ra), sum(rb) / len(rb)
-    cov = sum((x - ma) * (y - mb) for x, y in zip(ra, rb))
-    var = (sum((x - ma) ** 2 for x in ra) * sum((y - mb) ** 2 for y in rb)) ** 0.5
-    return cov / var if var else float("nan")
-
-
 def render(signals: dict) -> str:
     """Spearman of every signal with the oracle's final validation (and test) accuracy."""
     oracle = json.loads((results_io.RESULTS / "mskd_cifar.json").read_text())["figures"]["rows"]
@@ -78,14 +57,14 @@ def render(signals: dict) -> str:
         if len(have) < 3:
             continue
         values = [sign.get(key, 1) * signals[c][key] for c in have]
-        lines.append(f"| {key} | {_spearman(values, [finals[c]['val_acc'] for c in have]):+.2f} | "
-                     f"{_spearman(values, [finals[c]['test_acc'] for c in have]):+.2f} | {len(have)} |")
+        lines.append(f"| {key} | {results_io.spearman(values, [finals[c]['val_acc'] for c in have]):+.2f} | "
+                     f"{results_io.spearman(values, [finals[c]['test_acc'] for c in have]):+.2f} | {len(have)} |")
     curves = [c for c in names if finals[c].get("val_curve")]
     for epoch in (1, 2, 4, 8):
         if len(curves) >= 3:
             lines.append(f"| oracle run's own val acc after epoch {epoch} (lr still high) | "
-                         f"{_spearman([finals[c]['val_curve'][epoch - 1] for c in curves], [finals[c]['val_acc'] for c in curves]):+.2f}"
-                         f" | {_spearman([finals[c]['val_curve'][epoch - 1] for c in curves], [finals[c]['test_acc'] for c in curves]):+.2f}"
+                         f"{results_io.spearman([finals[c]['val_curve'][epoch - 1] for c in curves], [finals[c]['val_acc'] for c in curves]):+.2f}"
+                         f" | {results_io.spearman([finals[c]['val_curve'][epoch - 1] for c in curves], [finals[c]['test_acc'] for c in curves]):+.2f}"
                          f" | {len(curves)} |")
     lines += ["", *policies(signals, finals)]
     lines += ["", "| candidate | final val | final test | " + " | ".join(keys) + " |",
