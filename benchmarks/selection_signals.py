@@ -92,6 +92,15 @@ def policies(signals: dict, finals: dict) -> list[str]:
              ("library default: zero-cost keeps 4, constant-lr halving (the select/s0 run)", "activation-uniform",
               528),
              ("zero-cost keeps 4, then 132 annealed KD steps each", best(zero_cost_top4, "annealed_kd_132"), 528)]
+    # The capacity-aware pool the oracle rows point to: only candidates within 10% of the most parameters (at
+    # equal MACs), then the same cheap rules inside it.
+    most = max(signals[c]["params"] for c in everyone)
+    pool = [c for c in everyone if signals[c]["params"] >= 0.9 * most]
+    pool_top4 = sorted(pool, key=lambda c: -signals[c]["zero_cost_acc"])[:4]
+    rules += [(f"capacity pool ({len(pool)} within 10% of the most parameters), zero-cost top-1",
+               best(pool, "zero_cost_acc"), 0),
+              ("capacity pool, zero-cost keeps 4, then 132 annealed KD steps each", best(pool_top4, "annealed_kd_132"),
+               528)]
     for steps in (132, 352):
         if all(f"annealed_kd_{steps}" in signals[c] for c in everyone):
             rules.append((f"every candidate {steps} annealed KD steps (over budget)",
