@@ -20,11 +20,12 @@ Protocol
   seed 0's decisive rows: ``ce:l1-uniform`` (l1 + CE with a uniform per-layer ratio: Li et al. /
   Torch-Pruning's default), ``mskd`` (the library's select + distill), ``select+ce`` (MS-KD's selection, then
   CE: the KD ablation), ``kd:l1-uniform`` (l1 + KD, no selection); seeds 1 and 2 of ``ce:l1-uniform`` and seed
-  1 of ``ce:l2-uniform`` (one row's seed noise); every candidate + CE (the oracle table, seed 0, best zero-cost
-  score first); the ``--other_targets`` (l1 + CE, l1 + KD, MS-KD at seed 0); seeds 1 and 2 of the decisive
-  rows and the oracle-best + CE; then the ablations: ``zc+kd`` (the zero-cost rung's top candidate + KD for the whole
-  budget), l1 + CE at the ``--lr_ablation`` learning rates (is the baseline tuned fairly?), l1 + KD with one
-  ``--kd_ablation`` setting changed each.
+  1 of ``ce:l2-uniform`` (one row's seed noise); seeds 1 and 2 of the decisive rows; every candidate + CE (the
+  oracle table, seed 0, best zero-cost score first); the ``--other_targets`` (l1 + CE, l1 + KD, MS-KD at seed
+  0); the oracle-best + CE at seeds 1 and 2; then the ablations: MS-KD with the ``--pool_ablation`` capacity
+  pools (``mskd[min_params_ratio=0]`` = selection among all candidates, as before the pool existed), ``zc+kd``
+  (the zero-cost rung's top candidate + KD for the whole budget), l1 + CE at the ``--lr_ablation`` learning
+  rates (is the baseline tuned fairly?), l1 + KD with one ``--kd_ablation`` setting changed each.
 """
 
 from __future__ import annotations
@@ -47,6 +48,10 @@ flags.DEFINE_integer("teacher_epochs", 50, "Teacher epochs (the full protocol's 
 flags.DEFINE_float("budget", 15.0, "Student budget B in epochs of the training split, selection included.")
 flags.DEFINE_float("select_epochs", 1.5, "What MS-KD's selection spends of B (all candidates together).")
 flags.DEFINE_integer("zero_cost_keep", 4, "Candidates kept by the zero-cost rung.")
+flags.DEFINE_float("min_params_ratio", None, "MS-KD's capacity pool (default: the library's, Config.min_params_ratio); "
+                   "the rows of other values are named mskd[min_params_ratio=R].")
+flags.DEFINE_list("pool_ablation", ["0"], "min_params_ratio values of the MS-KD ablation rows (seed 0); 0 is the "
+                  "selection before the capacity pool existed.")
 flags.DEFINE_float("weight_decay", 5e-3, "Decoupled weight decay of the teacher and every student row (Keras "
                    "applies lr x wd per step: 5e-3 equals the usual SGD-momentum-0.9 L2 of 5e-4).")
 flags.DEFINE_float("finetune_lr", 0.05, "Peak learning rate of every student row (cosine to 0).")
@@ -73,11 +78,14 @@ BASELINE = "l1-uniform"  # what most users do: L1 filter norms, the same ratio i
 
 
 def settings() -> dict:
+    from mskd_tf.config import Config
+
     quick = FLAGS.quick
     s = {"quick": quick, "dataset": f"folder:{results_io.SHARED_CIFAR10}", "model": "resnet20", "batch_size": 128,
          "train_subset": 5000 if quick else 0, "teacher_epochs": 4 if quick else FLAGS.teacher_epochs,
          "teacher_lr": 0.1, "weight_decay": FLAGS.weight_decay, "budget": 2.0 if quick else FLAGS.budget,
          "select_epochs": 0.5 if quick else FLAGS.select_epochs, "zero_cost_keep": FLAGS.zero_cost_keep,
+         "min_params_ratio": Config.min_params_ratio if FLAGS.min_params_ratio is None else FLAGS.min_params_ratio,
          "finetune_lr": FLAGS.finetune_lr, "temperature": FLAGS.temperature, "alpha": FLAGS.alpha,
          "target_macs": FLAGS.target_macs, "round_to": FLAGS.round_to, "other_targets": [float(t) for t in FLAGS.other_targets],
          "seeds": [0] if quick else [int(x) for x in FLAGS.seeds]}
@@ -117,9 +125,16 @@ class Results:
     def __init__(self, name: str, s: dict):
         self.name = name
         path = results_io.RESULTS / f"{name}.json"
-        key = {k: v for k, v in s.items() if k not in ("seeds", "other_targets")}
+        # Rows of another capacity pool carry it in their names, so the table stays valid when it changes.
+        key = {k: v for k, v in s.items() if k not in ("seeds", "other_targets", "min_params_ratio")}
         old = json.loads(path.read_text()).get("figures", {}) if path.exists() else {}
         self.data = old if old.get("settings_key") == key else {"settings_key": key, "rows": {}, "targets": {}}
+        # MS-KD rows computed before the capacity pool existed selected among all candidates (ratio 0).
+        for name in [n for n, r in self.data["rows"].items()
+                     if n.split("/")[0] in ("select", "mskd", "select+ce") and "min_params_ratio" not in r]:
+            row = self.data["rows"].pop(name)
+            prefix, rest = name.split("/", 1)
+            self.data["rows"][f"{prefix}{pool_variant(0.0, s)}/{rest}"] = {**row, "min_params_ratio": 0.0}
         self.data["settings"] = s
         self.new_rows = 0
 
@@ -136,6 +151,11 @@ class Results:
 
     def save(self):
         results_io.write_results(self.name, self.data)
+
+
+def pool_variant(ratio: float, s: dict) -> str:
+    """The row-name suffix of MS-KD rows selected with this capacity pool ('' = the default)."""
+    return "" if ratio == s["min_params_ratio"] else f"[min_params_ratio={ratio:g}]"
 
 
 def prepare(s, target, teacher_path=""):
@@ -212,29 +232,33 @@ def main(_):
             res.put(name, row)
             return row
 
-        def mskd_rows(seed, with_ce):
+        def mskd_rows(seed, with_ce, ratio=s["min_params_ratio"]):
             """The library's select stage, then its distill stage's KD run (and its CE run as the ablation)."""
-            out = wd / f"select_s{seed}"
-            key = f"select/s{seed}{tag}"
+            variant = pool_variant(ratio, s)
+            out = wd / (f"select_s{seed}" + (f"_minparams{ratio:g}" if ratio else ""))  # ratio 0: the original folders
+            key = f"select{variant}/s{seed}{tag}"
             if not res.row(key) or not (out / "selected.keras").exists():
                 start = time.perf_counter()
                 payload = selection.select(
                     {c: str(path(c)) for c in candidates}, train_for(seed), val, workdir=str(out),
                     epochs=s["select_epochs"], zero_cost_keep=s["zero_cost_keep"],
                     zero_cost_scores={c: r["val_acc_before_finetune"] for c, r in candidates.items()},
+                    min_params_ratio=ratio,
                     teacher=teacher, temperature=s["temperature"], alpha=s["alpha"], lr=s["finetune_lr"],
                     weight_decay=s["weight_decay"], seed=seed)
-                res.put(key, {"seed": seed, "seconds": round(time.perf_counter() - start, 1),
+                res.put(key, {"seed": seed, "seconds": round(time.perf_counter() - start, 1), "min_params_ratio": ratio,
+                              "capacity_kept": (payload["protocol"]["capacity_pool"] or {}).get("kept"),
                               "selected": payload["selected"], "total_steps": payload["protocol"]["total_steps"],
                               "zero_cost_kept": payload["protocol"]["zero_cost"]["kept"],
                               "rungs": payload["protocol"]["rungs"]})
             chosen = res.row(key)
             spent = chosen["total_steps"]
             extra = {"criterion": chosen["selected"]["criterion"], "selection_steps": spent,
-                     "selection_seconds": chosen["seconds"]}
-            student_row(f"mskd/s{seed}", out / "selected.keras", kd=True, seed=seed, steps=budget - spent, extra=extra)
+                     "selection_seconds": chosen["seconds"], "min_params_ratio": ratio}
+            student_row(f"mskd{variant}/s{seed}", out / "selected.keras", kd=True, seed=seed, steps=budget - spent,
+                        extra=extra)
             if with_ce:
-                student_row(f"select+ce/s{seed}", out / "selected.keras", kd=False, seed=seed, steps=budget - spent,
+                student_row(f"select+ce{variant}/s{seed}", out / "selected.keras", kd=False, seed=seed, steps=budget - spent,
                             extra=extra)
 
         return student_row, mskd_rows, candidates, path
@@ -287,6 +311,10 @@ def main(_):
     if len(s["seeds"]) > 1 and "l2-uniform" in candidates:
         seed = s["seeds"][1]
         student_row(f"ce:l2-uniform/s{seed}", path("l2-uniform"), kd=False, seed=seed, extra={"criterion": "l2-uniform"})
+    # The decisive rows' other seeds before the rest of the oracle: the bars are on 3-seed means, and the
+    # remaining oracle rows then test the capacity pool on candidates it was not derived from.
+    for seed in s["seeds"][1:]:
+        decisive(seed)
     # The oracle table, in the order a selection meets the candidates (best zero-cost score first), so a
     # partial table already scores the picks of the selection rules (benchmarks/selection_signals.py).
     for c in sorted(candidates, key=lambda c: -candidates[c]["val_acc_before_finetune"]):
@@ -295,8 +323,10 @@ def main(_):
     res.data["oracle_criterion"] = oracle
     other_targets()
     for seed in s["seeds"][1:]:
-        decisive(seed)
         student_row(f"ce:{oracle}/s{seed}", path(oracle), kd=False, seed=seed, extra={"criterion": oracle})
+    for ratio in FLAGS.pool_ablation:  # what the capacity pool gave
+        if float(ratio) != s["min_params_ratio"]:
+            mskd_rows(s0, with_ce=True, ratio=float(ratio))
     top = max(candidates, key=lambda c: candidates[c]["val_acc_before_finetune"])
     student_row(f"zc+kd/s{s0}", path(top), kd=True, seed=s0, extra={"criterion": top})
     for lr in FLAGS.lr_ablation:  # is the baseline's learning rate a fair one?
@@ -362,7 +392,7 @@ def _selection_seconds(rows, row) -> float:
     """A MS-KD row's selection time (rows cached before it was stored in the row: from its select/ row)."""
     if "selection_steps" not in row:
         return 0.0
-    return row.get("selection_seconds", rows.get(f"select/s{row['seed']}", {}).get("seconds", 0.0))
+    return row.get("selection_seconds", rows.get(f"select[min_params_ratio=0]/s{row['seed']}", {}).get("seconds", 0.0))
 
 
 def _rows(rows, prefix, seeds, tag=""):
@@ -383,7 +413,8 @@ def render(data: dict) -> str:
              f"optimizer steps of batch {s['batch_size']} ({per_epoch} per epoch), SGD (Nesterov) peak lr "
              f"{s['finetune_lr']} cosine to 0, the same weight decay; KD T = {s['temperature']:g}, alpha = {s['alpha']:g}. MS-KD: zero-cost "
              f"rung keeps {s['zero_cost_keep']}, then successive halving under the KD loss for {s['select_epochs']:g} "
-             f"epochs in all, inside B.", ""]
+             f"epochs in all, inside B; capacity pool: candidates with >= "
+             f"{s.get('min_params_ratio', 0):g} x the largest candidate's parameters.", ""]
     seeds = s["seeds"]
     lines += ["| row | candidate | MACs (M) | params (k) | steps (selection + training) | wall min | val acc % | "
               "test acc % |",
@@ -394,6 +425,10 @@ def render(data: dict) -> str:
     named = [(f"l1 + CE ({BASELINE})", f"ce:{BASELINE}"), ("MS-KD (selection + KD, within B)", "mskd"),
              (f"l1 + KD ({BASELINE}, no selection)", f"kd:{BASELINE}"),
              ("ablation: MS-KD selection + CE (no KD)", "select+ce"),
+             *[(f"ablation: MS-KD, capacity pool {v[1:-1]}", f"mskd{v}") for v in sorted(
+                 {k[len("mskd"):k.index("/")] for k in rows if k.startswith("mskd[")})],
+             *[(f"ablation: MS-KD selection + CE, capacity pool {v[1:-1]}", f"select+ce{v}") for v in sorted(
+                 {k[len("select+ce"):k.index("/")] for k in rows if k.startswith("select+ce[")})],
              ("ablation: zero-cost pick + KD (no selection training)", "zc+kd")]
     if oracle:
         named.insert(1, (f"oracle best candidate + CE (found with {len(data.get('candidates', {}))} x B steps)",
@@ -447,9 +482,10 @@ def render(data: dict) -> str:
                 lines.append(f"Validation accuracy after k epochs of the B-step cosine run vs after B steps (Spearman, "
                              f"the {len(with_curves)} rows with curves): " + ", ".join(ranks)
                              + " (how long a selection rung must be to rank them).")
-    selections = [(k, r) for k, r in rows.items() if k.startswith("select/")]
+    selections = [(k, r) for k, r in rows.items() if k.startswith("select") and not k.startswith("select+ce")]
     for k, r in selections:
-        lines.append(f"\n{k}: zero-cost rung kept {', '.join(r['zero_cost_kept'])}; chose "
+        pool = f"capacity pool kept {', '.join(r['capacity_kept'])}; " if r.get("capacity_kept") else ""
+        lines.append(f"\n{k}: {pool}zero-cost rung kept {', '.join(r['zero_cost_kept'])}; chose "
                      f"{r['selected']['criterion']} ({r['selected']['reason']}); {r['total_steps']} steps, "
                      f"{r['seconds']:.0f} s.")
     for target in s.get("other_targets", []):

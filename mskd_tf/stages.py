@@ -550,6 +550,7 @@ def run_select(ctx: Context):
     result = selection.select(
         paths, ctx.data.train, ctx.data.val, workdir=str(ctx.wd.path), epochs=cfg.select_epochs,
         successive_halving=cfg.successive_halving, zero_cost_keep=cfg.zero_cost_keep,
+        min_params_ratio=cfg.min_params_ratio,
         zero_cost_scores={row["criterion"]: row.get("val_acc_before_finetune") for row in rows
                           if row.get("val_acc_before_finetune") is not None},
         teacher=teacher, temperature=cfg.temperature, alpha=cfg.alpha, tie_tolerance=cfg.tie_tolerance,
@@ -696,7 +697,7 @@ PIPELINE = (
     Stage("rank", ("criteria", "calibration_batches"), ("rankings.json",), run_rank),
     Stage("candidates", ("target_macs", "allocations", "round_to", "min_channels", "protect",
                          "bn_recalibration_batches"), ("candidates.json",), run_candidates),
-    Stage("select", ("select_epochs", "zero_cost_keep", "select_loss", "successive_halving", "tie_tolerance",
+    Stage("select", ("select_epochs", "zero_cost_keep", "min_params_ratio", "select_loss", "successive_halving", "tie_tolerance",
                      "finetune_lr", "temperature", "alpha"), ("selected.keras", "selection.json"), run_select),
     Stage("distill", ("distill_epochs", "temperature", "alpha", "feature_kd", "distill_baseline"),
           ("student.keras", "distill.json"), run_distill),

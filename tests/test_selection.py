@@ -229,6 +229,26 @@ def test_zero_cost_rung_trains_only_the_best_by_accuracy_before_any_step(tmp_pat
     assert measured["selected"]["criterion"] == best and measured["protocol"]["rungs"][0]["budget_epochs"] == 1.0
 
 
+def test_capacity_pool_drops_the_small_candidates_before_the_zero_cost_rung(tmp_path, data):
+    from mskd_tf import flops
+
+    candidates = three_candidates()
+    params = {n: int(flops.count(m).params) for n, m in candidates.items()}
+    assert params["w4"] < params["w6"] < params["w8"]
+    ratio = (params["w4"] + params["w6"]) / 2 / params["w8"]  # between w4's and w6's share of w8
+    given = {"w4": 0.9, "w6": 0.5, "w8": 0.2}  # the small one has the best zero-cost score and must still go
+    payload = select(candidates, *data, workdir=tmp_path, epochs=1.0, zero_cost_keep=1, zero_cost_scores=given,
+                     min_params_ratio=ratio, verbose=False)
+    assert payload["protocol"]["capacity_pool"] == {"min_params_ratio": ratio, "params": params, "kept": ["w6", "w8"]}
+    assert payload["protocol"]["zero_cost"]["kept"] == ["w6"] and payload["selected"]["criterion"] == "w6"
+    rows = {r["criterion"]: r for r in payload["candidates"]}
+    assert rows["w4"]["steps"] == 0 and not rows["w4"]["params_kept"] and "zero_cost_acc" not in rows["w4"]
+    # Without the pool the zero-cost rung keeps the small one.
+    plain = select(three_candidates(), *data, workdir=tmp_path / "all", epochs=1.0, zero_cost_keep=1,
+                   zero_cost_scores=given, verbose=False)
+    assert plain["selected"]["criterion"] == "w4" and plain["protocol"]["capacity_pool"] is None
+
+
 def test_kd_selection_step_equals_the_distillers_step():
     """Selection under KD takes the same step as the Distiller that trains the winner (no BatchNorm: exact)."""
     from mskd_tf.distill import Distiller
@@ -263,6 +283,7 @@ def test_kd_selection_step_equals_the_distillers_step():
         ({"epochs": 0}, r"epochs=0 must be a positive number \(--select_epochs"),
         ({"tie_tolerance": -0.1}, r"tie_tolerance=-0.1 must be in \[0, 1\)"),
         ({"zero_cost_keep": -1}, r"zero_cost_keep=-1 must be an integer >= 0"),
+        ({"min_params_ratio": 1.5}, r"min_params_ratio=1.5 must be a number in \[0, 1\]"),
         ({"teacher": "/no/such/teacher.keras"}, r"cannot load the teacher /no/such/teacher.keras"),
         ({"train_ds": "repeat"}, "train_ds is infinite"),
     ],
