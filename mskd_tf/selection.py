@@ -86,6 +86,7 @@ def select(
     parallel: bool = False,
     seed: int = 0,
     wait_timeout: float = 3600.0,
+    wait_check=None,
     verbose: bool = True,
 ) -> dict:
     """Fine-tune the candidates, choose one, write ``selected.keras`` + ``selection.json``.
@@ -119,6 +120,7 @@ def select(
         candidates ``i, i + N, ...`` locally; all meet at each rung.
       seed: seeds Keras before each candidate is built.
       wait_timeout: seconds a worker waits for the others in parallel mode.
+      wait_check: called while waiting in parallel mode; raises to stop waiting (a dead worker).
       verbose: print one line per trained segment (chief only).
 
     Returns:
@@ -178,7 +180,7 @@ def select(
             for name in mine:
                 trainer.train_to(name, target, rung=f"{index + 1}/{len(rungs)}")
             if parallel:
-                trainer.wait_for(alive, target, timeout=wait_timeout, workers=workers)
+                trainer.wait_for(alive, target, timeout=wait_timeout, workers=workers, check=wait_check)
             ranked = sorted(alive, key=lambda n: _rank_key(trainer.state[n], target))
             keep = ranked[: math.ceil(len(alive) / 2)] if index < len(rungs) - 1 else ranked
             protocol_rungs.append({"budget_epochs": round(target / steps_per_epoch, 4), "candidates": alive,
@@ -625,7 +627,7 @@ class _CandidateTrainer:
         recalibrate_batchnorm(copy, self.train_ds, batches)
         return training.accuracy(copy, self.val_ds, "select: val_ds")
 
-    def wait_for(self, names, target_steps, *, timeout, workers):
+    def wait_for(self, names, target_steps, *, timeout, workers, check=None):
         """Block until every candidate in ``names`` has a record at ``target_steps`` (parallel mode)."""
         order = list(self.sources)
         deadline = time.monotonic() + timeout
@@ -639,6 +641,8 @@ class _CandidateTrainer:
                     missing.append(name)
             if not missing:
                 return
+            if check is not None:
+                check()
             if time.monotonic() > deadline:
                 owners = ", ".join(f"{n} (worker {order.index(n) % workers})" for n in missing)
                 raise MskdError(f"select: waited {timeout:g} s for candidates trained by other workers: {owners}. "
