@@ -28,7 +28,7 @@ import tensorflow as tf
 from keras import ops
 
 from mskd_tf.errors import MskdError
-from mskd_tf.keras_utils import copy_with_weights
+from mskd_tf.keras_utils import copy_with_weights, with_synchronized_batchnorm
 from mskd_tf.training import (DEFAULT_WEIGHT_DECAY, NanGuard, StopAfterSteps, budget_steps, compile_kwargs,
                               fit_across_workers, fused_batchnorm, is_softmax, make_optimizer, outputs_probabilities,
                               seeded, steps_per_epoch)
@@ -369,9 +369,12 @@ def distill(
         fit_epochs = math.ceil(total_steps / per_epoch)
         strategy = strategy or tf.distribute.get_strategy()
         copy = strategy is not tf.distribute.get_strategy()
+        across_workers = isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
         teacher_was_trainable = teacher.trainable
         with strategy.scope():
-            if copy:
+            if across_workers:  # global-batch BatchNorm statistics: the maths of one process (and equal workers)
+                student = with_synchronized_batchnorm(student, True)
+            elif copy:
                 student = _in_scope(student)
                 teacher = _in_scope(teacher) if kd else teacher
             opt = make_optimizer(optimizer, lr, total_steps=total_steps, weight_decay=weight_decay)
@@ -385,12 +388,12 @@ def distill(
                     metrics=["accuracy"], **compile_kwargs(),
                 )
         try:
-            if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+            if across_workers:
                 history = fit_across_workers(model, train_ds, val_ds, epochs=fit_epochs, strategy=strategy,
                                              total_steps=total_steps, callbacks=callbacks, what="distill",
                                              advice="Lower --finetune_lr")
                 # A plain copy: Keras' predict/evaluate on the strategy's variables would need fit's machinery.
-                return copy_with_weights(student), history
+                return with_synchronized_batchnorm(student, False), history
             guard = NanGuard()
             history = model.fit(
                 train_ds, validation_data=val_ds, epochs=fit_epochs,

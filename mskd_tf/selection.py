@@ -52,7 +52,7 @@ import tensorflow as tf
 from mskd_tf import flops, training
 from mskd_tf.distribute import is_chief, make_strategy
 from mskd_tf.errors import MskdError
-from mskd_tf.keras_utils import all_layers, copy_with_weights, weights_digest
+from mskd_tf.keras_utils import all_layers, copy_with_weights, weights_digest, with_synchronized_batchnorm
 from mskd_tf.training import make_optimizer
 from mskd_tf.workdir import atomic_path
 
@@ -710,21 +710,8 @@ def _worker_rank() -> tuple[int, int]:
 
 
 def _with_batchnorm_sync(model, synchronized: bool) -> keras.Model:
-    """A copy of ``model`` (variables in the current scope) with BatchNorm ``synchronized`` set.
-
-    Synchronized BatchNorm computes batch statistics over the global batch, so a
-    step on N replicas equals the step on one device.
-    """
-
-    def clone_layer(layer):
-        config = layer.get_config()
-        if isinstance(layer, keras.layers.BatchNormalization):
-            config["synchronized"] = synchronized
-        return layer.__class__.from_config(config)
-
-    copy = keras.models.clone_model(model, clone_function=clone_layer, recursive=True)
-    copy.set_weights(model.get_weights())
-    return copy
+    """A copy of ``model`` with BatchNorm ``synchronized`` set (see :func:`keras_utils.with_synchronized_batchnorm`)."""
+    return with_synchronized_batchnorm(model, synchronized)
 
 
 def _source_digest(source) -> str:

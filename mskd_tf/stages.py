@@ -303,7 +303,7 @@ def run_teacher(ctx: Context):
     import keras
 
     from mskd_tf import models, training
-    from mskd_tf.keras_utils import copy_with_weights
+    from mskd_tf.keras_utils import with_synchronized_batchnorm
 
     cfg, d = ctx.cfg, ctx.data
     history = None
@@ -316,6 +316,8 @@ def run_teacher(ctx: Context):
         with strategy.scope() if strategy is not None else contextlib.nullcontext():
             teacher = models.build(cfg.model, d.info.image_shape, d.info.num_classes,
                                    normalization=(d.info.mean, d.info.std), width=cfg.width)
+            if strategy is not None:  # global-batch BatchNorm statistics: the maths of one process
+                teacher = with_synchronized_batchnorm(teacher, True)
             steps = cfg.epochs * training.steps_per_epoch(d.train)
             teacher.compile(
                 optimizer=training.make_optimizer(cfg.optimizer, cfg.lr, total_steps=steps, schedule=cfg.schedule,
@@ -346,7 +348,7 @@ def run_teacher(ctx: Context):
         if strategy is not None:  # Keras 3 fit crashes under MultiWorkerMirroredStrategy: the plain loop
             history = training.fit_across_workers(teacher, d.train, d.val, epochs=cfg.epochs, strategy=strategy,
                                                   callbacks=callbacks, what="teacher", advice="Lower --lr")
-            teacher = copy_with_weights(teacher)  # a plain model for evaluation and saving
+            teacher = with_synchronized_batchnorm(teacher, False)  # a plain model for evaluation and saving
         else:
             history = teacher.fit(d.train, validation_data=d.val, epochs=cfg.epochs, callbacks=callbacks,
                                   shuffle=False, verbose=_verbose()).history
@@ -354,8 +356,8 @@ def run_teacher(ctx: Context):
         if not ctx.writes:
             return  # the chief evaluates and saves; later stages read its teacher.keras
         shutil.rmtree(backup, ignore_errors=True)
-        if best.exists():  # restore the best-on-validation weights
-            teacher = keras.models.load_model(best)
+        if best.exists():  # restore the best-on-validation weights (saved with the training-time BatchNorm)
+            teacher = with_synchronized_batchnorm(keras.models.load_model(best), False)
     teacher, repair = repair_batchnorm(teacher, ctx.calibration, d.val)
     metrics = {"val_acc": evaluate(teacher, d.val) if d.val is not None else None,
                "test_acc": evaluate(teacher, d.test), "batchnorm_repair": repair}
