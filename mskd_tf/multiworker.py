@@ -30,6 +30,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import secrets
 import shutil
 import socket
@@ -214,13 +215,23 @@ class Cluster:
                 pass
 
 
-def lost_worker_error(exc: Exception, stage: str) -> MskdError:
-    """A clear error for TensorFlow's report that a peer of a collective step is gone."""
+def lost_worker_error(exc: Exception, stage: str, cluster: Cluster | None = None) -> MskdError:
+    """A clear error for TensorFlow's report that a peer of a collective step is gone.
+
+    TF names the task in some reports (``/job:worker/replica:0/task:1 ... stopped sending heartbeats``)
+    and not in others (``Connection reset by peer``): then every other member is named as a suspect.
+    """
     text = str(exc)
-    found = [line.strip() for line in text.splitlines() if "/job:" in line and ("task" in line)]
-    who = found[0] if found else text.splitlines()[0] if text else type(exc).__name__
-    return MskdError(f"multi_worker: a worker stopped during the {stage} stage ({who[:300]}). The other workers "
-                     "stop too; rerun the same command on every worker to resume from the finished artifacts.")
+    named = sorted({f"{job}-{task}" for job, task in re.findall(r"/job:(\w+)/replica:\d+/task:(\d+)", text)})
+    if cluster is not None:
+        named = [t for t in named if t != cluster.me] or [t for t in cluster.members if t != cluster.me]
+        who = ", ".join(f"{t} ({cluster.address(t)})" for t in named if t in cluster.members) or ", ".join(named)
+    else:
+        who = ", ".join(named)
+    first = next((line.strip() for line in text.splitlines() if line.strip()), type(exc).__name__)
+    return MskdError(f"multi_worker: a worker stopped during the {stage} stage ({who or 'unknown'}; TensorFlow: "
+                     f"{first[:200]}). The other workers stop too; rerun the same command on every worker to resume "
+                     "from the finished artifacts.")
 
 
 @contextlib.contextmanager
@@ -238,7 +249,7 @@ def running(cluster: Cluster):
         raise
     except (tf.errors.UnavailableError, tf.errors.AbortedError, tf.errors.CancelledError,
             tf.errors.DeadlineExceededError, tf.errors.InternalError) as exc:
-        error = lost_worker_error(exc, cluster.stage)
+        error = lost_worker_error(exc, cluster.stage, cluster)
         cluster.announce_failure(str(error))
         raise error from None
     except BaseException as exc:

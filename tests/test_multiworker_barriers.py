@@ -132,9 +132,13 @@ def test_parallel_selection_needs_multi_worker():
         Config(worker_timeout=0).validate()
 
 
-def test_lost_worker_error_names_the_task():
+def test_lost_worker_error_names_the_task(monkeypatch, tmp_path):
+    chief = _cluster(monkeypatch, tmp_path, 0)
     text = ("Collective ops is aborted by: The following tasks are unhealthy (stopped sending heartbeats):\n"
             "/job:worker/replica:0/task:1\nThe tasks have crashed.")
-    error = multiworker.lost_worker_error(RuntimeError(text), "teacher")
-    assert "during the teacher stage (/job:worker/replica:0/task:1)" in str(error)
-    assert "rerun the same command on every worker" in str(error)
+    error = str(multiworker.lost_worker_error(RuntimeError(text), "teacher", chief))
+    assert "during the teacher stage (worker-1 (127.0.0.1:2222); TensorFlow: Collective ops is aborted" in error
+    assert "rerun the same command on every worker" in error
+    # TF does not always say who: then every other member is a suspect (here the one other worker).
+    error = str(multiworker.lost_worker_error(RuntimeError("recvmsg:Connection reset by peer"), "select", chief))
+    assert "during the select stage (worker-1 (127.0.0.1:2222); TensorFlow: recvmsg:Connection reset" in error
