@@ -604,7 +604,7 @@ def run_select(ctx: Context):
     )
     sel = result["selected"]
     if ctx.writes:
-            print(f"select: chose {sel['criterion']} ({sel['reason']})", flush=True)
+        print(f"select: chose {sel['criterion']} ({sel['reason']})", flush=True)
 
 
 def _strategy(ctx: Context):
