@@ -48,6 +48,11 @@ HEARTBEAT_SECONDS = 1.0
 # heartbeat interval: a shared file system may show a write late, and a busy host may stall a thread.
 STALE_SECONDS = 60.0
 _POLL_SECONDS = 0.5
+# Creating TF's multi-worker strategy holds the GIL while it waits for every worker to register, so
+# our heartbeat thread stops beating inside it. A worker that left the rendezvous as soon as it saw
+# the others could go quiet before they saw *it* change, and all would wait forever. So each worker
+# keeps beating this long after it has seen everyone: several beats, far more than one poll.
+RENDEZVOUS_GRACE_SECONDS = 5.0
 
 
 def config_digest(settings: dict) -> str:
@@ -148,6 +153,7 @@ class Cluster:
             beats = {task: self._fresh(task) for task in peers}
             missing = [task for task, beat in beats.items() if beat is None]
             if not missing:
+                time.sleep(RENDEZVOUS_GRACE_SECONDS)  # let the others see us beat (see RENDEZVOUS_GRACE_SECONDS)
                 break
             if time.monotonic() > deadline:
                 raise MskdError(
