@@ -19,7 +19,7 @@ import json
 import time
 from pathlib import Path
 
-from mskd_tf import distribute, stages, training
+from mskd_tf import multiworker, stages, training
 from mskd_tf.stages import CompressionResult  # noqa: F401  (part of the API)
 from mskd_tf.config import STAGES, Config, as_arguments
 from mskd_tf.errors import MskdError
@@ -37,15 +37,22 @@ def run_pipeline(cfg: Config, *, user_teacher=None, user_data=None, stop_after: 
     ``stop_after`` (default ``cfg.stop_after``) ends the run after that stage, finished or reused.
     """
     cfg.validate()
+    stop_after = stop_after or cfg.stop_after or None
+    if cfg.strategy == "multi_worker":
+        cluster = multiworker.Cluster(cfg.workdir, multiworker.config_digest(cfg.to_dict()), timeout=cfg.worker_timeout)
+        wd = Workdir(cfg.workdir)
+        # Every worker runs this in one shared workdir on purpose: each holds its task's lock.
+        with wd.lock(f".lock-{cluster.me}"), multiworker.running(cluster):
+            return _run_locked(cfg, wd, user_teacher, user_data, stop_after, cluster)
     wd = Workdir(cfg.workdir)
-    # Under multi_worker every worker runs this in one shared workdir on purpose: each holds its task's lock.
-    task = distribute.task_name() if cfg.strategy == "multi_worker" else ""
-    with wd.lock(f".lock-{task}" if task else ".lock"):
-        return _run_locked(cfg, wd, user_teacher, user_data, stop_after or cfg.stop_after or None)
+    with wd.lock(".lock"):
+        return _run_locked(cfg, wd, user_teacher, user_data, stop_after)
 
 
-def _run_locked(cfg: Config, wd: Workdir, user_teacher, user_data, stop_after) -> CompressionResult:
-    ctx = stages.Context(cfg=cfg, wd=wd, user_teacher=user_teacher, user_data=user_data)
+def _run_locked(cfg: Config, wd: Workdir, user_teacher, user_data, stop_after, cluster=None) -> CompressionResult:
+    ctx = stages.Context(cfg=cfg, wd=wd, user_teacher=user_teacher, user_data=user_data, cluster=cluster)
+    if cluster is not None and not cluster.is_chief:
+        return _follow_chief(ctx, stop_after)
     restart = cfg.restart_from
     previous_digest = ""
     redo = False
@@ -58,6 +65,8 @@ def _run_locked(cfg: Config, wd: Workdir, user_teacher, user_data, stop_after) -
         digest = stages.chain_digest(previous_digest, inputs)
         previous_digest = digest
         artifacts = list(step.artifacts)
+        if cluster is not None:
+            cluster.stage = stage
         done, why = wd.stage_status(stage, digest, inputs, artifacts)
         if done and stage == restart:
             done, why = False, f"--restart_from={restart}"
@@ -65,6 +74,8 @@ def _run_locked(cfg: Config, wd: Workdir, user_teacher, user_data, stop_after) -
             done, why = False, "an earlier stage was redone"
         if done and not stages.artifacts_load(ctx, step):
             done, why = False, "its artifact is damaged (cannot be loaded)"
+        if cluster is not None:  # the workers follow the chief's decision, never their own reading of the files
+            cluster.announce(f"plan-{stage}", {"run": not done, "why": why})
         if done:
             _banner(stage, f"done already, reusing {', '.join(artifacts)}")
             timings[stage] = wd.state[stage]["seconds"]
@@ -82,12 +93,41 @@ def _run_locked(cfg: Config, wd: Workdir, user_teacher, user_data, stop_after) -
             step.run(ctx)
         seconds = time.perf_counter() - start
         wd.mark_done(stage, digest, inputs, seconds)
+        if cluster is not None:
+            cluster.announce(f"done-{stage}")
         timings[stage] = round(seconds, 3)
         print(f"==== [{stage}] finished in {seconds:.1f} s", flush=True)
         if stage == stop_after:
             break
     if stop_after and stop_after != STAGES[-1]:
         print(f"\nStopped after {stop_after} (stop_after); the same command without it continues from here.", flush=True)
+    return stages.result(ctx, timings)
+
+
+def _follow_chief(ctx, stop_after) -> CompressionResult:
+    """A worker that is not the chief: train the lock-step stages with it, wait for its artifacts of the others."""
+    cluster, cfg = ctx.cluster, ctx.cfg
+    previous_digest, timings = "", {}
+    for step in stages.PIPELINE:
+        stage = step.name
+        inputs = json.loads(json.dumps({n: getattr(cfg, n) for n in step.inputs}))
+        previous_digest = ctx.stage_digest = stages.chain_digest(previous_digest, inputs)
+        cluster.stage = stage
+        plan = cluster.wait(f"plan-{stage}", f"the chief's decision about the {stage} stage")
+        start = time.perf_counter()
+        if not plan["run"]:
+            _banner(stage, f"done already, reusing {', '.join(step.artifacts)} (the chief's decision)")
+        elif stages.runs_on_every_worker(ctx, stage):
+            _banner(stage, f"training in lock-step with the chief ({cluster.chief}); it writes the artifacts")
+            with training.seeded(cfg.seed):
+                step.run(ctx)
+            cluster.wait(f"done-{stage}", f"the {stage} stage's artifacts")
+        else:
+            _banner(stage, f"runs on the chief ({cluster.chief}); waiting for {', '.join(step.artifacts)}")
+            cluster.wait(f"done-{stage}", f"the {stage} stage's artifacts ({', '.join(step.artifacts)})")
+        timings[stage] = round(time.perf_counter() - start, 3)
+        if stage == stop_after:
+            break
     return stages.result(ctx, timings)
 
 

@@ -84,6 +84,11 @@ class Config:
     finetune_lr: float = _field(0.01, "Peak learning rate for candidate fine-tuning and distillation.")
     strategy: str = _field("default", "tf.distribute strategy for fine-tuning and distillation.", STRATEGIES)
     num_replicas: int = _field(2, "Logical CPU replicas for --strategy=mirrored without GPUs.")
+    parallel_selection: bool = _field(False, "With --strategy=multi_worker: each worker fine-tunes its own share of "
+                                      "the candidates (no gradient traffic) instead of all training each together.")
+    worker_timeout: float = _field(1800.0, "With --strategy=multi_worker: seconds a worker waits at start-up and at "
+                                   "each barrier for the others (a worker whose heartbeat stops is reported "
+                                   "after 60 s).")
     # --- distill
     distill_epochs: float = _field(3.0, "The student's whole training budget in epochs, selection included: the "
                                    "distill stage trains what --select_epochs left.")
@@ -150,6 +155,11 @@ class Config:
                                     "(0 = keep all).")
         if self.stop_after and self.restart_from and STAGES.index(self.restart_from) > STAGES.index(self.stop_after):
             bad("restart_from", f"comes after --stop_after={self.stop_after}, so it would never run.")
+        if self.worker_timeout <= 0:
+            bad("worker_timeout", "must be > 0 (seconds).")
+        if self.parallel_selection and self.strategy != "multi_worker":
+            bad("parallel_selection", "shares the candidates among the workers of --strategy=multi_worker; "
+                                      "set --strategy=multi_worker (and TF_CONFIG) or drop it.")
         if self.select_epochs <= 0:
             bad("select_epochs", "must be > 0.")
         if self.distill_epochs <= self.select_epochs:

@@ -28,9 +28,9 @@ import tensorflow as tf
 from keras import ops
 
 from mskd_tf.errors import MskdError
-from mskd_tf.keras_utils import copy_with_weights
+from mskd_tf.keras_utils import copy_with_weights, with_synchronized_batchnorm
 from mskd_tf.training import (DEFAULT_WEIGHT_DECAY, NanGuard, StopAfterSteps, budget_steps, compile_kwargs,
-                              fused_batchnorm, is_softmax, make_optimizer, outputs_probabilities, run_steps,
+                              fit_across_workers, fused_batchnorm, is_softmax, make_optimizer, outputs_probabilities,
                               seeded, steps_per_epoch)
 
 OUTPUT_KINDS = ("auto", "logits", "probabilities")
@@ -369,9 +369,12 @@ def distill(
         fit_epochs = math.ceil(total_steps / per_epoch)
         strategy = strategy or tf.distribute.get_strategy()
         copy = strategy is not tf.distribute.get_strategy()
+        across_workers = isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
         teacher_was_trainable = teacher.trainable
         with strategy.scope():
-            if copy:
+            if across_workers:  # global-batch BatchNorm statistics: the maths of one process (and equal workers)
+                student = with_synchronized_batchnorm(student, True)
+            elif copy:
                 student = _in_scope(student)
                 teacher = _in_scope(teacher) if kd else teacher
             opt = make_optimizer(optimizer, lr, total_steps=total_steps, weight_decay=weight_decay)
@@ -385,8 +388,12 @@ def distill(
                     metrics=["accuracy"], **compile_kwargs(),
                 )
         try:
-            if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
-                return student, _fit_across_workers(model, train_ds, val_ds, fit_epochs, strategy, total_steps)
+            if across_workers:
+                history = fit_across_workers(model, train_ds, val_ds, epochs=fit_epochs, strategy=strategy,
+                                             total_steps=total_steps, callbacks=callbacks, what="distill",
+                                             advice="Lower --finetune_lr")
+                # A plain copy: Keras' predict/evaluate on the strategy's variables would need fit's machinery.
+                return with_synchronized_batchnorm(student, False), history
             guard = NanGuard()
             history = model.fit(
                 train_ds, validation_data=val_ds, epochs=fit_epochs,
@@ -397,40 +404,3 @@ def distill(
             return student, history.history
         finally:
             teacher.trainable = teacher_was_trainable  # the Distiller froze it; it may be the caller's own model
-
-
-def _fit_across_workers(model, train_ds, val_ds, epochs, strategy, total_steps) -> dict:
-    """``fit`` for MultiWorkerMirroredStrategy, where Keras 3's own ``fit`` crashes (keras-team/keras#20585).
-
-    Runs the model's own ``train_step`` / ``test_step`` in every replica (as ``fit`` does) from a plain
-    loop; logs are the replica mean of what the steps return. Callbacks are not run in this mode.
-    """
-    def replicated(step):
-        def run(batch):
-            logs = strategy.run(step, args=(batch,))
-            return {k: strategy.reduce(tf.distribute.ReduceOp.MEAN, v, axis=None) for k, v in logs.items()}
-
-        return tf.function(run, reduce_retracing=True)
-
-    train_step, test_step = replicated(model.train_step), replicated(model.test_step)
-    history, done = {}, 0
-    per_epoch = steps_per_epoch(train_ds)
-    for epoch in range(epochs):
-        for metric in model.metrics:
-            metric.reset_state()
-        steps = min(per_epoch, total_steps - done)
-        logs, bad_loss = run_steps(train_step, train_ds, steps, strategy=strategy, start=done,
-                                   batches_per_epoch=per_epoch)
-        done += steps
-        if bad_loss is not None:
-            raise MskdError(f"distill: the training loss became {bad_loss} in epoch {epoch + 1}; "
-                            "nothing was saved for this stage. Lower --finetune_lr or check the data.")
-        if val_ds is not None:
-            for metric in model.metrics:
-                metric.reset_state()
-            for batch in strategy.experimental_distribute_dataset(val_ds):
-                val_logs = test_step(batch)
-            logs.update({f"val_{k}": float(v) for k, v in val_logs.items()})
-        for key, value in logs.items():
-            history.setdefault(key, []).append(value)
-    return history

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import tensorflow as tf
 
@@ -37,11 +38,22 @@ def make_strategy(name: str = "default", num_replicas: int = 2, *, tpu: str = ""
     if name == "mirrored":
         return _mirrored(num_replicas)
     if name == "multi_worker":
-        _read_tf_config(required=True)
-        return tf.distribute.MultiWorkerMirroredStrategy()
+        read_tf_config()
+        # One per process: TF configures its collectives once, at the first one's creation.
+        if _MULTI_WORKER.get("strategy") is None:
+            _MULTI_WORKER["strategy"] = tf.distribute.MultiWorkerMirroredStrategy()
+        return _MULTI_WORKER["strategy"]
     if name == "tpu":
         return _tpu(tpu)
     raise MskdError(f"strategy={name!r} is unknown; use one of {', '.join(STRATEGIES)}.")
+
+
+_MULTI_WORKER = {}
+
+
+def read_tf_config() -> dict:
+    """``TF_CONFIG`` parsed and checked; a clear error when it is missing or malformed."""
+    return _read_tf_config(required=True)
 
 
 def _mirrored(num_replicas: int) -> tf.distribute.MirroredStrategy:
@@ -84,9 +96,13 @@ def _read_tf_config(required: bool) -> dict | None:
         workers = [addr for role in cluster.values() for addr in role]
         if not workers or task["type"] not in cluster or not 0 <= int(task["index"]) < len(cluster[task["type"]]):
             raise ValueError("task does not name a member of the cluster")
+        bad = [addr for addr in workers if not (isinstance(addr, str) and re.fullmatch(r"\S+:\d+", addr))]
+        if bad:
+            raise ValueError(f"{bad[0]!r} is not a host:port address")
     except (ValueError, KeyError, TypeError, AttributeError) as err:
+        why = f"no {err} key" if isinstance(err, KeyError) else str(err)
         raise MskdError(
-            f"TF_CONFIG is malformed ({err}); it must be JSON with a 'cluster' of role -> "
+            f"TF_CONFIG is malformed ({why}); it must be JSON with a 'cluster' of role -> "
             "[host:port, ...] and a 'task' {'type': role, 'index': i} naming one of them."
         ) from None
     return config

@@ -23,6 +23,24 @@ def copy_with_weights(model):
     return copy
 
 
+def with_synchronized_batchnorm(model, synchronized: bool):
+    """A copy of ``model`` (variables in the current strategy scope) with every BatchNorm's ``synchronized`` set.
+
+    Synchronized BatchNorm computes batch statistics over the global batch, so a step on N replicas
+    equals the step on one device; the artifacts are saved with it off (a training aid, not the model).
+    """
+
+    def clone_layer(layer):
+        config = layer.get_config()
+        if isinstance(layer, keras.layers.BatchNormalization):
+            config["synchronized"] = synchronized
+        return layer.__class__.from_config(config)
+
+    copy = keras.models.clone_model(model, clone_function=clone_layer, recursive=True)
+    copy.set_weights(model.get_weights())
+    return copy
+
+
 def weights_digest(model) -> str:
     """16 hex digits identifying the model's weights (a changed model restarts what was resumed from it)."""
     h = hashlib.sha256()

@@ -60,7 +60,7 @@ import tensorflow as tf
 from mskd_tf import flops, training
 from mskd_tf.distribute import is_chief, make_strategy
 from mskd_tf.errors import MskdError
-from mskd_tf.keras_utils import all_layers, copy_with_weights, weights_digest
+from mskd_tf.keras_utils import all_layers, copy_with_weights, weights_digest, with_synchronized_batchnorm
 from mskd_tf.training import make_optimizer
 from mskd_tf.workdir import atomic_path
 
@@ -95,6 +95,7 @@ def select(
     parallel: bool = False,
     seed: int = 0,
     wait_timeout: float = 3600.0,
+    wait_check=None,
     verbose: bool = True,
 ) -> dict:
     """Fine-tune the candidates, choose one, write ``selected.keras`` + ``selection.json``.
@@ -130,6 +131,7 @@ def select(
         candidates ``i, i + N, ...`` locally; all meet at each rung.
       seed: seeds Keras before each candidate is built.
       wait_timeout: seconds a worker waits for the others in parallel mode.
+      wait_check: called while waiting in parallel mode; raises to stop waiting (a dead worker).
       verbose: print one line per trained segment (chief only).
 
     Returns:
@@ -199,7 +201,7 @@ def select(
             for name in mine:
                 trainer.train_to(name, target, rung=f"{index + 1}/{len(rungs)}")
             if parallel:
-                trainer.wait_for(alive, target, timeout=wait_timeout, workers=workers)
+                trainer.wait_for(alive, target, timeout=wait_timeout, workers=workers, check=wait_check)
             ranked = sorted(alive, key=lambda n: _rank_key(trainer.state[n], target))
             keep = ranked[: math.ceil(len(alive) / 2)] if index < len(rungs) - 1 else ranked
             protocol_rungs.append({"budget_epochs": round(target / steps_per_epoch, 4), "candidates": alive,
@@ -649,7 +651,7 @@ class _CandidateTrainer:
         recalibrate_batchnorm(copy, self.train_ds, batches)
         return training.accuracy(copy, self.val_ds, "select: val_ds")
 
-    def wait_for(self, names, target_steps, *, timeout, workers):
+    def wait_for(self, names, target_steps, *, timeout, workers, check=None):
         """Block until every candidate in ``names`` has a record at ``target_steps`` (parallel mode)."""
         order = list(self.sources)
         deadline = time.monotonic() + timeout
@@ -663,6 +665,8 @@ class _CandidateTrainer:
                     missing.append(name)
             if not missing:
                 return
+            if check is not None:
+                check()
             if time.monotonic() > deadline:
                 owners = ", ".join(f"{n} (worker {order.index(n) % workers})" for n in missing)
                 raise MskdError(f"select: waited {timeout:g} s for candidates trained by other workers: {owners}. "
@@ -730,21 +734,8 @@ def _worker_rank() -> tuple[int, int]:
 
 
 def _with_batchnorm_sync(model, synchronized: bool) -> keras.Model:
-    """A copy of ``model`` (variables in the current scope) with BatchNorm ``synchronized`` set.
-
-    Synchronized BatchNorm computes batch statistics over the global batch, so a
-    step on N replicas equals the step on one device.
-    """
-
-    def clone_layer(layer):
-        config = layer.get_config()
-        if isinstance(layer, keras.layers.BatchNormalization):
-            config["synchronized"] = synchronized
-        return layer.__class__.from_config(config)
-
-    copy = keras.models.clone_model(model, clone_function=clone_layer, recursive=True)
-    copy.set_weights(model.get_weights())
-    return copy
+    """A copy of ``model`` with BatchNorm ``synchronized`` set (see :func:`keras_utils.with_synchronized_batchnorm`)."""
+    return with_synchronized_batchnorm(model, synchronized)
 
 
 def _source_digest(source) -> str:

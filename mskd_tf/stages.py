@@ -41,7 +41,19 @@ NOT_STAGE_INPUTS = {
     "stop_after": "where this run ends, not how stages work",
     "strategy": "results are exact across strategies (tested)",
     "num_replicas": "results are exact across replica counts (tested)",
+    "parallel_selection": "which worker fine-tunes which candidate, not the protocol (steps, budget, seed)",
+    "worker_timeout": "how long workers wait for each other, not what they compute",
 }
+
+# Under --strategy=multi_worker these stages train on every worker in lock-step (the teacher only when it
+# is trained here); the others run on the chief while the workers wait for its record (mskd_tf.multiworker).
+LOCK_STEP_STAGES = ("teacher", "select", "distill")
+
+
+def runs_on_every_worker(ctx, stage: str) -> bool:
+    if stage == "teacher":
+        return ctx.user_teacher is None and not ctx.cfg.teacher  # a given teacher is only loaded and checked
+    return stage in LOCK_STEP_STAGES
 
 
 def chain_digest(previous: str, inputs: dict) -> str:
@@ -152,6 +164,12 @@ class Context:
     _splits: object = None
     _models: dict = dataclasses.field(default_factory=dict)
     stage_digest: str = ""  # the running stage's settings digest (keys its mid-stage backup)
+    cluster: object = None  # mskd_tf.multiworker.Cluster under --strategy=multi_worker
+
+    @property
+    def writes(self) -> bool:
+        """Whether this process writes artifacts: always, except on the workers that are not the chief."""
+        return self.cluster is None or self.cluster.is_chief
 
     @property
     def data(self):
@@ -280,9 +298,12 @@ def preflight(ctx: Context, first_stage: str):
 
 
 def run_teacher(ctx: Context):
+    import contextlib
+
     import keras
 
     from mskd_tf import models, training
+    from mskd_tf.keras_utils import with_synchronized_batchnorm
 
     cfg, d = ctx.cfg, ctx.data
     history = None
@@ -291,37 +312,58 @@ def run_teacher(ctx: Context):
     elif cfg.teacher:
         teacher = _given_teacher(ctx)
     else:
-        teacher = models.build(cfg.model, d.info.image_shape, d.info.num_classes,
-                               normalization=(d.info.mean, d.info.std), width=cfg.width)
-        steps = cfg.epochs * training.steps_per_epoch(d.train)
-        teacher.compile(
-            optimizer=training.make_optimizer(cfg.optimizer, cfg.lr, total_steps=steps, schedule=cfg.schedule,
-                                              momentum=cfg.momentum, weight_decay=cfg.weight_decay),
-            loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-            metrics=["accuracy"],
-            **training.compile_kwargs(),
-        )
+        strategy = _strategy(ctx) if ctx.cluster is not None else None
+        with strategy.scope() if strategy is not None else contextlib.nullcontext():
+            teacher = models.build(cfg.model, d.info.image_shape, d.info.num_classes,
+                                   normalization=(d.info.mean, d.info.std), width=cfg.width)
+            if strategy is not None:  # global-batch BatchNorm statistics: the maths of one process
+                teacher = with_synchronized_batchnorm(teacher, True)
+            steps = cfg.epochs * training.steps_per_epoch(d.train)
+            teacher.compile(
+                optimizer=training.make_optimizer(cfg.optimizer, cfg.lr, total_steps=steps, schedule=cfg.schedule,
+                                                  momentum=cfg.momentum, weight_decay=cfg.weight_decay),
+                loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+                metrics=["accuracy"],
+                **training.compile_kwargs(),
+            )
+            if strategy is not None:  # BackupAndRestore loads the optimizer state: its variables belong here
+                teacher.optimizer.build(teacher.trainable_variables)
         guard = training.NanGuard()
         best = ctx.wd / "teacher_best.keras"
-        backup, resumed_at, best_so_far = _teacher_backup(ctx, best)
-        callbacks = [guard, keras.callbacks.BackupAndRestore(str(backup), save_freq="epoch", delete_checkpoint=True),
-                     *training.standard_callbacks(str(ctx.wd / "logs" / "teacher"),
-                                                  checkpoint=str(best) if d.val is not None else None,
-                                                  append=resumed_at > 0, best_so_far=best_so_far)]
+        if ctx.writes:
+            backup, resumed_at, best_so_far = _teacher_backup(ctx, best)
+            if ctx.cluster is not None:  # the workers may now read the backup folder
+                ctx.cluster.announce("teacher_backup")
+            callbacks = [guard, keras.callbacks.BackupAndRestore(str(backup), save_freq="epoch",
+                                                                 delete_checkpoint=True),
+                         *training.standard_callbacks(str(ctx.wd / "logs" / "teacher"),
+                                                      checkpoint=str(best) if d.val is not None else None,
+                                                      append=resumed_at > 0, best_so_far=best_so_far)]
+        else:  # resume from the chief's backup (once the chief has cleared a stale one), write nothing
+            ctx.cluster.wait("teacher_backup", "the teacher's backup folder")
+            backup, resumed_at = ctx.wd / "teacher_backup", 0
+            callbacks = [guard, training.RestoreOnly(str(backup))]
         if resumed_at:
             print(f"teacher: resuming after epoch {resumed_at} of {cfg.epochs} from {backup}", flush=True)
-        history = teacher.fit(d.train, validation_data=d.val, epochs=cfg.epochs, callbacks=callbacks,
-                              shuffle=False, verbose=_verbose())
+        if strategy is not None:  # Keras 3 fit crashes under MultiWorkerMirroredStrategy: the plain loop
+            history = training.fit_across_workers(teacher, d.train, d.val, epochs=cfg.epochs, strategy=strategy,
+                                                  callbacks=callbacks, what="teacher", advice="Lower --lr")
+            teacher = with_synchronized_batchnorm(teacher, False)  # a plain model for evaluation and saving
+        else:
+            history = teacher.fit(d.train, validation_data=d.val, epochs=cfg.epochs, callbacks=callbacks,
+                                  shuffle=False, verbose=_verbose()).history
         guard.raise_if_tripped("teacher")
+        if not ctx.writes:
+            return  # the chief evaluates and saves; later stages read its teacher.keras
         shutil.rmtree(backup, ignore_errors=True)
-        if best.exists():  # restore the best-on-validation weights
-            teacher = keras.models.load_model(best)
+        if best.exists():  # restore the best-on-validation weights (saved with the training-time BatchNorm)
+            teacher = with_synchronized_batchnorm(keras.models.load_model(best), False)
     teacher, repair = repair_batchnorm(teacher, ctx.calibration, d.val)
     metrics = {"val_acc": evaluate(teacher, d.val) if d.val is not None else None,
                "test_acc": evaluate(teacher, d.test), "batchnorm_repair": repair}
     metrics.update(_cost(teacher))
     if history is not None:
-        metrics["history"] = {k: [float(v) for v in vals] for k, vals in history.history.items()}
+        metrics["history"] = {k: [float(v) for v in vals] for k, vals in history.items()}
         if resumed_at:  # this process saw only the epochs after the interruption; the CSV has them all
             metrics["history"] = _csv_history(ctx.wd / "logs" / "teacher" / "history.csv") or metrics["history"]
     ctx.wd.save_model(teacher, "teacher.keras")
@@ -555,11 +597,15 @@ def run_select(ctx: Context):
                           if row.get("val_acc_before_finetune") is not None},
         teacher=teacher, temperature=cfg.temperature, alpha=cfg.alpha, tie_tolerance=cfg.tie_tolerance,
         bn_recalibration_batches=cfg.bn_recalibration_batches,
-        optimizer=cfg.optimizer, lr=cfg.finetune_lr, weight_decay=cfg.weight_decay, strategy=_strategy(ctx),
+        optimizer=cfg.optimizer, lr=cfg.finetune_lr, weight_decay=cfg.weight_decay,
+        # Candidate-parallel: each worker trains its share locally, meeting the others at file barriers.
+        strategy=None if cfg.parallel_selection else _strategy(ctx), parallel=cfg.parallel_selection,
+        wait_timeout=cfg.worker_timeout, wait_check=ctx.cluster.check_alive if ctx.cluster else None,
         seed=cfg.seed,
     )
     sel = result["selected"]
-    print(f"select: chose {sel['criterion']} ({sel['reason']})", flush=True)
+    if ctx.writes:
+        print(f"select: chose {sel['criterion']} ({sel['reason']})", flush=True)
 
 
 def _strategy(ctx: Context):
@@ -602,13 +648,18 @@ def run_distill(ctx: Context):
         student = keras.models.load_model(ctx.wd / "selected.keras")  # both runs start from the same weights
         start = time.perf_counter()
         student, history = distill.distill(teacher, student, d.train, d.val, kd=kd,
-                                           callbacks=training_logs(ctx, f"distill_{label}"), **settings)
+                                           callbacks=training_logs(ctx, f"distill_{label}") if ctx.writes else (),
+                                           **settings)
+        if not ctx.writes:
+            continue  # trained in lock-step with the chief, which measures, chooses and saves
         prefix = "" if kd else "baseline_"
         out[f"{prefix}seconds"] = round(time.perf_counter() - start, 3)
         out[f"{prefix}val_acc"] = evaluate(student, d.val) if d.val is not None else None
         out[f"{prefix}test_acc"] = evaluate(student, d.test)
         out[f"{prefix}history"] = {k: [float(v) for v in vals] for k, vals in history.items()}
         students[label] = student
+    if not ctx.writes:
+        return
     out.update(_cost(students["kd"]))
     # Ship the better of the two runs on validation (never on test): KD from a poor teacher must not win by default.
     shipped = "kd"

@@ -323,6 +323,82 @@ def run_steps(step, dataset, steps: int, *, strategy=None, start: int = 0,
     return logs, None
 
 
+def fit_across_workers(model, train_ds, val_ds, *, epochs: int, strategy, total_steps: int | None = None,
+                       callbacks=(), what: str = "training", advice: str = "Lower the learning rate") -> dict:
+    """``model.fit`` for ``MultiWorkerMirroredStrategy``, where Keras 3's own ``fit`` crashes (keras-team/keras#20585).
+
+    Runs the compiled model's own ``train_step`` / ``test_step`` in every replica, as ``fit`` does, through
+    :func:`run_steps`, and drives Keras ``callbacks`` from it (``on_train_begin``, per batch, per epoch with
+    the ``val_*`` logs, ``on_train_end``), so CSV/TensorBoard logs, checkpoints, ``BackupAndRestore``
+    (resuming at the epoch it saved) and :class:`NanGuard` work as under ``fit``. Logs are the replica mean
+    of what the steps return. A non-finite loss stops every worker alike (the logged loss is all-reduced)
+    and raises :class:`MskdError`. Returns the history (``{log: [one value per epoch]}``).
+    """
+    def replicated(step):
+        def run(batch):
+            logs = strategy.run(step, args=(batch,))
+            return {k: strategy.reduce(tf.distribute.ReduceOp.MEAN, v, axis=None) for k, v in logs.items()}
+
+        return tf.function(run, reduce_retracing=True)
+
+    train_step, test_step = replicated(model.train_step), replicated(model.test_step)
+    per_epoch = steps_per_epoch(train_ds)
+    total_steps = epochs * per_epoch if total_steps is None else total_steps
+    hooks = keras.callbacks.CallbackList(list(callbacks), model=model, epochs=epochs, steps=per_epoch, verbose=0)
+    model.stop_training = False
+    model._initial_epoch = None  # BackupAndRestore.on_train_begin sets it when it restores a backup
+    hooks.on_train_begin()
+    first = model._initial_epoch or 0
+    history, done, logs = {}, min(total_steps, first * per_epoch), {}
+    for epoch in range(first, epochs):
+        if done >= total_steps or model.stop_training:
+            break
+        hooks.on_epoch_begin(epoch)
+        for metric in model.metrics:
+            metric.reset_state()
+        batch_index = iter(range(per_epoch))
+
+        def step(batch):
+            out = {k: float(v) for k, v in train_step(batch).items()}
+            hooks.on_train_batch_end(next(batch_index), out)
+            return out
+
+        steps = min(per_epoch, total_steps - done)
+        logs, bad_loss = run_steps(step, train_ds, steps, strategy=strategy, start=done, batches_per_epoch=per_epoch)
+        done += steps
+        if bad_loss is not None:
+            raise MskdError(f"{what}: the training loss became {bad_loss} in epoch {epoch + 1}; nothing was saved "
+                            f"for this stage. {advice} or check the data.")
+        if val_ds is not None:
+            for metric in model.metrics:
+                metric.reset_state()
+            for batch in strategy.experimental_distribute_dataset(val_ds):
+                val_logs = test_step(batch)
+            logs.update({f"val_{k}": float(v) for k, v in val_logs.items()})
+        hooks.on_epoch_end(epoch, logs)
+        for key, value in logs.items():
+            history.setdefault(key, []).append(value)
+    hooks.on_train_end(logs)
+    return history
+
+
+class RestoreOnly(keras.callbacks.BackupAndRestore):
+    """``BackupAndRestore`` that restores but never writes: for the workers that are not the chief.
+
+    Every worker must resume at the same epoch with the same weights, and only the chief may write
+    into the shared backup folder.
+    """
+
+    def on_epoch_end(self, epoch, logs=None):
+        pass
+
+    def on_train_batch_end(self, batch, logs=None):
+        pass
+
+    def on_train_end(self, logs=None):
+        pass
+
+
 def budget_steps(epochs: float, steps_in_epoch: int) -> int:
     """Optimizer steps in ``epochs`` (fractional) epochs of ``steps_in_epoch`` batches, at least 1."""
     return max(1, int(round(epochs * steps_in_epoch)))
