@@ -195,9 +195,12 @@ def select(
                       flush=True)
         rungs = halving_rungs(len(alive), total_budget) if successive_halving else [(len(alive), _even_share(
             total_budget, len(alive)))]
+        # Parallel mode deals the survivors of the pools out in turn, and each keeps its worker for every rung
+        # (its optimizer state lives there); dealing by position in the full list could give one worker all.
+        owner = {n: i % workers for i, n in enumerate(alive)}
         protocol_rungs = []
         for index, (_, target) in enumerate(rungs):
-            mine = [n for n in alive if not parallel or names.index(n) % workers == rank]
+            mine = [n for n in alive if not parallel or owner[n] == rank]
             for name in mine:
                 trainer.train_to(name, target, rung=f"{index + 1}/{len(rungs)}")
             if parallel:

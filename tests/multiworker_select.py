@@ -1,6 +1,6 @@
 """One worker of a local multi-worker selection (run by tests/test_multiworker.py).
 
-Usage: ``TF_CONFIG=... python multiworker_select.py {sync|parallel|distill} WORKDIR``
+Usage: ``TF_CONFIG=... python multiworker_select.py {sync|parallel|parallel_pooled|distill} WORKDIR``
 
 * ``sync``: ``MultiWorkerMirroredStrategy`` from ``TF_CONFIG``; both workers
   fine-tune one tiny candidate together.
@@ -83,8 +83,10 @@ def main(mode: str, workdir: str):
                          lr=0.05, strategy=strategy, verbose=False)
     else:
         candidates = {f"w{w}": tiny_candidate(w, f"w{w}", seed=w) for w in (4, 6, 8, 10)}
+        # parallel_pooled: the zero-cost rung keeps w4 and w8, the 1st and 3rd of the list
+        pools = {"zero_cost_keep": 2, "zero_cost_scores": {"w4": 0.9, "w6": 0.1, "w8": 0.8, "w10": 0.2}}
         payload = select(candidates, train, val, workdir=workdir, epochs=1.0, lr=0.05, parallel=True,
-                         wait_timeout=120, verbose=False)
+                         wait_timeout=120, verbose=False, **(pools if mode == "parallel_pooled" else {}))
     print("PAYLOAD " + json.dumps(payload), flush=True)
 
 

@@ -131,6 +131,15 @@ def test_candidate_parallel_workers_share_the_candidates(tmp_path):
     assert not list(Path(shared).glob(".*"))  # no temporary files left behind
 
 
+@pytest.mark.slow  # two fresh TF runtimes: ~30 s on this shared 2-core machine
+def test_candidate_parallel_workers_share_the_survivors_of_the_zero_cost_rung(tmp_path):
+    shared = tmp_path / "shared"
+    chief, other = run_workers("parallel_pooled", [shared, shared])
+    assert chief == other and chief["protocol"]["zero_cost"]["kept"] == ["w4", "w8"]
+    records = {p.stem: json.loads(p.read_text()) for p in (shared / "selection").glob("*.json")}
+    assert {name: r["worker"] for name, r in records.items()} == {"w4": 0, "w8": 1}  # not both on worker 0
+
+
 def test_multi_worker_distillation_trains_both_workers_in_lock_step(tmp_path):  # ~10-15 s
     chief, other = run_workers("distill", [tmp_path / "worker0", tmp_path / "worker1"])
     assert chief["weights"] == other["weights"]  # bit-identical students
