@@ -404,8 +404,10 @@ class Finetuner:
         # With a teacher the loss is the Distiller's: alpha CE + (1 - alpha) T^2 KL.
         self.teacher = LogitsTap(teacher, "teacher") if teacher is not None else None
         self.temperature, self.alpha = float(temperature), float(alpha)
-        self._train_step = tf.function(self._distributed_train_step, reduce_retracing=True)
-        self._eval_step = tf.function(self._distributed_eval_step, reduce_retracing=True)
+        # No autograph: the steps have no tensor-dependent Python control flow, and one full-suite run failed
+        # inside autograph's converted_call with the bound step called without `self` ("missing 'labels'").
+        self._train_step = tf.function(self._distributed_train_step, reduce_retracing=True, autograph=False)
+        self._eval_step = tf.function(self._distributed_eval_step, reduce_retracing=True, autograph=False)
         # The train step's first two calls: the first traces it, so the difference is the tracing time.
         self.first_step_seconds = self.second_step_seconds = None
 
