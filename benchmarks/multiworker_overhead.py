@@ -17,7 +17,6 @@ Writes benchmarks/results/multiworker_overhead.json, including the machine load 
 import argparse
 import json
 import os
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,25 +25,17 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from results_io import write_results  # noqa: E402
+from results_io import write_results
+
+from mskd_tf.distribute import local_cluster
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="3", PYTHONWARNINGS="ignore")
 
 
-def _ports(count):
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
 def _other_cpu_users(own: set) -> list:
     """Processes other than ours using over half a core right now (ps's lifetime average; a rough signal)."""
-    out = subprocess.run(["ps", "-eo", "pid,pcpu,args", "--no-headers"], capture_output=True, text=True).stdout
+    out = subprocess.run(["ps", "-eo", "pid,pcpu,args", "--no-headers"], check=False, capture_output=True, text=True).stdout
     busy = []
     for line in out.splitlines():
         pid, cpu, args = line.split(None, 2)
@@ -82,7 +73,7 @@ def run(workers: int, flags: list, workdir: Path) -> dict:
             processes = [subprocess.Popen(command, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                                           text=True)]
         else:
-            cluster = {"worker": [f"127.0.0.1:{p}" for p in _ports(workers)]}
+            cluster = local_cluster(workers)
             processes = [subprocess.Popen(command + ["--strategy=multi_worker"], cwd=REPO, stdout=subprocess.DEVNULL,
                                           stderr=subprocess.PIPE, text=True,
                                           env=dict(ENV, TF_CONFIG=json.dumps({"cluster": cluster,

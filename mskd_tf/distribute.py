@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 
 import tensorflow as tf
 
@@ -144,3 +145,17 @@ def is_chief() -> bool:
     if task_type == "chief":
         return True
     return task_type == "worker" and index == 0 and "chief" not in config["cluster"]
+
+
+def local_cluster(count: int) -> dict:
+    """A ``TF_CONFIG`` cluster of ``count`` workers on free ports of 127.0.0.1, for trying
+    ``--strategy=multi_worker`` on one machine (tests, benchmarks): ``{"worker": ["127.0.0.1:PORT", ...]}``.
+    Give worker ``i`` ``{"cluster": <this>, "task": {"type": "worker", "index": i}}``."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:  # all bound at once, so the ports differ
+            s.bind(("127.0.0.1", 0))
+        return {"worker": [f"127.0.0.1:{s.getsockname()[1]}" for s in sockets]}
+    finally:
+        for s in sockets:
+            s.close()

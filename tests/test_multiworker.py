@@ -9,7 +9,6 @@
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -17,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
+from mskd_tf.distribute import local_cluster
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
 HELPER = os.path.join(TESTS, "multiworker_select.py")
@@ -62,19 +63,9 @@ def test_one_step_under_mirrored_equals_one_device(tmp_path):
     assert not np.allclose(mirrored["arr_0"], initial[0])  # the step did move the weights
 
 
-def free_ports(count):
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
 def run_workers(mode, workdirs, timeout=240):
     """Start one helper process per workdir as worker i of a local cluster; return their payloads."""
-    cluster = {"worker": [f"127.0.0.1:{port}" for port in free_ports(len(workdirs))]}
+    cluster = local_cluster(len(workdirs))
     processes = []
     for index, workdir in enumerate(workdirs):
         env = dict(ENV, TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}}))

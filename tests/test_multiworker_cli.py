@@ -10,13 +10,14 @@
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+
+from mskd_tf.distribute import local_cluster
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="3", PYTHONWARNINGS="ignore")
@@ -32,18 +33,8 @@ SHRUNK = [f"--flagfile={REPO / 'configs' / 'quickstart.cfg'}", "--train_subset=2
 ACCURACY_TOLERANCE = 0.05
 
 
-def _ports(count):
-    sockets = [socket.socket() for _ in range(count)]
-    for s in sockets:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in sockets]
-    for s in sockets:
-        s.close()
-    return ports
-
-
 def _start_workers(workdir, *flags, count=2):
-    cluster = {"worker": [f"127.0.0.1:{port}" for port in _ports(count)]}
+    cluster = local_cluster(count)
     processes = []
     for index in range(count):
         env = dict(ENV, TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}}))
