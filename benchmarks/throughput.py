@@ -429,6 +429,10 @@ def measure(argv):
         else:
             torch_text, ratio = "-", "-"
         print(f"{name:9s}  {tf_text:18s} {torch_text:18s} {ratio}")
+    results_io.write_results("throughput", {
+        "arch": FLAGS.arch, "images": len(arrays), "batch_size": FLAGS.batch_size, "pairs": pairs, "steps": steps,
+        "images_per_second": results, "tf_over_torch": {
+            name: [t / r for t, r in zip(row["tf"], row["torch"])] for name, row in results.items() if row["torch"]}})
 
     if FLAGS.profile:
         for name, model in trainers.items():
