@@ -163,9 +163,15 @@ def select(
             teacher=teacher,
         )
 
-        alive, zero_cost, capacity = names, None, None
+        alive, zero_cost, capacity, costs = names, None, None, {}
+
+        def cost(name):  # each candidate file is loaded once for both pools
+            if name not in costs:
+                costs[name] = flops.count(trainer._source(name))
+            return costs[name]
+
         if min_params_ratio > 0 and len(names) > 1:
-            params = {n: int(flops.count(trainer._source(n)).params) for n in names}
+            params = {n: int(cost(n).params) for n in names}
             floor = min_params_ratio * max(params.values())
             alive = [n for n in names if params[n] >= floor]
             capacity = {"min_params_ratio": float(min_params_ratio), "params": params, "kept": alive}
@@ -183,10 +189,9 @@ def select(
         if zero_cost_keep and len(alive) > zero_cost_keep:
             scores, macs = {n: (zero_cost_scores or {}).get(n) for n in alive}, {}
             for n in alive:
-                model = trainer._source(n)
-                macs[n] = flops.count(model).macs  # ties go to the cheaper candidate, as in `choose`
+                macs[n] = cost(n).macs  # ties go to the cheaper candidate, as in `choose`
                 if scores[n] is None:
-                    scores[n] = training.accuracy(model, val_ds, "select: val_ds")
+                    scores[n] = training.accuracy(trainer._source(n), val_ds, "select: val_ds")
             alive = sorted(alive, key=lambda n: (-scores[n], macs[n], n))[:zero_cost_keep]
             zero_cost = {"scores": {n: float(v) for n, v in scores.items()}, "kept": alive}
             trainer.accuracy_before_training.update(zero_cost["scores"])
