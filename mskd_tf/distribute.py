@@ -159,3 +159,25 @@ def local_cluster(count: int) -> dict:
     finally:
         for s in sockets:
             s.close()
+
+
+def chief_values(strategy, values):
+    """``values`` (floats) as the chief computed them, on every worker of a multi-worker strategy.
+
+    Lock-step training needs every worker to take the same decisions (which candidates a rung keeps),
+    but a score computed outside the strategy (a BatchNorm recalibration on this worker's batches, a
+    local evaluation) can differ between workers by a shuffle or a rounding, and the next collective
+    then mixes two different models. One all-reduce in which only replica 0 (on the chief) contributes
+    hands everyone the chief's exact numbers (float64: a Python float survives it unchanged).
+    Without a multi-worker strategy the values come back as they are.
+    """
+    values = [float(v) for v in values]
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) or not values:
+        return values
+
+    def from_replica_zero():
+        first = tf.equal(tf.distribute.get_replica_context().replica_id_in_sync_group, 0)
+        return tf.where(first, tf.constant(values, tf.float64), tf.zeros(len(values), tf.float64))
+
+    summed = strategy.reduce(tf.distribute.ReduceOp.SUM, strategy.run(from_replica_zero), axis=None)
+    return [float(v) for v in summed.numpy()]

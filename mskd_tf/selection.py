@@ -58,7 +58,7 @@ import keras
 import tensorflow as tf
 
 from mskd_tf import flops, training
-from mskd_tf.distribute import is_chief, make_strategy
+from mskd_tf.distribute import chief_values, is_chief, make_strategy
 from mskd_tf.errors import MskdError
 from mskd_tf.keras_utils import all_layers, copy_with_weights, weights_digest, with_synchronized_batchnorm
 from mskd_tf.training import make_optimizer
@@ -192,6 +192,8 @@ def select(
                 macs[n] = cost(n).macs  # ties go to the cheaper candidate, as in `choose`
                 if scores[n] is None:
                     scores[n] = training.accuracy(trainer._source(n), val_ds, "select: val_ds")
+            # Lock-step workers must keep the same candidates: everyone takes the chief's numbers.
+            scores = dict(zip(alive, chief_values(strategy, [scores[n] for n in alive])))
             alive = sorted(alive, key=lambda n: (-scores[n], macs[n], n))[:zero_cost_keep]
             zero_cost = {"scores": {n: float(v) for n, v in scores.items()}, "kept": alive}
             trainer.accuracy_before_training.update(zero_cost["scores"])
@@ -659,7 +661,10 @@ class _CandidateTrainer:
         else:
             copy.set_weights(tuner.model.get_weights())
         recalibrate_batchnorm(copy, self.train_ds, batches)
-        return training.accuracy(copy, self.val_ds, "select: val_ds")
+        accuracy = training.accuracy(copy, self.val_ds, "select: val_ds")
+        # Scored outside the strategy, on this worker's own batches: lock-step workers take the chief's number,
+        # or they rank differently and the next rung's collectives mix different candidates (issue 16).
+        return chief_values(self.strategy, [accuracy])[0]
 
     def wait_for(self, names, target_steps, *, timeout, workers, check=None):
         """Block until every candidate in ``names`` has a record at ``target_steps`` (parallel mode)."""

@@ -4,6 +4,9 @@ Usage: ``TF_CONFIG=... python multiworker_select.py {sync|parallel|parallel_pool
 
 * ``sync``: ``MultiWorkerMirroredStrategy`` from ``TF_CONFIG``; both workers
   fine-tune one tiny candidate together.
+* ``sync_halving``: the same, with three candidates and successive halving; each worker
+  shuffles (as after the chief's own stages) and scales its batches its own way, so their
+  BatchNorm-recalibrated scores differ unless the workers agree on the chief's.
 * ``distill``: both workers distill one tiny student from a tiny teacher together.
 * ``parallel``: candidate-parallel selection; each worker trains its share of
   four tiny candidates locally and the chief chooses.
@@ -46,14 +49,15 @@ def tiny_arrays(n: int = 256, seed: int = 0):
     return x, y
 
 
-def tiny_datasets(n_train: int = 192, n_val: int = 64, batch: int = 32, seed: int = 0, shuffle: bool = True):
+def tiny_datasets(n_train: int = 192, n_val: int = 64, batch: int = 32, seed: int = 0, shuffle: bool = True,
+                  shuffle_seed: int | None = None):
     """(train, val): a seeded, reshuffled (when ``shuffle``) training pipeline and an unshuffled validation one."""
     import tensorflow as tf
 
     x, y = tiny_arrays(n_train + n_val, seed)
     train = tf.data.Dataset.from_tensor_slices((x[:n_train], y[:n_train]))
     if shuffle:
-        train = train.shuffle(n_train, seed=seed, reshuffle_each_iteration=True)
+        train = train.shuffle(n_train, seed=seed if shuffle_seed is None else shuffle_seed, reshuffle_each_iteration=True)
     train = train.batch(batch)
     val = tf.data.Dataset.from_tensor_slices((x[n_train:], y[n_train:])).batch(batch)
     return train, val
@@ -63,7 +67,8 @@ def main(mode: str, workdir: str):
     from mskd_tf.distribute import make_strategy
 
     # The collective strategy must exist before TensorFlow runs any op.
-    strategy = make_strategy("multi_worker") if mode in ("sync", "distill") else None
+    strategy = make_strategy("multi_worker") if mode in ("sync", "sync_halving", "distill") else None
+    from mskd_tf.distribute import read_tf_config
     from mskd_tf.selection import select
 
     train, val = tiny_datasets()
@@ -77,7 +82,14 @@ def main(mode: str, workdir: str):
         digest = hashlib.sha256(b"".join(np.ascontiguousarray(w).tobytes() for w in student.get_weights()))
         print("PAYLOAD " + json.dumps({"weights": digest.hexdigest(), "history": history}), flush=True)
         return
-    if mode == "sync":
+    if mode == "sync_halving":
+        worker = int(read_tf_config()["task"]["index"])
+        train, val = tiny_datasets(shuffle_seed=worker)
+        train = train.map(lambda x, y: (x * (1 + 2 * worker), y))  # and its own brightness: scores surely differ
+        candidates = {f"w{w}": tiny_candidate(w, f"w{w}", seed=w) for w in (4, 6, 8)}
+        payload = select(candidates, train, val, workdir=workdir, epochs=1.0, lr=0.05, strategy=strategy,
+                         bn_recalibration_batches=2, verbose=False)
+    elif mode == "sync":
         candidates = {"tiny": tiny_candidate(8, "tiny", seed=1)}
         payload = select(candidates, train, val, workdir=workdir, epochs=0.5, successive_halving=False,
                          lr=0.05, strategy=strategy, verbose=False)

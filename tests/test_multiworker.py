@@ -104,6 +104,18 @@ def test_multi_worker_fine_tune_is_synchronous_and_only_the_chief_writes(tmp_pat
     assert weights_digest(selected) == chief["candidates"][0]["weights"]
 
 
+@pytest.mark.slow  # two fresh TF runtimes in lock-step: ~45-70 s on this shared 2-core machine
+def test_lock_step_halving_keeps_the_same_candidates_on_every_worker(tmp_path):
+    # Each worker recalibrates BatchNorm on differently shuffled batches; the rungs must still agree (they take
+    # the chief's scores), else the next rung trains different candidates and the collectives fail.
+    chief, other = run_workers("sync_halving", [tmp_path / "worker0", tmp_path / "worker1"])
+    assert chief["protocol"]["rungs"] == other["protocol"]["rungs"]
+    assert [len(r["candidates"]) for r in chief["protocol"]["rungs"]] == [3, 2]
+    assert chief["selected"] == other["selected"]
+    for mine, theirs in zip(chief["candidates"], other["candidates"]):
+        assert mine["curve"] == theirs["curve"] and mine["weights"] == theirs["weights"], mine["criterion"]
+
+
 @pytest.mark.slow  # two fresh TF runtimes: ~30 s on this shared 2-core machine
 def test_candidate_parallel_workers_share_the_candidates(tmp_path):
     shared = tmp_path / "shared"
