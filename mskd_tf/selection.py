@@ -326,7 +326,7 @@ def _batch_statistics_pass(model):
     forward = _BATCH_STATISTICS_PASSES.get(model)
     if forward is None:
         owner = weakref.ref(model)  # a strong reference in the value would keep the key (and the model) alive
-        forward = tf.function(lambda images: owner()(images, training=True), reduce_retracing=True)
+        forward = training.per_instance_function(lambda images: owner()(images, training=True))
         _BATCH_STATISTICS_PASSES[model] = forward
     return forward
 
@@ -411,10 +411,8 @@ class Finetuner:
         # With a teacher the loss is the Distiller's: alpha CE + (1 - alpha) T^2 KL.
         self.teacher = LogitsTap(teacher, "teacher") if teacher is not None else None
         self.temperature, self.alpha = float(temperature), float(alpha)
-        # No autograph: the steps have no tensor-dependent Python control flow, and one full-suite run failed
-        # inside autograph's converted_call with the bound step called without `self` ("missing 'labels'").
-        self._train_step = tf.function(self._distributed_train_step, reduce_retracing=True, autograph=False)
-        self._eval_step = tf.function(self._distributed_eval_step, reduce_retracing=True, autograph=False)
+        self._train_step = training.per_instance_function(self._distributed_train_step)
+        self._eval_step = training.per_instance_function(self._distributed_eval_step)
         # The train step's first two calls: the first traces it, so the difference is the tracing time.
         self.first_step_seconds = self.second_step_seconds = None
 

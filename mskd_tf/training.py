@@ -13,8 +13,10 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import functools
 import random
 import threading
+import weakref
 
 import keras
 import numpy as np
@@ -278,18 +280,41 @@ def steps_per_epoch(dataset, what: str = "train_ds") -> int:
 
 def accuracy(model, dataset, what: str = "evaluation data") -> float:
     """Top-1 accuracy of a logits/probabilities model on a dataset of (images, labels) batches."""
-    import numpy as np
-
-    # Keras' own predict function: traced once per model and cached on it (a fresh tf.function per call
-    # would retrace for every model and flood the log with retracing warnings), not eager calls per batch.
+    predict = _inference_function(model)
     correct = total = 0
     for images, labels in dataset:
-        predicted = np.argmax(model.predict_on_batch(images), axis=-1)
+        predicted = np.argmax(predict(images).numpy(), axis=-1)
         correct += int(np.sum(predicted == np.reshape(labels.numpy(), -1)))
         total += int(np.size(labels))
     if total == 0:
         raise MskdError(f"{what} is empty.")
     return correct / total
+
+
+def per_instance_function(fn):
+    """``tf.function(fn)`` (no autograph, ``reduce_retracing``) whose retracing TensorFlow counts on its own.
+
+    TensorFlow counts traces per *code object*, so one method or lambda traced once for each of nine models
+    (nine candidates, a few steps each) looks like one function retracing nine times and it warns on every
+    model. A ``functools.partial`` has no ``__code__``: TF then keys its counts by this callable itself. No
+    autograph: the library's steps have no tensor-dependent Python control flow, and one full-suite run failed
+    inside autograph's converted_call with a bound step called without ``self`` ("missing 'labels'").
+    """
+    return tf.function(functools.partial(fn), reduce_retracing=True, autograph=False)
+
+
+# One traced inference forward per model, reused by every evaluation of it (selection scores each candidate at
+# every rung). Keras' own predict_on_batch would do, but its predict function shares one code object across
+# models, so scoring many candidates logs false "retracing" warnings (see per_instance_function).
+_INFERENCE_FUNCTIONS = weakref.WeakKeyDictionary()
+
+
+def _inference_function(model):
+    forward = _INFERENCE_FUNCTIONS.get(model)
+    if forward is None:
+        owner = weakref.ref(model)  # a strong reference in the value would keep the key (and the model) alive
+        forward = _INFERENCE_FUNCTIONS[model] = per_instance_function(lambda images: owner()(images, training=False))
+    return forward
 
 
 def run_steps(step, dataset, steps: int, *, strategy=None, start: int = 0,

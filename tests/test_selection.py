@@ -329,3 +329,13 @@ def test_a_rung_ranks_on_the_scores_at_its_step_count():
     assert sorted([level, ahead], key=lambda s: _rank_key(s, 2))[0]["criterion"] == "b"
     failed = {"criterion": "c", "macs": 1, "val_acc": None, "scores": {}}
     assert sorted([failed, level], key=lambda s: _rank_key(s, 1))[-1]["criterion"] == "c"
+
+
+def test_many_candidates_trigger_no_retracing_warning(tmp_path, data, caplog):
+    # One traced step per candidate is by design (each has its own variables and shapes); TensorFlow counts
+    # retracing per code object, so unless each candidate's functions are keyed apart, nine candidates that
+    # train a few steps each look like one function retracing and flood the log (issue 14).
+    candidates = {f"w{w}": tiny_candidate(w, f"w{w}", seed=w) for w in (2, 3, 4, 5, 6, 7, 8, 9, 10)}
+    with caplog.at_level("WARNING", logger="tensorflow"):
+        select(candidates, *data, workdir=tmp_path, epochs=3.0, lr=0.05, verbose=False)
+    assert not [r.getMessage() for r in caplog.records if "retracing" in r.getMessage()]
