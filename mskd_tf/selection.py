@@ -51,7 +51,6 @@ import math
 import os
 import re
 import time
-import weakref
 from pathlib import Path
 
 import keras
@@ -302,7 +301,8 @@ def recalibrate_batchnorm(model, dataset, num_batches: int) -> int:
     try:
         for layer in layers:  # momentum 0: each forward pass leaves exactly its batch's statistics
             layer.momentum = 0.0
-        forward = _batch_statistics_pass(model)
+        # Traced with momentum 0 (set above on every call), so one trace serves every recalibration of this model.
+        forward = training.forward_function(model, training=True)
         for images, _ in dataset.take(num_batches):
             forward(images)
             stats = [(layer.moving_mean.numpy(), layer.moving_variance.numpy()) for layer in layers]
@@ -315,20 +315,6 @@ def recalibrate_batchnorm(model, dataset, num_batches: int) -> int:
         for layer, momentum in zip(layers, saved):
             layer.momentum = momentum
     return used
-
-
-# One traced training-mode forward per model, reused by every recalibration of it (a selection scores
-# each candidate at every rung): traced with momentum 0, which recalibrate_batchnorm always sets first.
-_BATCH_STATISTICS_PASSES = weakref.WeakKeyDictionary()
-
-
-def _batch_statistics_pass(model):
-    forward = _BATCH_STATISTICS_PASSES.get(model)
-    if forward is None:
-        owner = weakref.ref(model)  # a strong reference in the value would keep the key (and the model) alive
-        forward = training.per_instance_function(lambda images: owner()(images, training=True))
-        _BATCH_STATISTICS_PASSES[model] = forward
-    return forward
 
 
 def halving_rungs(num_candidates: int, total_steps: int) -> list[tuple[int, int]]:

@@ -280,7 +280,7 @@ def steps_per_epoch(dataset, what: str = "train_ds") -> int:
 
 def accuracy(model, dataset, what: str = "evaluation data") -> float:
     """Top-1 accuracy of a logits/probabilities model on a dataset of (images, labels) batches."""
-    predict = _inference_function(model)
+    predict = forward_function(model)
     correct = total = 0
     for images, labels in dataset:
         predicted = np.argmax(predict(images).numpy(), axis=-1)
@@ -303,18 +303,19 @@ def per_instance_function(fn):
     return tf.function(functools.partial(fn), reduce_retracing=True, autograph=False)
 
 
-# One traced inference forward per model, reused by every evaluation of it (selection scores each candidate at
-# every rung). Keras' own predict_on_batch would do, but its predict function shares one code object across
-# models, so scoring many candidates logs false "retracing" warnings (see per_instance_function).
-_INFERENCE_FUNCTIONS = weakref.WeakKeyDictionary()
+# One traced forward per model and mode, reused by every call (selection re-estimates BatchNorm and scores each
+# candidate at every rung). Keras' own predict_on_batch would do for inference, but its predict function shares
+# one code object across models, so scoring many candidates logs false "retracing" warnings.
+_FORWARD_FUNCTIONS = weakref.WeakKeyDictionary()
 
 
-def _inference_function(model):
-    forward = _INFERENCE_FUNCTIONS.get(model)
-    if forward is None:
+def forward_function(model, *, training: bool = False):
+    """``model(images, training=training)`` traced once per model and mode (see :func:`per_instance_function`)."""
+    per_mode = _FORWARD_FUNCTIONS.setdefault(model, {})
+    if training not in per_mode:
         owner = weakref.ref(model)  # a strong reference in the value would keep the key (and the model) alive
-        forward = _INFERENCE_FUNCTIONS[model] = per_instance_function(lambda images: owner()(images, training=False))
-    return forward
+        per_mode[training] = per_instance_function(lambda images: owner()(images, training=training))
+    return per_mode[training]
 
 
 def run_steps(step, dataset, steps: int, *, strategy=None, start: int = 0,
