@@ -143,9 +143,7 @@ def seeded(seed: int):
     from keras.src.backend.common import global_state  # Keras keeps its global seed here (no public getter)
     from keras.src.random import seed_generator
     from keras.src.utils import rng_utils
-    from tensorflow.python.eager import (
-        context,  # the global seed TF ops derive theirs from (no public getter)
-    )
+    from tensorflow.python.eager import context  # the global seed TF ops derive theirs from (no public getter)
 
     saved_python, saved_numpy, saved_tf = random.getstate(), np.random.get_state(), context.global_seed()
     saved_keras = {name: global_state.get_global_attribute(name)
