@@ -310,7 +310,11 @@ _FORWARD_FUNCTIONS = weakref.WeakKeyDictionary()
 
 
 def forward_function(model, *, training: bool = False):
-    """``model(images, training=training)`` traced once per model and mode (see :func:`per_instance_function`)."""
+    """``model(images, training=training)`` traced once per model and mode (see :func:`per_instance_function`).
+
+    Python attributes the layers read while tracing (a BatchNormalization's ``momentum``) are frozen at the
+    first call: ``selection.recalibrate_batchnorm`` sets momentum 0 before every call of the training mode.
+    """
     per_mode = _FORWARD_FUNCTIONS.setdefault(model, {})
     if training not in per_mode:
         owner = weakref.ref(model)  # a strong reference in the value would keep the key (and the model) alive
