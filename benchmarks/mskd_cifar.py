@@ -317,8 +317,7 @@ def main(_):
         decisive(seed)
     # What the selection's training buys: the capacity pool's zero-cost top + KD for the whole budget (no halving
     # steps). At seed 0 that is MS-KD's own pick, so the row isolates the 528 selection steps.
-    params = {c: candidates[c]["params"] for c in candidates}
-    pooled = [c for c in candidates if params[c] >= s["min_params_ratio"] * max(params.values())]
+    pooled = selection.capacity_pool({c: candidates[c]["params"] for c in candidates}, s["min_params_ratio"])
     top = max(pooled, key=lambda c: candidates[c]["val_acc_before_finetune"])
     student_row(f"zc+kd/s{s0}", path(top), kd=True, seed=s0, extra={"criterion": top})
     # The oracle table, in the order a selection meets the candidates (best zero-cost score first), so a

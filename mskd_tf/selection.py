@@ -171,8 +171,7 @@ def select(
 
         if min_params_ratio > 0 and len(names) > 1:
             params = {n: int(cost(n).params) for n in names}
-            floor = min_params_ratio * max(params.values())
-            alive = [n for n in names if params[n] >= floor]
+            alive = capacity_pool(params, min_params_ratio)
             capacity = {"min_params_ratio": float(min_params_ratio), "params": params, "kept": alive}
             if verbose and chief and len(alive) < len(names):
                 print(f"select: capacity pool (>= {min_params_ratio:g} x the largest candidate's {max(params.values())}"
@@ -255,6 +254,12 @@ def select(
             print(f"select: {chosen['criterion']} ({reason}); {spent} optimizer steps "
                   f"({payload['protocol']['spent_epochs']:g} epochs) spent", flush=True)
         return payload
+
+
+def capacity_pool(params: dict, min_params_ratio: float) -> list:
+    """The names in ``params`` (name -> parameter count) with >= ``min_params_ratio`` x the largest count."""
+    floor = min_params_ratio * max(params.values())
+    return [name for name, count in params.items() if count >= floor]
 
 
 def _smallest_plan_cost(count: int, successive_halving: bool) -> int:
