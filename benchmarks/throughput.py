@@ -15,6 +15,7 @@ spread of the ratios is printed next to their median.
 
     .venv/bin/python benchmarks/throughput.py --quick
     .venv/bin/python benchmarks/throughput.py --pairs 5 --steps 12
+    .venv/bin/python benchmarks/throughput.py --pairs 5 --steps 12 --round_to 8  # the clone widths the configs ship
     .venv/bin/python benchmarks/throughput.py --nofused_batchnorm --notorch  # a lever off
     .venv/bin/python benchmarks/throughput.py --profile /tmp/tp --workloads teacher --notorch
 
@@ -51,6 +52,8 @@ flags.DEFINE_bool("levers", False, "Instead: alternate TF variants of the teache
                   "(Keras BatchNorm vs fused, steps_per_execution 1 vs 4, XLA) and print their images/s.")
 flags.DEFINE_string("profile", "", "If set, trace one TF block per workload here and print op-level times.")
 flags.DEFINE_integer("seed", 0, "Seed for data order, augmentation and initial weights.")
+flags.DEFINE_integer("round_to", 1, "Kept widths of the clone are multiples of this (1: the odd widths of the "
+                     "committed figures; 8: what every CIFAR/MobileNet config ships). Both frameworks get the same widths.")
 
 KD_TEMPERATURE, KD_ALPHA, LR = 4.0, 0.5, 0.05
 
@@ -67,7 +70,7 @@ def tf_models(info):
         from mskd_tf.pruning import build_graph, plan_keep, prune
 
         graph = build_graph(teacher)
-        clone = prune(teacher, plan_keep(graph, None, target_macs=0.5).keep, graph)
+        clone = prune(teacher, plan_keep(graph, None, target_macs=0.5, round_to=FLAGS.round_to).keep, graph)
     except ImportError:
         clone = models.build(FLAGS.arch, info.image_shape, info.num_classes,
                              normalization=(info.mean, info.std), width=0.7)
@@ -429,9 +432,9 @@ def measure(argv):
         else:
             torch_text, ratio = "-", "-"
         print(f"{name:9s}  {tf_text:18s} {torch_text:18s} {ratio}")
-    results_io.write_results("throughput", {
+    results_io.write_results("throughput" + (f"_round{FLAGS.round_to}" if FLAGS.round_to != 1 else ""), {
         "arch": FLAGS.arch, "images": len(arrays), "batch_size": FLAGS.batch_size, "pairs": pairs, "steps": steps,
-        "images_per_second": results, "tf_over_torch": {
+        "clone_round_to": FLAGS.round_to, "images_per_second": results, "tf_over_torch": {
             name: [t / r for t, r in zip(row["tf"], row["torch"])] for name, row in results.items() if row["torch"]}})
 
     if FLAGS.profile:

@@ -7,6 +7,10 @@ in one process so all see the same load; the median per model is reported. Speed
 weights, so the models are untrained.
 
     .venv/bin/python benchmarks/width_speed.py                   # -> benchmarks/results/width_speed.json
+    .venv/bin/python benchmarks/width_speed.py --repeats 4 --models \
+        free=/tmp/qs_r1/candidates/activation-global.keras,round8=/tmp/qs_r8/candidates/activation-global.keras,\
+teacher=/tmp/qs_r8/teacher.keras   # the quickstart's candidates, made by `python -m mskd_tf.run
+        --flagfile=configs/quickstart.cfg --stop_after=candidates --round_to=1 (or 8) --workdir=/tmp/qs_r1 (qs_r8)`
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ import results_io
 
 flags.DEFINE_integer("steps", 30, "Timed training steps per block.")
 flags.DEFINE_integer("repeats", 2, "Blocks per model (alternating).")
+flags.DEFINE_list("models", [], "Instead of the built-in ResNet-20 variants: name=path.keras pairs to time, e.g. two "
+                  "candidates built with --round_to=1 and --round_to=8 (results then go to width_speed_models.json).")
 FLAGS = flags.FLAGS
 
 
@@ -44,16 +50,24 @@ def main(_):
     from mskd_tf import flops, models, training
     from mskd_tf.pruning import build_graph, prune
 
-    teacher = models.build("resnet20", (32, 32, 3), 10)
-    graph = build_graph(teacher)
-    stream = graph.groups[0]
-    inner = {g.id: np.arange(min(g.size, {16: 16, 32: 32, 64: 48}[g.size])) for g in graph.groups[1:] if g.prunable}
-    variants = {"teacher": teacher,
-                "odd slices 7/17/48": prune(teacher, {stream.id: _stream_keep(stream, (7, 17, 48)), **inner}),
-                "round-8 slices 8/16/48": prune(teacher, {stream.id: _stream_keep(stream, (8, 16, 48)), **inner})}
+    if FLAGS.models:
+        pairs = [item.split("=", 1) for item in FLAGS.models]
+        if any(len(pair) != 2 for pair in pairs):
+            raise app.UsageError(f"--models: expected name=path.keras pairs, got {FLAGS.models}")
+        variants = {name: keras.models.load_model(path) for name, path in pairs}
+    else:
+        teacher = models.build("resnet20", (32, 32, 3), 10)
+        graph = build_graph(teacher)
+        stream = graph.groups[0]
+        inner = {g.id: np.arange(min(g.size, {16: 16, 32: 32, 64: 48}[g.size])) for g in graph.groups[1:] if g.prunable}
+        variants = {"teacher": teacher,
+                    "odd slices 7/17/48": prune(teacher, {stream.id: _stream_keep(stream, (7, 17, 48)), **inner}),
+                    "round-8 slices 8/16/48": prune(teacher, {stream.id: _stream_keep(stream, (8, 16, 48)), **inner})}
+    shape = tuple(next(iter(variants.values())).input_shape[1:])
+    classes = int(next(iter(variants.values())).output_shape[-1])
     rng = np.random.default_rng(0)
-    x = rng.random((128 * FLAGS.steps, 32, 32, 3), dtype=np.float32)
-    y = rng.integers(0, 10, 128 * FLAGS.steps)
+    x = rng.random((128 * FLAGS.steps, *shape), dtype=np.float32)
+    y = rng.integers(0, classes, 128 * FLAGS.steps)
     data = tf.data.Dataset.from_tensor_slices((x, y)).batch(128).cache()
     compiled = {}
     for name, model in variants.items():
@@ -74,7 +88,7 @@ def main(_):
                       "blocks": [round(v, 1) for v in t]} for name, t in times.items()}
     for name, f in figures.items():
         print(f"{name:24s} {f['macs'] / 1e6:6.2f} M MACs  {f['ms_per_step']:7.1f} ms/step  (blocks {f['blocks']})")
-    results_io.write_results("width_speed", figures)
+    results_io.write_results("width_speed_models" if FLAGS.models else "width_speed", figures)
 
 
 if __name__ == "__main__":
