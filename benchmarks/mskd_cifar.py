@@ -173,9 +173,11 @@ def prepare(s, target, teacher_path=""):
 
 def main(_):
     s = settings()
-    if FLAGS.render_only:  # also refreshes the .md, so the finished rows can be committed mid-table
-        text = render(json.loads((results_io.RESULTS / f"{s['name']}.json").read_text())["figures"])
+    if FLAGS.render_only:  # also refreshes the .md and the plot, so the finished rows can be committed mid-table
+        figures = json.loads((results_io.RESULTS / f"{s['name']}.json").read_text())["figures"]
+        text = render(figures)
         (results_io.RESULTS / f"{s['name']}.md").write_text(text)
+        plot_macs(figures, results_io.RESULTS / f"{s['name']}_macs.png")
         print(text, flush=True)
         return
 
@@ -498,9 +500,9 @@ def render(data: dict) -> str:
         found = [(label, r) for label, r in found if r]
         if found:
             lines += ["", f"**{round(100 * target)}% of the teacher's MACs (seed {seeds[0]})**", "",
-                      "| row | candidate | MACs (M) | test acc % |", "|---|---|---|---|"]
-            lines += [f"| {label} | {r.get('criterion')} | {r['macs'] / 1e6:.2f} | {_pct(r['test_acc'])} |"
-                      for label, r in found]
+                      "| row | candidate | MACs (M) | params (k) | val acc % | test acc % |", "|---|---|---|---|---|---|"]
+            lines += [f"| {label} | {r.get('criterion')} | {r['macs'] / 1e6:.2f} | {r['params'] / 1e3:.1f} | "
+                      f"{_pct(r['val_acc'])} | {_pct(r['test_acc'])} |" for label, r in found]
     return "\n".join(lines) + "\n"
 
 

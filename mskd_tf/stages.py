@@ -89,6 +89,7 @@ class UserData:
     val: object
     test: object
     info: data_lib.DatasetInfo
+    fresh_train: object = None  # () -> a new training pipeline (numpy splits); None: the user's dataset as given
 
 
 def user_data(model, train, val, test, *, batch_size: int, seed: int, class_names=None) -> UserData:
@@ -150,7 +151,8 @@ def user_data(model, train, val, test, *, batch_size: int, seed: int, class_name
 
     train_ds, val_ds = pipeline("train", train), pipeline("val", val)
     test_ds = val_ds if test is None else pipeline("test", test)
-    return UserData(train=train_ds, val=val_ds, test=test_ds, info=info)
+    fresh = None if isinstance(train, tf.data.Dataset) else (lambda: pipeline("train", train))
+    return UserData(train=train_ds, val=val_ds, test=test_ds, info=info, fresh_train=fresh)
 
 
 @dataclasses.dataclass
@@ -186,6 +188,21 @@ class Context:
             print(f"data: {info.name}: {info.num_train} train / {info.num_val} val / {info.num_test} test images "
                   f"of {info.image_shape}, {info.num_classes} classes", flush=True)
         return self._splits
+
+    def train_data(self):
+        """A new training pipeline, whose first pass is the seed's first order, for each training run.
+
+        A pipeline re-shuffles (and re-augments) on every pass, so runs sharing one would see an order that
+        depends on how many passes earlier runs drew from it: the select stage of an uninterrupted run and of a
+        resumed one trained on different orders (the quickstart chose l1-global in one, fpgm-global in the
+        other), and distill's cross-entropy baseline did not see the batches its KD run saw. A dataset the
+        user passed in is used as given.
+        """
+        d = self.data
+        if isinstance(d, UserData):
+            return d.fresh_train() if d.fresh_train is not None else d.train
+        c = self.cfg
+        return data_lib.train_pipeline(d.arrays["train"], c.batch_size, augment=c.augment, seed=c.seed)
 
     @property
     def calibration(self):
@@ -346,11 +363,11 @@ def run_teacher(ctx: Context):
         if resumed_at:
             print(f"teacher: resuming after epoch {resumed_at} of {cfg.epochs} from {backup}", flush=True)
         if strategy is not None:  # Keras 3 fit crashes under MultiWorkerMirroredStrategy: the plain loop
-            history = training.fit_across_workers(teacher, d.train, d.val, epochs=cfg.epochs, strategy=strategy,
+            history = training.fit_across_workers(teacher, ctx.train_data(), d.val, epochs=cfg.epochs, strategy=strategy,
                                                   callbacks=callbacks, what="teacher", advice="Lower --lr")
             teacher = with_synchronized_batchnorm(teacher, False)  # a plain model for evaluation and saving
         else:
-            history = teacher.fit(d.train, validation_data=d.val, epochs=cfg.epochs, callbacks=callbacks,
+            history = teacher.fit(ctx.train_data(), validation_data=d.val, epochs=cfg.epochs, callbacks=callbacks,
                                   shuffle=False, verbose=_verbose()).history
         guard.raise_if_tripped("teacher")
         if not ctx.writes:
@@ -590,7 +607,7 @@ def run_select(ctx: Context):
         else:
             teacher = ctx.model("teacher.keras")
     result = selection.select(
-        paths, ctx.data.train, ctx.data.val, workdir=str(ctx.wd.path), epochs=cfg.select_epochs,
+        paths, ctx.train_data(), ctx.data.val, workdir=str(ctx.wd.path), epochs=cfg.select_epochs,
         successive_halving=cfg.successive_halving, zero_cost_keep=cfg.zero_cost_keep,
         min_params_ratio=cfg.min_params_ratio,
         zero_cost_scores={row["criterion"]: row.get("val_acc_before_finetune") for row in rows
@@ -647,7 +664,7 @@ def run_distill(ctx: Context):
     for label, kd in runs:
         student = keras.models.load_model(ctx.wd / "selected.keras")  # both runs start from the same weights
         start = time.perf_counter()
-        student, history = distill.distill(teacher, student, d.train, d.val, kd=kd,
+        student, history = distill.distill(teacher, student, ctx.train_data(), d.val, kd=kd,
                                            callbacks=training_logs(ctx, f"distill_{label}") if ctx.writes else (),
                                            **settings)
         if not ctx.writes:
@@ -695,7 +712,7 @@ def run_export(ctx: Context):
 
     cfg, d = ctx.cfg, ctx.data
     student = ctx.model("student.keras")
-    qat = {"train_ds": d.train, "teacher": ctx.model("teacher.keras"), "epochs": 1} if cfg.qat else None
+    qat = {"train_ds": ctx.train_data(), "teacher": ctx.model("teacher.keras"), "epochs": 1} if cfg.qat else None
     rows = deploy.export_all(
         student, str(ctx.wd / "export"), kinds=cfg.export, representative_ds=ctx.calibration, test_ds=d.test,
         num_calibration=cfg.calibration_samples, class_names=list(d.info.class_names), qat=qat, micro=cfg.micro,

@@ -155,3 +155,28 @@ def test_candidate_styles_colour_by_criterion_and_mark_the_allocation():
     assert styles["l1-global"]["marker"] != styles["l1-uniform"]["marker"]
     assert styles["l1-global"]["linestyle"] != styles["l1-uniform"]["linestyle"]
     assert candidate_styles(rows) == styles  # the same in every plot of a report
+
+
+def test_a_resumed_run_trains_on_the_order_an_uninterrupted_one_does(tiny_cfg, tmp_path):
+    """Each stage starts its own pass over the data: stopping after a stage and resuming must not change the
+    later stages' data order (a shared pipeline re-shuffles on every pass, so select saw the orders after the
+    teacher's epochs in one process and the first ones in a resumed process)."""
+    import dataclasses
+
+    tiny_cfg.criteria = ("l1", "random")
+    tiny_cfg.epochs = 2
+    run_pipeline(tiny_cfg, stop_after="distill")
+    resumed = dataclasses.replace(tiny_cfg, workdir=str(tmp_path / "resumed"))
+    run_pipeline(resumed, stop_after="candidates")
+    run_pipeline(resumed, stop_after="select")
+    run_pipeline(resumed, stop_after="distill")
+
+    def trained(workdir):
+        selection = json.loads(open(f"{workdir}/selection.json").read())
+        distilled = json.loads(open(f"{workdir}/distill.json").read())
+        return ([(c["criterion"], c["curve"], c.get("weights")) for c in selection["candidates"] if c.get("steps")],
+                distilled["val_acc"], distilled.get("baseline_val_acc"), distilled["history"])
+
+    uninterrupted = trained(tiny_cfg.workdir)
+    assert uninterrupted[0], "no candidate was fine-tuned: the comparison would be empty"
+    assert trained(resumed.workdir) == uninterrupted
