@@ -440,7 +440,15 @@ def _options():
     options.deterministic = True
     # Input work must not pre-empt the training step on 2 cores: keep it on one thread.
     options.threading.max_intra_op_parallelism = 1
+    # No autotuning: with it every pass over a pipeline ended 0.2-0.4 s after its last batch (the iterator's
+    # teardown waits for the tuning thread; a 12-step fit of ResNet-20's clone took 2.56 s, 2.2 s without, the
+    # steps equal: BENCHMARKS.md, issue 14). The library runs many short passes (selection rungs, BatchNorm
+    # re-estimation, scores), and batches are made ~100x faster than trained on: a fixed prefetch is enough.
+    options.autotune.enabled = False
     return options
+
+
+PREFETCH_BATCHES = 2  # see _options: one batch in the step, one ready
 
 
 def train_pipeline(arrays: Arrays, batch_size: int, *, augment: bool = True, seed: int = 0) -> tf.data.Dataset:
@@ -456,13 +464,13 @@ def train_pipeline(arrays: Arrays, batch_size: int, *, augment: bool = True, see
     if augment:
         seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
         ds = tf.data.Dataset.zip(ds, seeds).map(lambda batch, s: (augment_batch(batch[0], s), batch[1]))
-    return ds.prefetch(tf.data.AUTOTUNE).with_options(_options())
+    return ds.prefetch(PREFETCH_BATCHES).with_options(_options())
 
 
 def eval_pipeline(arrays: Arrays, batch_size: int) -> tf.data.Dataset:
     """Unshuffled, unaugmented batches, cached as float32 after the first pass."""
     ds = tf.data.Dataset.from_tensor_slices((arrays.x, arrays.y)).batch(batch_size)
-    return ds.map(lambda x, y: (to_unit(x), y)).cache().prefetch(tf.data.AUTOTUNE).with_options(_options())
+    return ds.map(lambda x, y: (to_unit(x), y)).cache().prefetch(PREFETCH_BATCHES).with_options(_options())
 
 
 def split_validation(x, y, val_fraction: float, seed: int):

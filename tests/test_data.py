@@ -69,6 +69,17 @@ def test_train_pipeline_differs_per_epoch_and_repeats_under_seed():
     assert np.concatenate(first).max() <= 1.0
 
 
+def test_pipelines_run_without_tf_data_autotuning():
+    """Autotuning made every pass end 0.2-0.4 s late (BENCHMARKS.md, issue 14): the library's pipelines turn it
+    off and keep their one-thread, deterministic input."""
+    arrays = data.Arrays(np.zeros((8, 4, 4, 1), np.uint8), np.arange(8) % 2)
+    for ds in (data.train_pipeline(arrays, 4, augment=True, seed=0), data.eval_pipeline(arrays, 4)):
+        options = ds.options()
+        assert options.autotune.enabled is False
+        assert options.deterministic is True and options.threading.max_intra_op_parallelism == 1
+        assert sum(b[0].shape[0] for b in ds) == 8
+
+
 def test_folder_source_loads_splits_and_stats(tmp_path):
     root = _write_folder(tmp_path / "imgs")
     splits = data.load(f"folder:{root}", batch_size=4, val_fraction=0.25, augment=False, seed=0)
