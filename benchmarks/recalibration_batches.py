@@ -27,7 +27,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--selection", required=True, help="a select() workdir holding selection/*.keras")
     parser.add_argument("--dataset", default=f"folder:{results_io.SHARED_CIFAR10}")
-    parser.add_argument("--batches", default="5,10,20,40", help="comma-separated numbers of batches to compare")
+    parser.add_argument("--batches", default="5,10,20,40", help="comma-separated numbers of batches to compare "
+                        "(0: no re-estimation, the moving statistics as fine-tuned)")
     parser.add_argument("--orders", type=int, default=3, help="data orders (shuffle seeds) per setting")
     parser.add_argument("--batch_size", type=int, default=128)
     args = parser.parse_args()
@@ -60,7 +61,8 @@ def run(args):
             for count in counts:  # alternated, so load changes hit every setting alike
                 work.set_weights(trained.get_weights())
                 began = time.perf_counter()
-                recalibrate_batchnorm(work, train, count)
+                if count:  # 0: the moving statistics the fine-tuning left (what scoring without re-estimation sees)
+                    recalibrate_batchnorm(work, train, count)
                 recal = time.perf_counter() - began
                 began = time.perf_counter()
                 acc = training.accuracy(work, splits.val, "val")
