@@ -70,7 +70,8 @@ flags.DEFINE_list("kd_ablation", ["alpha=0.1", "temperature=2", "feature_kd=1"],
 flags.DEFINE_integer("max_rows", 0, "Stop after this many newly computed rows (0 = all).")
 flags.DEFINE_list("forget", [], "Drop the cached rows whose names start with these prefixes before running, e.g. "
                   "--forget=select/,mskd/,select+ce/ after a change to selection (rows are cached by name and by the "
-                  "digests of their input files, not by library commit).")
+                  "digests of their input files, not by library commit); a name ending in $ drops that row only "
+                  "(mskd/s0$ keeps mskd/s0@30).")
 flags.DEFINE_bool("render_only", False, "Only print the table of the finished rows (no training).")
 flags.DEFINE_string("name", None, "Results name under benchmarks/results (default mskd_cifar[_quick]).")
 
@@ -188,7 +189,9 @@ def main(_):
 
     res = Results(s["name"], s)
     if FLAGS.forget:
-        dropped = [k for k in res.data.get("rows", {}) if k.startswith(tuple(FLAGS.forget))]
+        exact = {f[:-1] for f in FLAGS.forget if f.endswith("$")}
+        prefixes = tuple(f for f in FLAGS.forget if not f.endswith("$"))
+        dropped = [k for k in res.data.get("rows", {}) if k in exact or (prefixes and k.startswith(prefixes))]
         res.data["rows"] = {k: v for k, v in res.data.get("rows", {}).items() if k not in dropped}
         print(f"forgot {len(dropped)} cached rows: {', '.join(dropped) or '-'}", flush=True)
     res.data["machine"] = machine()
