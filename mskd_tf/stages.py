@@ -363,8 +363,9 @@ def run_teacher(ctx: Context):
         if resumed_at:
             print(f"teacher: resuming after epoch {resumed_at} of {cfg.epochs} from {backup}", flush=True)
         if strategy is not None:  # Keras 3 fit crashes under MultiWorkerMirroredStrategy: the plain loop
-            history = training.fit_across_workers(teacher, ctx.train_data(), d.val, epochs=cfg.epochs, strategy=strategy,
-                                                  callbacks=callbacks, what="teacher", advice="Lower --lr")
+            history = training.fit_across_workers(teacher, ctx.train_data(), d.val, epochs=cfg.epochs,
+                                                  strategy=strategy, callbacks=callbacks, what="teacher",
+                                                  advice="Lower --lr")
             teacher = with_synchronized_batchnorm(teacher, False)  # a plain model for evaluation and saving
         else:
             history = teacher.fit(ctx.train_data(), validation_data=d.val, epochs=cfg.epochs, callbacks=callbacks,
