@@ -24,6 +24,7 @@ each epoch, so runs are reproducible and epochs differ.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gzip
 import hashlib
@@ -451,6 +452,25 @@ def _options():
 PREFETCH_BATCHES = 2  # see _options: one batch in the step, one ready
 
 
+@contextlib.contextmanager
+def _global_seed(seed: int):
+    """TF's global seed set to ``seed`` while datasets are built, and given back after.
+
+    A dataset's random ops take their seeds from the op seed *and* the global seed in force when the dataset is
+    built, so ``train_pipeline(seed=1)`` gave another order after ``tf.random.set_seed(0)`` than in a fresh
+    process (MS-KD's selection at seed 1 chose another candidate for that reason). Pinning it makes the order a
+    function of ``seed`` alone: the one any caller got who had set ``tf.random.set_seed(seed)`` first.
+    """
+    from tensorflow.python.eager import context  # the global seed's current value (no public getter)
+
+    saved = context.global_seed()
+    tf.random.set_seed(seed)
+    try:
+        yield
+    finally:
+        tf.random.set_seed(saved)
+
+
 def train_pipeline(arrays: Arrays, batch_size: int, *, augment: bool = True, seed: int = 0) -> tf.data.Dataset:
     """Shuffled (re-shuffled per epoch), batched, optionally augmented training batches.
 
@@ -459,11 +479,12 @@ def train_pipeline(arrays: Arrays, batch_size: int, *, augment: bool = True, see
     """
     images, labels = tf.constant(arrays.x), tf.constant(arrays.y)
     n = len(arrays)
-    ds = tf.data.Dataset.range(n).shuffle(n, seed=seed, reshuffle_each_iteration=True).batch(batch_size)
-    ds = ds.map(lambda idx: (to_unit(tf.gather(images, idx)), tf.gather(labels, idx)))
-    if augment:
-        seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
-        ds = tf.data.Dataset.zip(ds, seeds).map(lambda batch, s: (augment_batch(batch[0], s), batch[1]))
+    with _global_seed(seed):
+        ds = tf.data.Dataset.range(n).shuffle(n, seed=seed, reshuffle_each_iteration=True).batch(batch_size)
+        ds = ds.map(lambda idx: (to_unit(tf.gather(images, idx)), tf.gather(labels, idx)))
+        if augment:
+            seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
+            ds = tf.data.Dataset.zip(ds, seeds).map(lambda batch, s: (augment_batch(batch[0], s), batch[1]))
     return ds.prefetch(PREFETCH_BATCHES).with_options(_options())
 
 

@@ -69,6 +69,25 @@ def test_train_pipeline_differs_per_epoch_and_repeats_under_seed():
     assert np.concatenate(first).max() <= 1.0
 
 
+def test_train_pipeline_order_depends_on_its_seed_only():
+    """TF seeds dataset ops from the global seed too: the pipeline must give the same batches whatever the caller
+    set before (it gave other orders after tf.random.set_seed(0) than in a fresh process), namely the ones a caller
+    got who had set tf.random.set_seed(seed); and it must give the caller's global seed back."""
+    import tensorflow as tf
+    from tensorflow.python.eager import context
+
+    x = (np.arange(64 * 4 * 4) % 251).astype(np.uint8).reshape(64, 4, 4, 1)
+    arrays = data.Arrays(x, np.arange(64) % 7)
+    batches = lambda ds: np.concatenate([b[0].numpy() for b in ds])  # noqa: E731
+    tf.random.set_seed(1)
+    reference = batches(data.train_pipeline(arrays, 16, augment=True, seed=1))
+    for caller_seed in (None, 0, 5):
+        tf.random.set_seed(caller_seed)
+        np.testing.assert_array_equal(batches(data.train_pipeline(arrays, 16, augment=True, seed=1)), reference)
+        assert context.global_seed() == caller_seed
+    assert not np.array_equal(batches(data.train_pipeline(arrays, 16, augment=True, seed=2)), reference)
+
+
 def test_pipelines_run_without_tf_data_autotuning():
     """Autotuning made every pass end 0.2-0.4 s late (BENCHMARKS.md, issue 14): the library's pipelines turn it
     off and keep their one-thread, deterministic input."""
