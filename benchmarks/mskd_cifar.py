@@ -23,9 +23,11 @@ Protocol
   1 of ``ce:l2-uniform`` (one row's seed noise); seeds 1 and 2 of the decisive rows; ``zc+kd`` (the capacity
   pool's zero-cost top + KD for the whole budget: what the selection's training steps buy); every candidate + CE
   (the oracle table, seed 0, best zero-cost score first); the ``--other_targets`` (l1 + CE, l1 + KD, MS-KD at
-  seed 0); the oracle-best + CE at seeds 1 and 2; then the ablations: MS-KD with the ``--pool_ablation`` capacity
-  pools (``mskd[min_params_ratio=0]`` = selection among all candidates, as before the pool existed), l1 + CE at
-  the ``--lr_ablation`` learning rates (is the baseline tuned fairly?), l1 + KD with one ``--kd_ablation`` setting changed each.
+  seed 0); the oracle-best + CE at seeds 1 and 2; then the ablations: l1 + KD with one ``--kd_ablation`` setting
+  changed each (``kd:l1-uniform[alpha=0.1]``); MS-KD and l1 + KD at every seed under each ``--mskd_kd_ablation``
+  setting (``mskd[alpha=0.1]``: selection and distillation both under it); l1 + CE at the ``--lr_ablation``
+  learning rates (is the baseline tuned fairly?); MS-KD with the ``--pool_ablation`` capacity pools
+  (``mskd[min_params_ratio=0]`` = selection among all candidates, as before the pool existed).
 """
 
 from __future__ import annotations
@@ -67,6 +69,9 @@ flags.DEFINE_list("lr_ablation", ["0.02", "0.1"], "Other peak learning rates for
                   "baseline's learning rate a fair one?")
 flags.DEFINE_list("kd_ablation", ["alpha=0.1", "temperature=2", "feature_kd=1"],
                   "l1 + KD rows with one KD setting changed (seed 0), key=value of distill.distill.")
+flags.DEFINE_list("mskd_kd_ablation", [],
+                  "KD settings (key=value, as --kd_ablation) under which MS-KD (selection and distillation) and l1 + KD "
+                  "are recomputed at every seed: the 3-seed test of a KD setting that won its --kd_ablation row.")
 flags.DEFINE_integer("max_rows", 0, "Stop after this many newly computed rows (0 = all).")
 flags.DEFINE_list("forget", [], "Drop the cached rows whose names start with these prefixes before running, e.g. "
                   "--forget=select/,mskd/,select+ce/ after a change to selection (rows are cached by name and by the "
@@ -237,10 +242,13 @@ def main(_):
             res.put(name, row)
             return row
 
-        def mskd_rows(seed, with_ce, ratio=s["min_params_ratio"]):
+        def mskd_rows(seed, with_ce, ratio=s["min_params_ratio"], kd_settings=None):
             """The library's select stage, then its distill stage's KD run (and its CE run as the ablation)."""
-            variant = pool_variant(ratio, s)
-            out = wd / (f"select_s{seed}" + (f"_minparams{ratio:g}" if ratio else ""))  # ratio 0: the original folders
+            kd_settings = kd_settings or {}
+            kd_tag = "".join(f"[{k}={v:g}]" for k, v in sorted(kd_settings.items()))
+            variant = pool_variant(ratio, s) + kd_tag
+            out = wd / (f"select_s{seed}" + (f"_minparams{ratio:g}" if ratio else "")  # ratio 0: the original folders
+                        + "".join(f"_{k}{v:g}" for k, v in sorted(kd_settings.items())))
             key = f"select{variant}/s{seed}{tag}"
             if not res.row(key) or not (out / "selected.keras").exists():
                 start = time.perf_counter()
@@ -249,7 +257,8 @@ def main(_):
                     epochs=s["select_epochs"], zero_cost_keep=s["zero_cost_keep"],
                     zero_cost_scores={c: r["val_acc_before_finetune"] for c, r in candidates.items()},
                     min_params_ratio=ratio,
-                    teacher=teacher, temperature=s["temperature"], alpha=s["alpha"], lr=s["finetune_lr"],
+                    teacher=teacher, temperature=kd_settings.get("temperature", s["temperature"]),
+                    alpha=kd_settings.get("alpha", s["alpha"]), lr=s["finetune_lr"],  # feature hints: distill only
                     weight_decay=s["weight_decay"], seed=seed)
                 res.put(key, {"seed": seed, "seconds": round(time.perf_counter() - start, 1), "min_params_ratio": ratio,
                               "capacity_kept": (payload["protocol"]["capacity_pool"] or {}).get("kept"),
@@ -261,7 +270,7 @@ def main(_):
             extra = {"criterion": chosen["selected"]["criterion"], "selection_steps": spent,
                      "selection_seconds": chosen["seconds"], "min_params_ratio": ratio}
             student_row(f"mskd{variant}/s{seed}", out / "selected.keras", kd=True, seed=seed, steps=budget - spent,
-                        extra=extra)
+                        extra=extra, kd_settings=kd_settings)
             if with_ce:
                 student_row(f"select+ce{variant}/s{seed}", out / "selected.keras", kd=False, seed=seed, steps=budget - spent,
                             extra=extra)
@@ -340,6 +349,12 @@ def main(_):
         key, value = variant.split("=")
         student_row(f"kd:{BASELINE}[{variant}]/s{s0}", path(BASELINE), kd=True, seed=s0,
                     kd_settings={key: float(value)}, extra={"criterion": BASELINE})
+    for variant in FLAGS.mskd_kd_ablation:  # a winning KD setting, tested as the decisive rows are: 3 seeds
+        key, value = variant.split("=")
+        for seed in s["seeds"]:
+            student_row(f"kd:{BASELINE}[{variant}]/s{seed}", path(BASELINE), kd=True, seed=seed,
+                        kd_settings={key: float(value)}, extra={"criterion": BASELINE})
+            mskd_rows(seed, with_ce=False, kd_settings={key: float(value)})
     for lr in FLAGS.lr_ablation:  # is the baseline's learning rate a fair one?
         student_row(f"ce:{BASELINE}@lr{lr}/s{s0}", path(BASELINE), kd=False, seed=s0, lr=float(lr),
                     extra={"criterion": BASELINE})
@@ -435,8 +450,11 @@ def render(data: dict) -> str:
     named = [(f"l1 + CE ({BASELINE})", f"ce:{BASELINE}"), ("MS-KD (selection + KD, within B)", "mskd"),
              (f"l1 + KD ({BASELINE}, no selection)", f"kd:{BASELINE}"),
              ("ablation: MS-KD selection + CE (no KD)", "select+ce"),
-             *[(f"ablation: MS-KD, capacity pool {v[1:-1]}", f"mskd{v}") for v in sorted(
+             *[(f"ablation: MS-KD with {v[1:-1].replace('][', ', ')}", f"mskd{v}") for v in sorted(
                  {k[len("mskd"):k.index("/")] for k in rows if k.startswith("mskd[")})],
+             *[(f"ablation: l1 + KD with {v[1:-1]}", f"kd:{BASELINE}{v}") for v in sorted(
+                 {k[len(f"kd:{BASELINE}"):k.index("/")] for k in rows
+                  if k.startswith(f"kd:{BASELINE}[") and "@" not in k.split("/")[-1]})],
              *[(f"ablation: MS-KD selection + CE, capacity pool {v[1:-1]}", f"select+ce{v}") for v in sorted(
                  {k[len("select+ce"):k.index("/")] for k in rows if k.startswith("select+ce[")})],
              ("ablation: capacity pool + zero-cost pick + KD (no selection training)", "zc+kd")]
@@ -453,11 +471,6 @@ def render(data: dict) -> str:
                          f"{steps} | {minutes:.0f} | {_spread([r['val_acc'] for r in found])} | "
                          f"{_spread([r['test_acc'] for r in found])} |")
     for key, r in rows.items():
-        if key.startswith(f"kd:{BASELINE}[") and "@" not in key.split("/")[-1]:
-            variant = key[len(f"kd:{BASELINE}["):key.index("]")]
-            lines.append(f"| ablation: l1 + KD with {variant} | {r['criterion']} | {r['macs'] / 1e6:.2f} | "
-                         f"{r['params'] / 1e3:.1f} | 0 + {r['train_steps']} | {r['seconds'] / 60:.0f} | "
-                         f"{_pct(r['val_acc'])} (n=1) | {_pct(r['test_acc'])} (n=1) |")
         if key.startswith(f"ce:{BASELINE}@lr"):
             lines.append(f"| ablation: l1 + CE at peak lr {r['lr']:g} | {r['criterion']} | {r['macs'] / 1e6:.2f} | "
                          f"{r['params'] / 1e3:.1f} | 0 + {r['train_steps']} | {r['seconds'] / 60:.0f} | "
