@@ -11,7 +11,9 @@ Protocol
 * Teacher: ResNet-20 trained once by the pipeline's own teacher stage (``--teacher_epochs``, SGD, cosine);
   ranks and candidates by the pipeline's own rank and candidates stages (every criterion x the global and
   uniform allocations, BatchNorm-recalibrated, at ``--target_macs``). Every row starts from these files;
-  their digests are stored with the rows, and a changed file empties the table.
+  their digests are stored with the rows, and a changed file empties the table. They are mirrored into
+  ``benchmarks/artifacts/`` (committed with the rows) and restored from there into a fresh clone, so a table
+  is built over several sessions against the same files (``benchmarks/artifacts.py``).
 * Budget: every student row gets the same ``--budget`` epochs of optimizer steps (batch 128), counted in
   steps and printed per row. **MS-KD's selection steps are inside the budget**: selection spends
   ``--select_epochs`` over all candidates, the winner keeps its fine-tuned weights, and distillation
@@ -41,6 +43,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import artifacts
 import results_io
 from absl import app, flags
 
@@ -77,6 +80,9 @@ flags.DEFINE_list("forget", [], "Drop the cached rows whose names start with the
                   "--forget=select/,mskd/,select+ce/ after a change to selection (rows are cached by name and by the "
                   "digests of their input files, not by library commit); a name ending in $ drops that row only "
                   "(mskd/s0$ keeps mskd/s0@30).")
+flags.DEFINE_bool("keep_artifacts", True, "Mirror the teacher, rankings, candidates and selected networks into "
+                  "benchmarks/artifacts/ as they are made and restore them into an empty work dir (a fresh clone): "
+                  "commit that folder with the rows and the next session resumes the same table. Off with --quick.")
 flags.DEFINE_bool("render_only", False, "Only print the table of the finished rows (no training).")
 flags.DEFINE_string("name", None, "Results name under benchmarks/results (default mskd_cifar[_quick]).")
 
@@ -164,13 +170,21 @@ def pool_variant(ratio: float, s: dict) -> str:
     return "" if ratio == s["min_params_ratio"] else f"[min_params_ratio={ratio:g}]"
 
 
+def keep_artifacts(s) -> bool:
+    return FLAGS.keep_artifacts and not s["quick"]
+
+
 def prepare(s, target, teacher_path=""):
     """teacher, rank, candidates through the pipeline's stages; returns the workdir and its digests."""
     from mskd_tf.api import run_pipeline
 
     cfg = pipeline_config(s, target, teacher_path)
-    run_pipeline(cfg, stop_after="candidates")
     wd = Path(cfg.workdir)
+    if keep_artifacts(s):
+        artifacts.restore(wd)
+    run_pipeline(cfg, stop_after="candidates")
+    if keep_artifacts(s):
+        artifacts.save(wd)
     # The files every row starts from, by content: a rebuilt teacher or candidate invalidates the rows.
     files = ["teacher.keras", "rankings.json", "candidates.json", *sorted(
         str(p.relative_to(wd)) for p in (wd / "candidates").glob("*.keras"))]
@@ -265,6 +279,8 @@ def main(_):
                               "selected": payload["selected"], "total_steps": payload["protocol"]["total_steps"],
                               "zero_cost_kept": payload["protocol"]["zero_cost"]["kept"],
                               "rungs": payload["protocol"]["rungs"]})
+                if keep_artifacts(s):
+                    artifacts.save(wd)
             chosen = res.row(key)
             spent = chosen["total_steps"]
             extra = {"criterion": chosen["selected"]["criterion"], "selection_steps": spent,

@@ -1,0 +1,92 @@
+"""A long benchmark's resumable files, kept in the repository so that a fresh clone resumes it.
+
+A benchmark's work dir (``runs/``, ignored by git) holds hours of training: the teacher's epoch backup,
+then the teacher, rankings and candidates every row starts from, and MS-KD's selected networks. A working
+session ends without warning and the next one may start from a fresh clone, where ``runs/`` is empty: the
+teacher would train again, come out different, and empty a half-built table (its rows are keyed by the
+input files' digests). So the script mirrors those files into ``benchmarks/artifacts/<work dir name>/``
+as they appear, the session commits that folder with the rows, and the next run copies them back into an
+empty work dir before any stage looks. Per-row folders that rows do not reuse (selection checkpoints,
+TensorBoard logs) are left out.
+
+    python benchmarks/artifacts.py save runs/bench_mskd_cifar_t120   # mid-teacher: the latest epoch backup
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
+# Relative to a work dir; see the module docstring for why these and no others.
+KEPT = ("teacher_backup/*", "logs/teacher/history.csv", "teacher_best.keras", "teacher.keras", "teacher.json",
+        "stages.json", "records/*.json", "rankings.json", "candidates.json", "candidates/*.keras",
+        "select_*/selected.keras", "select_*/selection.json")
+
+
+def kept_files(workdir: Path) -> list[Path]:
+    return sorted({p for pattern in KEPT for p in workdir.glob(pattern) if p.is_file()})
+
+
+def mirror_of(workdir) -> Path:
+    return ARTIFACTS / Path(workdir).name
+
+
+def save(workdir) -> int:
+    """Copy the work dir's kept files that changed into its mirror; returns how many were copied.
+
+    The teacher's backup is rewritten after every epoch while it trains, so a copy taken meanwhile is
+    checked: the epoch recorded in its metadata must be the same before and after (else copy again).
+    """
+    workdir, mirror = Path(workdir), mirror_of(workdir)
+    for _ in range(5):
+        before = _backup_epoch(workdir)
+        copied = 0
+        for path in kept_files(workdir):
+            target = mirror / path.relative_to(workdir)
+            if not target.exists() or target.read_bytes() != path.read_bytes():
+                target.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(path, target)
+                copied += 1
+        if _backup_epoch(workdir) == before:
+            break
+        time.sleep(2)
+    # A finished teacher stage deletes its backup: drop the mirror's stale copy too.
+    if not (workdir / "teacher_backup").exists() and (mirror / "teacher_backup").exists():
+        shutil.rmtree(mirror / "teacher_backup")
+    for stale in ("teacher_best.keras",):
+        if not (workdir / stale).exists():
+            (mirror / stale).unlink(missing_ok=True)
+    return copied
+
+
+def restore(workdir) -> int:
+    """Copy the mirror's files into the work dir where it lacks them; returns how many were copied."""
+    workdir, mirror = Path(workdir), mirror_of(workdir)
+    copied = 0
+    for path in kept_files(mirror):
+        target = workdir / path.relative_to(mirror)
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(path, target)
+            copied += 1
+    if copied:
+        print(f"restored {copied} files of {workdir} from {mirror}", flush=True)
+    return copied
+
+
+def _backup_epoch(workdir: Path):
+    try:
+        return json.loads((workdir / "teacher_backup" / "training_metadata.json").read_text()).get("epoch")
+    except (OSError, ValueError):
+        return None
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 3 or sys.argv[1] not in ("save", "restore"):
+        sys.exit("usage: python benchmarks/artifacts.py save|restore WORKDIR")
+    n = (save if sys.argv[1] == "save" else restore)(sys.argv[2])
+    print(f"{sys.argv[1]}: {n} files ({mirror_of(sys.argv[2])})")
