@@ -270,6 +270,7 @@ def main(_):
                     {c: str(path(c)) for c in candidates}, train_for(seed), val, workdir=str(out),
                     epochs=s["select_epochs"], zero_cost_keep=s["zero_cost_keep"],
                     zero_cost_scores={c: r["val_acc_before_finetune"] for c, r in candidates.items()},
+                    candidate_costs=candidates,
                     min_params_ratio=ratio,
                     teacher=teacher, temperature=kd_settings.get("temperature", s["temperature"]),
                     alpha=kd_settings.get("alpha", s["alpha"]), lr=s["finetune_lr"],  # feature hints: distill only

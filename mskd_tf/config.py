@@ -69,7 +69,8 @@ class Config:
                                 "ratio in every layer).")
     calibration_batches: int = _field(10, "Training batches used by data-driven criteria.")
     bn_recalibration_batches: int = _field(
-        20, "Re-estimate each candidate's BatchNorm statistics on this many training batches (0 = off).")
+        10, "Re-estimate each candidate's BatchNorm statistics on this many training batches (0 = off); 10 ranked "
+        "and scored the CIFAR candidates as 20 and 40 did (BENCHMARKS.md, issue 14).")
     # --- select
     select_epochs: float = _field(1.0, "What the whole selection may spend (all candidates' fine-tuning together, in "
                                   "epochs, may be fractional); counted against --distill_epochs.")

@@ -613,6 +613,7 @@ def run_select(ctx: Context):
         min_params_ratio=cfg.min_params_ratio,
         zero_cost_scores={row["criterion"]: row.get("val_acc_before_finetune") for row in rows
                           if row.get("val_acc_before_finetune") is not None},
+        candidate_costs={row["criterion"]: row for row in rows if "macs" in row and "params" in row},
         teacher=teacher, temperature=cfg.temperature, alpha=cfg.alpha, tie_tolerance=cfg.tie_tolerance,
         bn_recalibration_batches=cfg.bn_recalibration_batches,
         optimizer=cfg.optimizer, lr=cfg.finetune_lr, weight_decay=cfg.weight_decay,

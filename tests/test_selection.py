@@ -249,6 +249,30 @@ def test_capacity_pool_drops_the_small_candidates_before_the_zero_cost_rung(tmp_
     assert plain["selected"]["criterion"] == "w4" and plain["protocol"]["capacity_pool"] is None
 
 
+def test_given_candidate_costs_spare_loading_the_files_the_pools_drop(tmp_path, data, monkeypatch):
+    """The candidates stage has counted every candidate: the pools use its figures and load only the survivors."""
+    from mskd_tf import flops
+
+    paths, costs = {}, {}
+    for name, model in three_candidates().items():
+        paths[name] = str(tmp_path / f"{name}.keras")
+        model.save(paths[name])
+        cost = flops.count(model)
+        costs[name] = {"macs": cost.macs, "params": cost.params}
+    # Given figures win over the files': w8 is declared the smallest, so the pool drops it.
+    costs["w8"] = {**costs["w8"], "params": 1}
+    loaded = []
+    real_load = keras.models.load_model
+    monkeypatch.setattr(keras.models, "load_model", lambda path, **kw: loaded.append(str(path)) or real_load(path, **kw))
+    payload = select(paths, *data, workdir=tmp_path / "sel", epochs=1.0, zero_cost_keep=1,
+                     zero_cost_scores={"w4": 0.5, "w6": 0.9, "w8": 0.95}, candidate_costs=costs,
+                     min_params_ratio=0.5, verbose=False)
+    assert payload["protocol"]["capacity_pool"]["kept"] == ["w4", "w6"]
+    assert payload["protocol"]["capacity_pool"]["params"]["w8"] == 1
+    assert payload["selected"]["criterion"] == "w6"
+    assert paths["w8"] not in loaded and paths["w4"] not in loaded and paths["w6"] in loaded
+
+
 def test_kd_selection_step_equals_the_distillers_step():
     """Selection under KD takes the same step as the Distiller that trains the winner (no BatchNorm: exact)."""
     from mskd_tf.distill import Distiller
