@@ -14,8 +14,8 @@ process so both see the same machine load; every pair gives one ratio, and the
 spread of the ratios is printed next to their median.
 
     .venv/bin/python benchmarks/throughput.py --quick
-    .venv/bin/python benchmarks/throughput.py --pairs 5 --steps 12
-    .venv/bin/python benchmarks/throughput.py --pairs 5 --steps 12 --round_to 8  # the clone widths the configs ship
+    .venv/bin/python benchmarks/throughput.py --pairs 5 --steps 12               # clone widths in multiples of 8
+    .venv/bin/python benchmarks/throughput.py --pairs 5 --steps 12 --round_to 1  # the exact (odd) widths
     .venv/bin/python benchmarks/throughput.py --nofused_batchnorm --notorch  # a lever off
     .venv/bin/python benchmarks/throughput.py --profile /tmp/tp --workloads teacher --notorch
 
@@ -52,8 +52,8 @@ flags.DEFINE_bool("levers", False, "Instead: alternate TF variants of the teache
                   "(Keras BatchNorm vs fused, steps_per_execution 1 vs 4, XLA) and print their images/s.")
 flags.DEFINE_string("profile", "", "If set, trace one TF block per workload here and print op-level times.")
 flags.DEFINE_integer("seed", 0, "Seed for data order, augmentation and initial weights.")
-flags.DEFINE_integer("round_to", 1, "Kept widths of the clone are multiples of this (1: the odd widths of the "
-                     "committed figures; 8: what every CIFAR/MobileNet config ships). Both frameworks get the same widths.")
+flags.DEFINE_integer("round_to", 8, "Kept widths of the clone are multiples of this (8: the library default and "
+                     "what every config ships; 1: the exact, odd widths). Both frameworks get the same widths.")
 
 KD_TEMPERATURE, KD_ALPHA, LR = 4.0, 0.5, 0.05
 
