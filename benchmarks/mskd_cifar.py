@@ -279,7 +279,12 @@ def main(_):
                               "capacity_kept": (payload["protocol"]["capacity_pool"] or {}).get("kept"),
                               "selected": payload["selected"], "total_steps": payload["protocol"]["total_steps"],
                               "zero_cost_kept": payload["protocol"]["zero_cost"]["kept"],
-                              "rungs": payload["protocol"]["rungs"]})
+                              "rungs": payload["protocol"]["rungs"],
+                              # issue 14: where the selection's seconds went, over every candidate and rung
+                              # (the rest of "seconds" is outside the candidates: loading, the pools)
+                              "time_split": {k: round(sum(split.get(k, 0.0) for r in payload["candidates"]
+                                                          for split in r.get("time_split", [])), 1)
+                                             for k in ("setup", "train", "trace", "score", "save")}})
                 if keep_artifacts(s):
                     artifacts.save(wd)
             chosen = res.row(key)
@@ -498,6 +503,13 @@ def render(data: dict) -> str:
         lines += ["", f"**MS-KD - l1 + CE: {100 * (a - b):+.2f} points** test accuracy (n = {len(ms)} and {len(bl)} "
                       f"seeds; bar: >= +1.00 at n = 3); MS-KD - teacher: {100 * (a - t.get('test_acc', 0)):+.2f} "
                       "points (bar: >= -1.50)."]
+    timed = {k: r for k, r in rows.items() if k.startswith("select/") and r.get("time_split") and r.get("seconds")}
+    if timed:  # issue 14: a selection's share of seconds not spent training (load, pools, setup, trace, score, save)
+        lines += ["", "MS-KD's selection, wall seconds and the share not spent training (issue 14; only a run with "
+                      "nothing else on the machine is a speed figure): " + "; ".join(
+                          f"{k.split('/', 1)[1]} {r['seconds']:.0f} s, {100 * (1 - r['time_split']['train'] / r['seconds']):.0f}%"
+                          f" (score {r['time_split']['score']:.0f}, trace {r['time_split']['trace']:.0f} s)"
+                          for k, r in sorted(timed.items())) + "."]
     cands = data.get("candidates", {})
     oracle_rows = [(c, rows[f"ce:{c}/s{seeds[0]}"]) for c in cands if f"ce:{c}/s{seeds[0]}" in rows]
     if oracle_rows:
