@@ -83,6 +83,8 @@ flags.DEFINE_list("forget", [], "Drop the cached rows whose names start with the
 flags.DEFINE_bool("keep_artifacts", True, "Mirror the teacher, rankings, candidates and selected networks into "
                   "benchmarks/artifacts/ as they are made and restore them into an empty work dir (a fresh clone): "
                   "commit that folder with the rows and the next session resumes the same table. Off with --quick.")
+flags.DEFINE_bool("new_teacher", False, "Allow training a new teacher for a table whose rows came from another "
+                  "(it empties the table; without this flag such a run stops with an error).")
 flags.DEFINE_bool("render_only", False, "Only print the table of the finished rows (no training).")
 flags.DEFINE_string("name", None, "Results name under benchmarks/results (default mskd_cifar[_quick]).")
 
@@ -168,6 +170,18 @@ class Results:
 def pool_variant(ratio: float, s: dict) -> str:
     """The row-name suffix of MS-KD rows selected with this capacity pool ('' = the default)."""
     return "" if ratio == s["min_params_ratio"] else f"[min_params_ratio={ratio:g}]"
+
+
+def guard_the_table(res, s):
+    """Refuse to train a new teacher for a table that has rows: its digests would differ and the rows be dropped."""
+    wd = Path(pipeline_config(s, s["target_macs"]).workdir)
+    if keep_artifacts(s):
+        artifacts.restore(wd)
+    if res.data.get("rows") and not (wd / "teacher.keras").exists() and not FLAGS.new_teacher:
+        raise SystemExit(
+            f"error: {results_io.RESULTS / (s['name'] + '.json')} holds {len(res.data['rows'])} rows computed from a "
+            f"teacher that is neither in {wd} nor in {artifacts.mirror_of(wd)}; this run would train a new one and "
+            "drop them. Restore that work dir, use another --name, or pass --new_teacher to start the table over.")
 
 
 def keep_artifacts(s) -> bool:
@@ -300,6 +314,7 @@ def main(_):
         return student_row, mskd_rows, candidates, path
 
     # The decisive target: teacher, rank and candidates by the pipeline (the teacher trains here once).
+    guard_the_table(res, s)
     wd, digests = prepare(s, s["target_macs"])
     if res.data.get("digests") != digests:
         res.data.update(digests=digests, rows={}, targets={})
