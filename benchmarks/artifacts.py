@@ -57,9 +57,8 @@ def save(workdir) -> int:
     # A finished teacher stage deletes its backup: drop the mirror's stale copy too.
     if not (workdir / "teacher_backup").exists() and (mirror / "teacher_backup").exists():
         shutil.rmtree(mirror / "teacher_backup")
-    for stale in ("teacher_best.keras",):
-        if not (workdir / stale).exists():
-            (mirror / stale).unlink(missing_ok=True)
+    if not (workdir / "teacher_best.keras").exists():
+        (mirror / "teacher_best.keras").unlink(missing_ok=True)
     return copied
 
 
