@@ -355,8 +355,9 @@ def main(_):
     # KD's gain grow with the teacher-student gap?); then the other seeds; then the ablations.
     decisive(s0)
     # The seed noise of one row, before the rest of the oracle: the candidates end within ~1.3 points of each other
-    # and l2-uniform, l1-uniform's exact widths, ended 1.08 below it; whether any selection can beat the default
-    # criterion depends on that spread exceeding the noise. l2-uniform's seed 1 separates kept channels from noise.
+    # and l2-uniform (l1-uniform's widths; uniform widths no longer depend on the ranking) ended 1.08 below it;
+    # whether any selection can beat the default criterion depends on that spread exceeding the noise.
+    # l2-uniform's seed 1 separates kept channels from noise.
     for seed in s["seeds"][1:]:
         student_row(f"ce:{BASELINE}/s{seed}", path(BASELINE), kd=False, seed=seed, extra={"criterion": BASELINE})
     if len(s["seeds"]) > 1 and "l2-uniform" in candidates:

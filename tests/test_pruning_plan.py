@@ -99,6 +99,25 @@ def test_round_to_holds_for_every_slice_of_a_coupled_residual_stream(resnet_grap
     assert all(layer.filters % 8 == 0 for layer in model.layers if isinstance(layer, keras.layers.Conv2D))
 
 
+def _producer_widths(graph, plan):
+    return {ref.layer: int(np.isin(np.unique(ref.indices), plan.keep[group.id]).sum())
+            for group in graph.groups if group.prunable for ref in group.producers}
+
+
+def test_a_uniform_plan_has_the_same_widths_whatever_the_ranking(resnet_graph):
+    # Ranked over the whole option-A stream, one ranking kept 8 of stage 1's 16 channels and another 16:
+    # two criteria's "uniform" ResNet-20s at 50% MACs had 133k and 168k params.
+    plans = [plan_keep(resnet_graph, random_scores(resnet_graph, seed), target_macs=0.5, mode="uniform", round_to=8)
+             for seed in (0, 1, 2)]
+    widths = [_producer_widths(resnet_graph, plan) for plan in plans]
+    assert widths[0] == widths[1] == widths[2]
+    assert len({plan.params for plan in plans}) == 1
+    assert any(not np.array_equal(plans[0].keep[g], plans[1].keep[g]) for g in plans[0].keep)  # channels differ
+    # Every stage's slice of the stream keeps its share of the common ratio, not what the ranking left it.
+    stream = {layer: width for layer, width in widths[0].items() if layer.endswith("conv2")}
+    assert {stream[f"stage{s}_block1_conv2"] for s in (1, 2, 3)} == {16, 32, 56}
+
+
 def test_unreachable_target_names_the_smallest_reachable_macs(chain_graph):
     smallest = plan_keep(chain_graph, keep_ratio=0.01, mode="uniform", min_channels=8)
     expected = f"smallest reachable is {smallest.macs / 1e6:.3f}M MACs"

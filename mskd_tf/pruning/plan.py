@@ -3,7 +3,9 @@
 Three ways to say how much to cut (``plan_keep``):
 
 * ``keep_ratio=0.5, mode="uniform"``: every prunable group keeps half its channels (a dict
-  ``{group id or layer name: ratio}`` sets ratios per layer);
+  ``{group id or layer name: ratio}`` sets ratios per layer); in a coupled group whose producers
+  hold different slices (option-A ResNet: one stream, each stage a slice of it) every slice keeps
+  its share too, so a uniform plan's widths never depend on the scores;
 * ``keep_ratio=0.5, mode="global"``: channels of all groups are ranked together on scores
   normalised by their group's mean, and the top half overall is kept;
 * ``target_macs=0.5``: either mode, searched (bisection, then single-unit steps) until the
@@ -173,6 +175,7 @@ class _Planner:
             scale = np.mean(np.abs(score))
             self.normalised[group.id] = score / scale if scale > 0 else np.ones_like(score)
             self.minimum[group.id] = min(group.size, max(min_channels, math.ceil(min_ratio * group.size)))
+        self.parts = {g.id: _slice_parts(g) for g in self.groups}
         self.min_channels, self.min_ratio = min_channels, min_ratio
         self.scores = scores
 
@@ -195,11 +198,14 @@ class _Planner:
         lowest = step * math.ceil(self.minimum[group.id] / step)
         return int(min(group.size, max(n, lowest)))
 
-    def _keep(self, widths):
+    def _keep(self, widths, uniform=False):
         keep = {g.id: np.arange(g.size) for g in self.protected}
         for group in self.groups:
             order = self.order[group.id]
-            chosen = set(order[: widths[group.id]].tolist())
+            if uniform and len(self.parts[group.id]) > 1:
+                chosen = self._share_by_slice(group, order, widths[group.id])
+            else:
+                chosen = set(order[: widths[group.id]].tolist())
             # Every producer in a coupled group keeps at least its minimum too (option-A shortcuts).
             for ref in group.producers:
                 member = np.unique(ref.indices)
@@ -212,6 +218,22 @@ class _Planner:
                 self._round_producers(group, order, chosen)
             keep[group.id] = np.array(sorted(chosen), dtype=np.int64)
         return keep
+
+    def _share_by_slice(self, group, order, width):
+        """Every slice keeps ``width / group.size`` of its channels, rounded like a group width; top-ranked within it.
+
+        Ranked over the whole group, ResNet-20's stream kept 8 of stage 1's 16 channels under one
+        ranking and 16 under another at the same width, so two criteria's "uniform" plans differed
+        by 26% in params. Rounding each slice (not the sum) keeps every layer's width a multiple of
+        the step nearest the common ratio, as Torch-Pruning's uniform ratio does per layer.
+        """
+        step = self.step(group)
+        chosen = set()
+        for part in self.parts[group.id]:
+            share = min(len(part), step * int(round(width * len(part) / group.size / step)))
+            members = set(part)
+            chosen.update([i for i in order.tolist() if i in members][:share])
+        return chosen
 
     def _round_producers(self, group, order, chosen):
         """Give every producer of a coupled group a kept count that is a multiple of the group's ``step``.
@@ -240,8 +262,8 @@ class _Planner:
             if not changed:
                 return
 
-    def _plan(self, widths):
-        keep = self._keep(widths)
+    def _plan(self, widths, uniform=False):
+        keep = self._keep(widths, uniform)
         macs, params = self.cost.evaluate(self.graph.keep_mask(keep))
         return Plan(keep, macs, params, self.cost.base_macs, self.cost.base_params)
 
@@ -259,10 +281,10 @@ class _Planner:
             ratios = _resolve_ratios(self.graph, keep_ratio)
             widths = {g.id: (self._width(g, ratios[g.id] * g.size) if g.id in ratios else g.size)
                       for g in self.groups}
-            return self._plan(widths)
+            return self._plan(widths, uniform=True)
         ratio = _check_ratio(keep_ratio)
         if mode == "uniform":
-            return self._plan(self._uniform_widths(ratio))
+            return self._plan(self._uniform_widths(ratio), uniform=True)
         pooled = np.sort(np.concatenate([self.normalised[g.id] for g in self.groups] or [np.zeros(0)]))[::-1]
         if not pooled.size:
             return self._plan({})
@@ -274,7 +296,8 @@ class _Planner:
         if target <= 0:
             raise MskdError(f"plan_keep: target_macs={target_macs} must be > 0 (a fraction <= 1 or a MAC count).")
         goal = target * self.cost.base_macs if target <= 1 else target
-        smallest = self._plan({g.id: self._width(g, 0) for g in self.groups})
+        uniform = mode == "uniform"
+        smallest = self._plan({g.id: self._width(g, 0) for g in self.groups}, uniform)
         if smallest.macs > goal * (1 + tolerance):
             raise MskdError(
                 f"plan_keep: target_macs={target_macs} ({goal / 1e6:.3f}M MACs) is unreachable: the smallest "
@@ -292,7 +315,7 @@ class _Planner:
         best = None
         for _ in range(50):  # bisection on a monotone knob: MACs grow with it
             mid = (lo + hi) / 2
-            plan = self._plan(widths_of(mid))
+            plan = self._plan(widths_of(mid), uniform)
             if best is None or abs(plan.macs - goal) < abs(best[0].macs - goal):
                 best = (plan, widths_of(mid))
             if plan.macs > goal:
@@ -302,9 +325,9 @@ class _Planner:
             if hi - lo < 1e-7:
                 break
         plan, widths = best
-        return self._refine(plan, widths, goal, tolerance)
+        return self._refine(plan, widths, goal, tolerance, uniform)
 
-    def _refine(self, plan, widths, goal, tolerance):
+    def _refine(self, plan, widths, goal, tolerance, uniform):
         """Single-unit width steps (one ``step`` in one group) while they bring MACs closer."""
         for _ in range(64):
             if abs(plan.macs - goal) <= tolerance * goal:
@@ -316,7 +339,7 @@ class _Planner:
                 if width > group.size or width < self.minimum[group.id] or width == widths[group.id]:
                     continue
                 trial = dict(widths, **{group.id: width})
-                candidates.append((self._plan(trial), trial))
+                candidates.append((self._plan(trial, uniform), trial))
             if not candidates:
                 break
             new_plan, new_widths = min(candidates, key=lambda c: abs(c[0].macs - goal))
@@ -324,6 +347,19 @@ class _Planner:
                 break
             plan, widths = new_plan, new_widths
         return plan
+
+
+def _slice_parts(group):
+    """The group's channels split by which producers hold them: one part for an ordinary group;
+    for ResNet-20's option-A stream [0-15] (every stage), [16-31] (stages 2-3), [32-63] (stage 3)."""
+    holders = {}
+    for number, ref in enumerate(group.producers):
+        for index in np.unique(ref.indices).tolist():
+            holders.setdefault(index, set()).add(number)
+    parts = {}
+    for index in range(group.size):
+        parts.setdefault(frozenset(holders.get(index, ())), []).append(index)
+    return list(parts.values())
 
 
 def _check_ratio(ratio):
