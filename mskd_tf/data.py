@@ -488,10 +488,15 @@ def train_pipeline(arrays: Arrays, batch_size: int, *, augment: bool = True, see
     return ds.prefetch(PREFETCH_BATCHES).with_options(_options())
 
 
-def eval_pipeline(arrays: Arrays, batch_size: int) -> tf.data.Dataset:
-    """Unshuffled, unaugmented batches, cached as float32 after the first pass."""
+def eval_pipeline(arrays: Arrays, batch_size: int, *, cache: bool = True) -> tf.data.Dataset:
+    """Unshuffled, unaugmented batches, cached as float32 after the first pass.
+
+    ``cache=False`` for consumers that only ever ``take`` a few batches (BatchNorm recalibration, criteria,
+    int8 calibration): a cache that is never read to the end is discarded with a TF warning each time.
+    """
     ds = tf.data.Dataset.from_tensor_slices((arrays.x, arrays.y)).batch(batch_size)
-    return ds.map(lambda x, y: (to_unit(x), y)).cache().prefetch(PREFETCH_BATCHES).with_options(_options())
+    ds = ds.map(lambda x, y: (to_unit(x), y))
+    return (ds.cache() if cache else ds).prefetch(PREFETCH_BATCHES).with_options(_options())
 
 
 def split_validation(x, y, val_fraction: float, seed: int):

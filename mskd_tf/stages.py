@@ -206,11 +206,11 @@ class Context:
 
     @property
     def calibration(self):
-        """Un-augmented training batches: for data-driven criteria and int8 calibration."""
+        """Un-augmented training batches: for data-driven criteria and int8 calibration (never read whole)."""
         d = self.data
         if isinstance(d, UserData):
             return d.train
-        return data_lib.eval_pipeline(d.arrays["train"], self.cfg.batch_size)
+        return data_lib.eval_pipeline(d.arrays["train"], self.cfg.batch_size, cache=False)
 
     def model(self, name: str):
         """Load (once) a .keras artifact from the workdir."""
