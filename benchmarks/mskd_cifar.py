@@ -296,9 +296,8 @@ def main(_):
                               "rungs": payload["protocol"]["rungs"],
                               # issue 14: where the selection's seconds went, over every candidate and rung
                               # (the rest of "seconds" is outside the candidates: loading, the pools)
-                              "time_split": {k: round(sum(split.get(k, 0.0) for r in payload["candidates"]
-                                                          for split in r.get("time_split", [])), 1)
-                                             for k in ("setup", "train", "trace", "score", "save")}})
+                              "time_split": {k: round(v, 1) for k, v in
+                                             selection.time_split_total(payload).items()}})
                 if keep_artifacts(s):
                     artifacts.save(wd)
             chosen = res.row(key)

@@ -32,7 +32,7 @@ import keras
 from absl import app, flags
 
 from mskd_tf import data, models
-from mskd_tf.selection import select
+from mskd_tf.selection import select, time_split_total
 from results_io import write_results
 
 FLAGS = flags.FLAGS
@@ -120,14 +120,8 @@ def summarize(mode, payload, seconds) -> dict:
     protocol, chosen = payload["protocol"], payload["selected"]
     print(f"{mode:<20} {protocol['total_steps']:>7} {seconds:>9.1f}  {chosen['criterion']} "
           f"({chosen['val_acc']:.4f})", flush=True)
-    split = {}
-    for row in payload["candidates"]:
-        for rung in row.get("time_split", []):
-            for key, value in rung.items():
-                if key != "rung":
-                    split[key] = split.get(key, 0.0) + value
     return {"mode": mode, "steps": protocol["total_steps"], "seconds": seconds,
-            "time_split": {k: round(v, 2) for k, v in split.items()},
+            "time_split": {k: round(v, 2) for k, v in time_split_total(payload).items()},
             "chosen": chosen["criterion"], "chosen_val_acc": chosen["val_acc"]}
 
 

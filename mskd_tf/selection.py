@@ -328,6 +328,19 @@ def recalibrate_batchnorm(model, dataset, num_batches: int) -> int:
     return used
 
 
+def time_split_total(payload: dict) -> dict:
+    """Seconds per part (setup, train, trace, score, save) summed over every candidate and rung of a
+    selection payload (``select``'s return value / selection.json); the rest of its wall time was outside
+    the candidates (loading, the pools)."""
+    total = {}
+    for row in payload["candidates"]:
+        for rung in row.get("time_split", []):
+            for key, value in rung.items():
+                if key != "rung":
+                    total[key] = total.get(key, 0.0) + value
+    return total
+
+
 def halving_rungs(num_candidates: int, total_steps: int) -> list[tuple[int, int]]:
     """Successive-halving plan: ``[(survivors, cumulative steps each), ...]`` per rung.
 

@@ -10,7 +10,7 @@ import tensorflow as tf
 
 from mskd_tf.errors import MskdError
 from mskd_tf.keras_utils import weights_digest
-from mskd_tf.selection import Finetuner, choose, halving_rungs, select
+from mskd_tf.selection import Finetuner, choose, halving_rungs, select, time_split_total
 from mskd_tf.training import make_optimizer
 from multiworker_select import tiny_arrays, tiny_candidate, tiny_datasets
 
@@ -363,3 +363,13 @@ def test_many_candidates_trigger_no_retracing_warning(tmp_path, data, caplog):
     with caplog.at_level("WARNING", logger="tensorflow"):
         select(candidates, *data, workdir=tmp_path, epochs=3.0, lr=0.05, verbose=False)
     assert not [r.getMessage() for r in caplog.records if "retracing" in r.getMessage()]
+
+
+def test_time_split_total_sums_every_candidate_and_rung_but_not_the_rung_number():
+    payload = {"candidates": [
+        {"time_split": [{"rung": 0, "train": 1.5, "score": 0.25}, {"rung": 1, "train": 2.0, "trace": 0.5}]},
+        {"time_split": [{"rung": 0, "train": 1.0, "score": 0.75, "save": 0.1}]},
+        {"error": "out of memory"},  # a candidate that never trained has no split
+    ]}
+    assert time_split_total(payload) == pytest.approx(
+        {"train": 4.5, "score": 1.0, "trace": 0.5, "save": 0.1})
