@@ -292,7 +292,8 @@ def main(_):
                 res.put(key, {"seed": seed, "seconds": round(time.perf_counter() - start, 1), "min_params_ratio": ratio,
                               "capacity_kept": (payload["protocol"]["capacity_pool"] or {}).get("kept"),
                               "selected": payload["selected"], "total_steps": payload["protocol"]["total_steps"],
-                              "zero_cost_kept": payload["protocol"]["zero_cost"]["kept"],
+                              # None: the capacity pool left no more than the rung keeps, so no zero-cost cut
+                              "zero_cost_kept": (payload["protocol"]["zero_cost"] or {}).get("kept"),
                               "rungs": payload["protocol"]["rungs"],
                               # issue 14: where the selection's seconds went, over every candidate and rung
                               # (the rest of "seconds" is outside the candidates: loading, the pools)
@@ -552,7 +553,9 @@ def render(data: dict) -> str:
     selections = [(k, r) for k, r in rows.items() if k.startswith("select") and not k.startswith("select+ce")]
     for k, r in selections:
         pool = f"capacity pool kept {', '.join(r['capacity_kept'])}; " if r.get("capacity_kept") else ""
-        lines.append(f"\n{k}: {pool}zero-cost rung kept {', '.join(r['zero_cost_kept'])}; chose "
+        zero_cost = (f"zero-cost rung kept {', '.join(r['zero_cost_kept'])}" if r.get("zero_cost_kept")
+                     else "no zero-cost cut (the pool left no more than the rung keeps)")
+        lines.append(f"\n{k}: {pool}{zero_cost}; chose "
                      f"{r['selected']['criterion']} ({r['selected']['reason']}); {r['total_steps']} steps, "
                      f"{r['seconds']:.0f} s.")
     for target in s.get("other_targets", []):
