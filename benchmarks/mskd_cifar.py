@@ -75,6 +75,8 @@ flags.DEFINE_list("kd_ablation", ["alpha=0.1", "temperature=2", "feature_kd=1"],
 flags.DEFINE_list("mskd_kd_ablation", [],
                   "KD settings (key=value, as --kd_ablation) under which MS-KD (selection and distillation) and l1 + KD "
                   "are recomputed at every seed: the 3-seed test of a KD setting that won its --kd_ablation row.")
+flags.DEFINE_bool("ablations_first", False, "Compute the ablation rows right after seed 0's decisive rows instead of "
+                  "last (when seed 0 already raises the question they answer); the table is the same.")
 flags.DEFINE_integer("max_rows", 0, "Stop after this many newly computed rows (0 = all).")
 flags.DEFINE_list("forget", [], "Drop the cached rows whose names start with these prefixes before running, e.g. "
                   "--forget=select/,mskd/,select+ce/ after a change to selection (rows are cached by name and by the "
@@ -349,11 +351,33 @@ def main(_):
             row_t(f"kd:{BASELINE}/s{s0}", path_t(BASELINE), kd=True, seed=s0, extra={"criterion": BASELINE})
             mskd_t(s0, with_ce=False)
 
+    def ablations():
+        # The ablations, most useful first: the KD loss is the one lever left on bar 1 (the oracle best + CE is level
+        # with l1 + CE, so selection cannot add there; KD adds +0.5-0.7); then the baseline's lr; then the pool.
+        for variant in FLAGS.kd_ablation:  # the KD loss itself: which settings help l1 + KD
+            key, value = variant.split("=")
+            student_row(f"kd:{BASELINE}[{variant}]/s{s0}", path(BASELINE), kd=True, seed=s0,
+                        kd_settings={key: float(value)}, extra={"criterion": BASELINE})
+        for variant in FLAGS.mskd_kd_ablation:  # a winning KD setting, tested as the decisive rows are: 3 seeds
+            key, value = variant.split("=")
+            for seed in s["seeds"]:
+                student_row(f"kd:{BASELINE}[{variant}]/s{seed}", path(BASELINE), kd=True, seed=seed,
+                            kd_settings={key: float(value)}, extra={"criterion": BASELINE})
+                mskd_rows(seed, with_ce=False, kd_settings={key: float(value)})
+        for lr in FLAGS.lr_ablation:  # is the baseline's learning rate a fair one?
+            student_row(f"ce:{BASELINE}@lr{lr}/s{s0}", path(BASELINE), kd=False, seed=s0, lr=float(lr),
+                        extra={"criterion": BASELINE})
+        for ratio in FLAGS.pool_ablation:  # what the capacity pool gave
+            if float(ratio) != s["min_params_ratio"]:
+                mskd_rows(s0, with_ce=True, ratio=float(ratio))
+
     # Order, so that a partial table already answers the most: seed 0's decisive rows; the 18-row oracle
     # table (seed 0's selection + CE lost 1.12 points to l1 + CE: which candidates win after B steps, and
     # how early a run ranks them so, the evidence a better selection needs); the other MACs targets (does
     # KD's gain grow with the teacher-student gap?); then the other seeds; then the ablations.
     decisive(s0)
+    if FLAGS.ablations_first:
+        ablations()
     # The seed noise of one row, before the rest of the oracle: the candidates end within ~1.3 points of each other
     # and l2-uniform (l1-uniform's widths; uniform widths no longer depend on the ranking) ended 1.08 below it;
     # whether any selection can beat the default criterion depends on that spread exceeding the noise.
@@ -381,24 +405,8 @@ def main(_):
     other_targets()
     for seed in s["seeds"][1:]:
         student_row(f"ce:{oracle}/s{seed}", path(oracle), kd=False, seed=seed, extra={"criterion": oracle})
-    # The ablations, most useful first: the KD loss is the one lever left on bar 1 (the oracle best + CE is level
-    # with l1 + CE, so selection cannot add there; KD adds +0.5-0.7); then the baseline's lr; then the pool.
-    for variant in FLAGS.kd_ablation:  # the KD loss itself: which settings help l1 + KD
-        key, value = variant.split("=")
-        student_row(f"kd:{BASELINE}[{variant}]/s{s0}", path(BASELINE), kd=True, seed=s0,
-                    kd_settings={key: float(value)}, extra={"criterion": BASELINE})
-    for variant in FLAGS.mskd_kd_ablation:  # a winning KD setting, tested as the decisive rows are: 3 seeds
-        key, value = variant.split("=")
-        for seed in s["seeds"]:
-            student_row(f"kd:{BASELINE}[{variant}]/s{seed}", path(BASELINE), kd=True, seed=seed,
-                        kd_settings={key: float(value)}, extra={"criterion": BASELINE})
-            mskd_rows(seed, with_ce=False, kd_settings={key: float(value)})
-    for lr in FLAGS.lr_ablation:  # is the baseline's learning rate a fair one?
-        student_row(f"ce:{BASELINE}@lr{lr}/s{s0}", path(BASELINE), kd=False, seed=s0, lr=float(lr),
-                    extra={"criterion": BASELINE})
-    for ratio in FLAGS.pool_ablation:  # what the capacity pool gave
-        if float(ratio) != s["min_params_ratio"]:
-            mskd_rows(s0, with_ce=True, ratio=float(ratio))
+    if not FLAGS.ablations_first:
+        ablations()
 
     text = render(res.data)
     (results_io.RESULTS / f"{s['name']}.md").write_text(text)
