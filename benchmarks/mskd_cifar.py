@@ -283,7 +283,7 @@ def main(_):
             if not res.row(key) or not (out / "selected.keras").exists():
                 start = time.perf_counter()
                 payload = selection.select(
-                    {c: str(path(c)) for c in candidates}, train_for(seed), val, workdir=str(out),
+                    {c: str(path(c)) for c in candidates}, lambda: train_for(seed), val, workdir=str(out),
                     epochs=s["select_epochs"], zero_cost_keep=s["zero_cost_keep"],
                     zero_cost_scores={c: r["val_acc_before_finetune"] for c, r in candidates.items()},
                     candidate_costs=candidates,

@@ -56,7 +56,9 @@ def pipeline_candidates():
     wd = Path(FLAGS.workdir)
     rows = {r["criterion"]: r for r in json.loads((wd / "candidates.json").read_text())["candidates"]}
     splits = data.load(FLAGS.dataset, batch_size=FLAGS.batch_size, seed=0)
-    train = data.train_pipeline(splits.arrays["train"], FLAGS.batch_size, augment=True, seed=FLAGS.seed)
+    def train():  # a new pipeline per use: every candidate trains on the same batches, as in the select stage
+        return data.train_pipeline(splits.arrays["train"], FLAGS.batch_size, augment=True, seed=FLAGS.seed)
+
     teacher = keras.models.load_model(wd / "teacher.keras")
     common = dict(teacher=teacher, lr=FLAGS.lr, weight_decay=FLAGS.weight_decay, seed=FLAGS.seed, verbose=False)
     paths = {c: str(wd / "candidates" / f"{c}.keras") for c in rows}

@@ -608,7 +608,7 @@ def run_select(ctx: Context):
         else:
             teacher = ctx.model("teacher.keras")
     result = selection.select(
-        paths, ctx.train_data(), ctx.data.val, workdir=str(ctx.wd.path), epochs=cfg.select_epochs,
+        paths, ctx.train_data, ctx.data.val, workdir=str(ctx.wd.path), epochs=cfg.select_epochs,
         successive_halving=cfg.successive_halving, zero_cost_keep=cfg.zero_cost_keep,
         min_params_ratio=cfg.min_params_ratio,
         zero_cost_scores={row["criterion"]: row.get("val_acc_before_finetune") for row in rows

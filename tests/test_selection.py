@@ -373,3 +373,28 @@ def test_time_split_total_sums_every_candidate_and_rung_but_not_the_rung_number(
     ]}
     assert time_split_total(payload) == pytest.approx(
         {"train": 4.5, "score": 1.0, "trace": 0.5, "save": 0.1})
+
+
+def test_with_a_pipeline_function_every_candidate_trains_on_the_same_batches(tmp_path):
+    # Two copies of one network under two names: from a function that builds a fresh pipeline they see the
+    # same batches and end identical; from one shared reshuffling pipeline the second copy met other orders.
+    from mskd_tf import data as data_lib
+
+    x, y = tiny_arrays(160)
+    train_arrays, (val_x, val_y) = data_lib.Arrays(x[:128], y[:128]), (x[128:], y[128:])
+    val = tf.data.Dataset.from_tensor_slices((val_x, val_y)).batch(32)
+
+    def fresh():
+        return data_lib.train_pipeline(train_arrays, 32, augment=True, seed=0)
+
+    curves = {}
+    for mode, train in (("fresh", fresh), ("shared", fresh())):
+        payload = select({"a": tiny_candidate(6, "a", seed=3), "b": tiny_candidate(6, "b", seed=3)}, train, val,
+                         workdir=tmp_path / mode, epochs=3, successive_halving=False, bn_recalibration_batches=2,
+                         lr=0.05, verbose=False)
+        rows = {r["criterion"]: r for r in payload["candidates"]}
+        assert rows["a"]["steps"] == rows["b"]["steps"] == 6  # 1.5 epochs of 4 batches each, crossing an epoch end
+        curves[mode] = (rows["a"]["curve"], rows["b"]["curve"], rows["a"]["weights"], rows["b"]["weights"])
+    a, b, weights_a, weights_b = curves["fresh"]
+    assert a == b and weights_a == weights_b
+    assert curves["shared"][2] != curves["shared"][3]  # the shared pipeline really gave them different batches
