@@ -38,6 +38,7 @@ import datetime
 import hashlib
 import json
 import os
+import re
 import statistics
 import subprocess
 import time
@@ -77,6 +78,9 @@ flags.DEFINE_list("mskd_kd_ablation", [],
                   "are recomputed at every seed: the 3-seed test of a KD setting that won its --kd_ablation row.")
 flags.DEFINE_bool("ablations_first", False, "Compute the ablation rows right after seed 0's decisive rows instead of "
                   "last (when seed 0 already raises the question they answer); the table is the same.")
+flags.DEFINE_list("first", [], "Rows of one candidate to compute before the script's order, each "
+                  "'ce:<candidate>/s<seed>' or 'kd:<candidate>/s<seed>' (e.g. an oracle row that a finished row raised a "
+                  "question about); they are the same rows the order computes later (same names, same cache).")
 flags.DEFINE_integer("max_rows", 0, "Stop after this many newly computed rows (0 = all).")
 flags.DEFINE_list("forget", [], "Drop the cached rows whose names start with these prefixes before running, e.g. "
                   "--forget=select/,mskd/,select+ce/ after a change to selection (rows are cached by name and by the "
@@ -375,6 +379,12 @@ def main(_):
     # table (seed 0's selection + CE lost 1.12 points to l1 + CE: which candidates win after B steps, and
     # how early a run ranks them so, the evidence a better selection needs); the other MACs targets (does
     # KD's gain grow with the teacher-student gap?); then the other seeds; then the ablations.
+    for name in FLAGS.first:
+        match = re.fullmatch(r"(ce|kd):([\w-]+)/s(\d+)", name)
+        if not match or match[2] not in candidates:
+            raise SystemExit(f"--first={name!r}: expected ce:<candidate>/s<seed> or kd:<candidate>/s<seed> with a "
+                             f"candidate of this table ({', '.join(sorted(candidates))}).")
+        student_row(name, path(match[2]), kd=match[1] == "kd", seed=int(match[3]), extra={"criterion": match[2]})
     decisive(s0)
     if FLAGS.ablations_first:
         ablations()
