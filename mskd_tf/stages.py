@@ -204,6 +204,15 @@ class Context:
         c = self.cfg
         return data_lib.train_pipeline(d.arrays["train"], c.batch_size, augment=c.augment, seed=c.seed)
 
+    def selection_train(self):
+        """What ``select`` trains on: :meth:`train_data` itself where it builds a new pipeline per call (every
+        candidate then trains on the same batches), else the user's one dataset, which candidates share (and the
+        selection record says so)."""
+        d = self.data
+        if isinstance(d, UserData) and d.fresh_train is None:
+            return d.train
+        return self.train_data
+
     @property
     def calibration(self):
         """Un-augmented training batches: for data-driven criteria and int8 calibration (never read whole)."""
@@ -608,7 +617,7 @@ def run_select(ctx: Context):
         else:
             teacher = ctx.model("teacher.keras")
     result = selection.select(
-        paths, ctx.train_data, ctx.data.val, workdir=str(ctx.wd.path), epochs=cfg.select_epochs,
+        paths, ctx.selection_train(), ctx.data.val, workdir=str(ctx.wd.path), epochs=cfg.select_epochs,
         successive_halving=cfg.successive_halving, zero_cost_keep=cfg.zero_cost_keep,
         min_params_ratio=cfg.min_params_ratio,
         zero_cost_scores={row["criterion"]: row.get("val_acc_before_finetune") for row in rows

@@ -196,3 +196,29 @@ def test_default_widths_are_simd_multiples_and_tiny_groups_still_reach_the_targe
             step = 8 if teacher_widths[layer] >= 16 else 4
             assert width % step == 0, (candidate["criterion"], layer, width, teacher_widths[layer])
         assert abs(candidate["macs_ratio"] - tiny_cfg.target_macs) <= 0.05, candidate["macs_ratio"]
+
+
+def test_selection_shares_a_users_dataset_but_gives_numpy_splits_a_fresh_pipeline_per_candidate(tmp_path):
+    """A tf.data dataset handed to compress() cannot be rebuilt: select gets it as is (and records a shared
+    pipeline); numpy splits give select a function whose every call starts the seed's first order again."""
+    import keras
+    import tensorflow as tf
+
+    from mskd_tf import stages
+
+    rng = np.random.default_rng(0)
+    x, y = rng.random((64, 8, 8, 1)).astype("float32"), rng.integers(0, 3, 64)
+    model = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Flatten(), keras.layers.Dense(3)])
+    cfg = Config(workdir=str(tmp_path / "wd"), batch_size=16)
+
+    def context(train):
+        data = stages.user_data(model, train, (x, y), None, batch_size=16, seed=0)
+        return stages.Context(cfg=cfg, wd=Workdir(cfg.workdir), user_data=data)
+
+    given = tf.data.Dataset.from_tensor_slices((x, y)).batch(16)
+    assert context(given).selection_train() is given
+
+    fresh = context((x, y)).selection_train()
+    assert callable(fresh)
+    first, again = next(iter(fresh())), next(iter(fresh()))
+    np.testing.assert_array_equal(first[1].numpy(), again[1].numpy())
