@@ -108,7 +108,10 @@ def settings() -> dict:
          "min_params_ratio": Config.min_params_ratio if FLAGS.min_params_ratio is None else FLAGS.min_params_ratio,
          "finetune_lr": FLAGS.finetune_lr, "temperature": FLAGS.temperature, "alpha": FLAGS.alpha,
          "target_macs": FLAGS.target_macs, "round_to": FLAGS.round_to, "other_targets": [float(t) for t in FLAGS.other_targets],
-         "seeds": [0] if quick else [int(x) for x in FLAGS.seeds]}
+         "seeds": [0] if quick else [int(x) for x in FLAGS.seeds],
+         # The library's capacity-pool floor is min_params_ratio x the median candidate's parameters (before
+         # commit "capacity pool under the median": x the largest's; such rows are renamed, see Results).
+         "capacity_reference": "median"}
     s["name"] = FLAGS.name or ("mskd_cifar_quick" if quick else "mskd_cifar")
     s["workdir"] = f"runs/bench_{s['name']}"
     return s
@@ -146,7 +149,8 @@ class Results:
         self.name = name
         path = results_io.RESULTS / f"{name}.json"
         # Rows of another capacity pool carry it in their names, so the table stays valid when it changes.
-        key = {k: v for k, v in s.items() if k not in ("seeds", "other_targets", "min_params_ratio")}
+        key = {k: v for k, v in s.items() if k not in ("seeds", "other_targets", "min_params_ratio",
+                                                       "capacity_reference")}
         old = json.loads(path.read_text()).get("figures", {}) if path.exists() else {}
         self.data = old if old.get("settings_key") == key else {"settings_key": key, "rows": {}, "targets": {}}
         # MS-KD rows computed before the capacity pool existed selected among all candidates (ratio 0).
@@ -155,6 +159,14 @@ class Results:
             row = self.data["rows"].pop(name)
             prefix, rest = name.split("/", 1)
             self.data["rows"][f"{prefix}{pool_variant(0.0, s)}/{rest}"] = {**row, "min_params_ratio": 0.0}
+        # MS-KD rows whose pool was a fraction of the largest candidate's parameters keep that in their names.
+        for name in [n for n, r in self.data["rows"].items()
+                     if n.split("/")[0] in ("select", "mskd", "select+ce") and r.get("min_params_ratio")
+                     and "capacity_reference" not in r]:
+            row = self.data["rows"].pop(name)
+            prefix, rest = name.split("/", 1)
+            variant = pool_variant(row["min_params_ratio"], s, reference="largest")
+            self.data["rows"][f"{prefix}{variant}/{rest}"] = {**row, "capacity_reference": "largest"}
         self.data["settings"] = s
         self.new_rows = 0
 
@@ -173,8 +185,10 @@ class Results:
         results_io.write_results(self.name, self.data)
 
 
-def pool_variant(ratio: float, s: dict) -> str:
+def pool_variant(ratio: float, s: dict, reference: str = "median") -> str:
     """The row-name suffix of MS-KD rows selected with this capacity pool ('' = the default)."""
+    if ratio and reference != s["capacity_reference"]:
+        return f"[min_params_ratio={ratio:g} x {reference}]"
     return "" if ratio == s["min_params_ratio"] else f"[min_params_ratio={ratio:g}]"
 
 
@@ -282,6 +296,7 @@ def main(_):
             kd_tag = "".join(f"[{k}={v:g}]" for k, v in sorted(kd_settings.items()))
             variant = pool_variant(ratio, s) + kd_tag
             out = wd / (f"select_s{seed}" + (f"_minparams{ratio:g}" if ratio else "")  # ratio 0: the original folders
+                        + (f"_{s['capacity_reference']}" if ratio else "")  # "_minparams0.9": x the largest
                         + "".join(f"_{k}{v:g}" for k, v in sorted(kd_settings.items())))
             key = f"select{variant}/s{seed}{tag}"
             if not res.row(key) or not (out / "selected.keras").exists():
@@ -296,6 +311,7 @@ def main(_):
                     alpha=kd_settings.get("alpha", s["alpha"]), lr=s["finetune_lr"],  # feature hints: distill only
                     weight_decay=s["weight_decay"], seed=seed)
                 res.put(key, {"seed": seed, "seconds": round(time.perf_counter() - start, 1), "min_params_ratio": ratio,
+                              "capacity_reference": s["capacity_reference"],
                               "capacity_kept": (payload["protocol"]["capacity_pool"] or {}).get("kept"),
                               "selected": payload["selected"], "total_steps": payload["protocol"]["total_steps"],
                               # None: the capacity pool left no more than the rung keeps, so no zero-cost cut
@@ -310,7 +326,8 @@ def main(_):
             chosen = res.row(key)
             spent = chosen["total_steps"]
             extra = {"criterion": chosen["selected"]["criterion"], "selection_steps": spent,
-                     "selection_seconds": chosen["seconds"], "min_params_ratio": ratio}
+                     "selection_seconds": chosen["seconds"], "min_params_ratio": ratio,
+                     "capacity_reference": s["capacity_reference"]}
             student_row(f"mskd{variant}/s{seed}", out / "selected.keras", kd=True, seed=seed, steps=budget - spent,
                         extra=extra, kd_settings=kd_settings)
             if with_ce:
@@ -495,7 +512,8 @@ def render(data: dict) -> str:
              f"{s['finetune_lr']} cosine to 0, the same weight decay; KD T = {s['temperature']:g}, alpha = {s['alpha']:g}. MS-KD: zero-cost "
              f"rung keeps {s['zero_cost_keep']}, then successive halving under the KD loss for {s['select_epochs']:g} "
              f"epochs in all, inside B; capacity pool: candidates with >= "
-             f"{s.get('min_params_ratio', 0):g} x the largest candidate's parameters.", ""]
+             f"{s.get('min_params_ratio', 0):g} x the {s.get('capacity_reference', 'largest')} candidate's parameters.",
+             ""]
     seeds = s["seeds"]
     lines += ["| row | candidate | MACs (M) | params (k) | steps (selection + training) | wall min | val acc % | "
               "test acc % |",

@@ -77,7 +77,7 @@ class Config:
     zero_cost_keep: int = _field(4, "Before any fine-tuning keep only the best N candidates by validation accuracy "
                                  "of their BatchNorm-recalibrated clones (0 = keep all).")
     min_params_ratio: float = _field(0.9, "Before the zero-cost rung drop candidates with fewer parameters than this "
-                                     "fraction of the largest candidate's (0 = keep all): at equal MACs the kept "
+                                     "fraction of the median candidate's (0 = keep all): at equal MACs the kept "
                                      "capacity predicted the trained accuracy best (BENCHMARKS.md, issue 13).")
     select_loss: str = _field("kd", "Fine-tune candidates with the distillation loss (kd) or cross-entropy (ce).",
                               SELECT_LOSSES)
@@ -153,7 +153,7 @@ class Config:
         if not 0 <= self.alpha <= 1:
             bad("alpha", "must be in [0, 1].")
         if not 0 <= self.min_params_ratio <= 1:
-            bad("min_params_ratio", "is a fraction of the largest candidate's parameters and must be in [0, 1] "
+            bad("min_params_ratio", "is a fraction of the median candidate's parameters and must be in [0, 1] "
                                     "(0 = keep all).")
         if self.stop_after and self.restart_from and STAGES.index(self.restart_from) > STAGES.index(self.stop_after):
             bad("restart_from", f"comes after --stop_after={self.stop_after}, so it would never run.")

@@ -235,7 +235,7 @@ def test_capacity_pool_drops_the_small_candidates_before_the_zero_cost_rung(tmp_
     candidates = three_candidates()
     params = {n: int(flops.count(m).params) for n, m in candidates.items()}
     assert params["w4"] < params["w6"] < params["w8"]
-    ratio = (params["w4"] + params["w6"]) / 2 / params["w8"]  # between w4's and w6's share of w8
+    ratio = (params["w4"] + params["w6"]) / 2 / params["w6"]  # between w4's and w6's share of the median, w6
     given = {"w4": 0.9, "w6": 0.5, "w8": 0.2}  # the small one has the best zero-cost score and must still go
     payload = select(candidates, *data, workdir=tmp_path, epochs=1.0, zero_cost_keep=1, zero_cost_scores=given,
                      min_params_ratio=ratio, verbose=False)
@@ -247,6 +247,23 @@ def test_capacity_pool_drops_the_small_candidates_before_the_zero_cost_rung(tmp_
     plain = select(three_candidates(), *data, workdir=tmp_path / "all", epochs=1.0, zero_cost_keep=1,
                    zero_cost_scores=given, verbose=False)
     assert plain["selected"]["criterion"] == "w4" and plain["protocol"]["capacity_pool"] is None
+
+
+def test_capacity_pool_keeps_the_equal_width_uniform_candidates_beside_a_larger_global_one():
+    """The CIFAR-10 t120 candidates (parameters at 50% MACs): every uniform candidate has 159,882 parameters,
+    the largest global one 178,098. A floor at 0.9 x the largest (160,288) dropped every uniform candidate, the
+    default allocation included; the floor at 0.9 x the median keeps them and drops the small globals only."""
+    from mskd_tf.selection import capacity_pool
+
+    params = {**{f"{c}-uniform": 159882 for c in ("l1", "l2", "fpgm", "taylor", "hrank", "activation", "apoz",
+                                                   "bn_gamma", "random")},
+              "l1-global": 166890, "l2-global": 178098, "fpgm-global": 178098, "bn_gamma-global": 165410,
+              "taylor-global": 130346, "activation-global": 131610, "random-global": 132186,
+              "apoz-global": 117082, "hrank-global": 95146}
+    kept = capacity_pool(params, 0.9)
+    assert sorted(set(params) - set(kept)) == ["activation-global", "apoz-global", "hrank-global", "random-global",
+                                               "taylor-global"]
+    assert capacity_pool(params, 0.0) == list(params)
 
 
 def test_given_candidate_costs_spare_loading_the_files_the_pools_drop(tmp_path, data, monkeypatch):
