@@ -81,6 +81,9 @@ flags.DEFINE_bool("ablations_first", False, "Compute the ablation rows right aft
 flags.DEFINE_list("first", [], "Rows of one candidate to compute before the script's order, each "
                   "'ce:<candidate>/s<seed>' or 'kd:<candidate>/s<seed>' (e.g. an oracle row that a finished row raised a "
                   "question about); they are the same rows the order computes later (same names, same cache).")
+flags.DEFINE_list("later", [], "Row names not to compute in this sitting (the script goes on with the next row; "
+                  "a run without them computes them where the order puts them), e.g. an ablation whose answer is "
+                  "already in another row.")
 flags.DEFINE_integer("max_rows", 0, "Stop after this many newly computed rows (0 = all).")
 flags.DEFINE_list("forget", [], "Drop the cached rows whose names start with these prefixes before running, e.g. "
                   "--forget=select/,mskd/,select+ce/ after a change to selection (rows are cached by name and by the "
@@ -267,7 +270,7 @@ def main(_):
         def student_row(name, source, *, kd, seed, steps=budget, extra=None, lr=None, kd_settings=None):
             name = name + tag
             loss = {"temperature": s["temperature"], "alpha": s["alpha"], "feature_kd": 0.0, **(kd_settings or {})}
-            if res.row(name):
+            if res.row(name) or name in FLAGS.later:
                 return res.row(name)
             keras.utils.set_random_seed(seed)
             student = keras.models.load_model(source)
