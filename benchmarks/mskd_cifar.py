@@ -72,7 +72,7 @@ flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds of the decisive rows.")
 flags.DEFINE_list("lr_ablation", ["0.02", "0.1"], "Other peak learning rates for l1 + CE (seed 0): is the "
                   "baseline's learning rate a fair one?")
 flags.DEFINE_list("kd_ablation", ["alpha=0.1", "temperature=2", "feature_kd=1"],
-                  "l1 + KD rows with one KD setting changed (seed 0), key=value of distill.distill.")
+                  "l1 + KD rows with one KD setting changed (seed 0), key=value of distill.distill, or lr=<peak learning rate>.")
 flags.DEFINE_list("mskd_kd_ablation", [],
                   "KD settings (key=value, as --kd_ablation) under which MS-KD (selection and distillation) and l1 + KD "
                   "are recomputed at every seed: the 3-seed test of a KD setting that won its --kd_ablation row.")
@@ -269,7 +269,9 @@ def main(_):
 
         def student_row(name, source, *, kd, seed, steps=budget, extra=None, lr=None, kd_settings=None):
             name = name + tag
-            loss = {"temperature": s["temperature"], "alpha": s["alpha"], "feature_kd": 0.0, **(kd_settings or {})}
+            kd_settings = dict(kd_settings or {})
+            lr = kd_settings.pop("lr", lr)  # a KD run's learning rate is one of its settings (lr=...)
+            loss = {"temperature": s["temperature"], "alpha": s["alpha"], "feature_kd": 0.0, **kd_settings}
             if res.row(name) or name in FLAGS.later:
                 return res.row(name)
             keras.utils.set_random_seed(seed)
@@ -311,7 +313,7 @@ def main(_):
                     candidate_costs=candidates,
                     min_params_ratio=ratio,
                     teacher=teacher, temperature=kd_settings.get("temperature", s["temperature"]),
-                    alpha=kd_settings.get("alpha", s["alpha"]), lr=s["finetune_lr"],  # feature hints: distill only
+                    alpha=kd_settings.get("alpha", s["alpha"]), lr=kd_settings.get("lr", s["finetune_lr"]),  # hints: distill only
                     weight_decay=s["weight_decay"], seed=seed)
                 res.put(key, {"seed": seed, "seconds": round(time.perf_counter() - start, 1), "min_params_ratio": ratio,
                               "capacity_reference": s["capacity_reference"],
