@@ -84,6 +84,10 @@ class Config:
     successive_halving: bool = _field(True, "Keep the better half of candidates after each rung.")
     tie_tolerance: float = _field(0.002, "Validation accuracies this close are a tie; ties go to fewer MACs.")
     finetune_lr: float = _field(0.01, "Peak learning rate for candidate fine-tuning and distillation.")
+    kd_lr_scale: float = _field(0.5, "Runs under the distillation loss (selection with --select_loss=kd, the distill "
+                                "stage's KD run) train at --finetune_lr x this; cross-entropy runs at --finetune_lr. "
+                                "The T^2-scaled KD term takes larger steps than cross-entropy at the same rate: on "
+                                "CIFAR-10 KD at half the rate gained ~1 point (BENCHMARKS.md, issue 13).")
     strategy: str = _field("default", "tf.distribute strategy for fine-tuning and distillation.", STRATEGIES)
     num_replicas: int = _field(2, "Logical CPU replicas for --strategy=mirrored without GPUs.")
     parallel_selection: bool = _field(False, "With --strategy=multi_worker: each worker fine-tunes its own share of "
@@ -143,7 +147,7 @@ class Config:
         for name in ("train_subset", "bn_recalibration_batches", "zero_cost_keep"):
             if getattr(self, name) < 0:
                 bad(name, "must be >= 0.")
-        for name in ("lr", "finetune_lr", "temperature"):
+        for name in ("lr", "finetune_lr", "temperature", "kd_lr_scale"):
             if getattr(self, name) <= 0:
                 bad(name, "must be > 0.")
         if not 0 <= self.val_fraction < 1:

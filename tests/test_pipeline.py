@@ -222,3 +222,22 @@ def test_selection_shares_a_users_dataset_but_gives_numpy_splits_a_fresh_pipelin
     assert callable(fresh)
     first, again = next(iter(fresh())), next(iter(fresh()))
     np.testing.assert_array_equal(first[1].numpy(), again[1].numpy())
+
+
+def test_runs_under_the_kd_loss_train_at_the_scaled_rate(tiny_cfg, monkeypatch):
+    """Selection under KD and the distill stage's KD run train at --finetune_lr x --kd_lr_scale; cross-entropy
+    runs (the baseline, a selection that fell back to CE) at --finetune_lr."""
+    from mskd_tf import distill, selection
+
+    seen = []
+    real_distill, real_select = distill.distill, selection.select
+    monkeypatch.setattr(distill, "distill", lambda *a, **k: seen.append(("distill", k["kd"], k["lr"]))
+                        or real_distill(*a, **k))
+    monkeypatch.setattr(selection, "select", lambda *a, **k: seen.append(("select", k["teacher"] is not None,
+                                                                          k["lr"])) or real_select(*a, **k))
+    tiny_cfg.criteria, tiny_cfg.finetune_lr, tiny_cfg.kd_lr_scale = ("l1", "random"), 0.04, 0.25
+    run_pipeline(tiny_cfg, stop_after="distill")
+    assert [(stage, kd) for stage, kd, _ in seen][1:] == [("distill", True), ("distill", False)]
+    assert all(lr == pytest.approx(0.01 if kd else 0.04) for _, kd, lr in seen), seen
+    record = json.loads(open(f"{tiny_cfg.workdir}/distill.json").read())
+    assert (record["lr"], record["baseline_lr"]) == (pytest.approx(0.01), pytest.approx(0.04))
