@@ -79,7 +79,7 @@ flags.DEFINE_list("mskd_kd_ablation", [],
 flags.DEFINE_bool("ablations_first", False, "Compute the ablation rows right after seed 0's decisive rows instead of "
                   "last (when seed 0 already raises the question they answer); the table is the same.")
 flags.DEFINE_list("first", [], "Rows of one candidate to compute before the script's order, each "
-                  "'ce:<candidate>/s<seed>' or 'kd:<candidate>/s<seed>' (e.g. an oracle row that a finished row raised a "
+                  "'ce:<candidate>/s<seed>' or 'kd:<candidate>[lr=<rate>]/s<seed>' (e.g. an oracle row that a finished row raised a "
                   "question about); they are the same rows the order computes later (same names, same cache).")
 flags.DEFINE_list("later", [], "Row names not to compute in this sitting (the script goes on with the next row; "
                   "a run without them computes them where the order puts them), e.g. an ablation whose answer is "
@@ -402,11 +402,12 @@ def main(_):
     # how early a run ranks them so, the evidence a better selection needs); the other MACs targets (does
     # KD's gain grow with the teacher-student gap?); then the other seeds; then the ablations.
     for name in FLAGS.first:
-        match = re.fullmatch(r"(ce|kd):([\w-]+)/s(\d+)", name)
-        if not match or match[2] not in candidates:
-            raise SystemExit(f"--first={name!r}: expected ce:<candidate>/s<seed> or kd:<candidate>/s<seed> with a "
-                             f"candidate of this table ({', '.join(sorted(candidates))}).")
-        student_row(name, path(match[2]), kd=match[1] == "kd", seed=int(match[3]), extra={"criterion": match[2]})
+        match = re.fullmatch(r"(ce|kd):([\w-]+)(?:\[lr=([\d.]+)\])?/s(\d+)", name)
+        if not match or match[2] not in candidates or (match[3] and match[1] == "ce"):
+            raise SystemExit(f"--first={name!r}: expected ce:<candidate>/s<seed> or kd:<candidate>[lr=<rate>]/s<seed> "
+                             f"with a candidate of this table ({', '.join(sorted(candidates))}).")
+        student_row(name, path(match[2]), kd=match[1] == "kd", seed=int(match[4]), extra={"criterion": match[2]},
+                    kd_settings={"lr": float(match[3])} if match[3] else None)
     decisive(s0)
     if FLAGS.ablations_first:
         ablations()
