@@ -110,6 +110,10 @@ class Config:
     qat: bool = _field(False, "Quantization-aware fine-tuning (tfmot) before the int8 export.")
     micro: bool = _field(True, "Run the int8 model in TFLite Micro and write the MCU kit.")
 
+    def finetune_rate(self, kd: bool) -> float:
+        """Peak learning rate of a fine-tuning run: --finetune_lr, x --kd_lr_scale under the distillation loss."""
+        return self.finetune_lr * (self.kd_lr_scale if kd else 1.0)
+
     @classmethod
     def fields(cls):
         return dataclasses.fields(cls)

@@ -625,7 +625,7 @@ def run_select(ctx: Context):
         candidate_costs={row["criterion"]: row for row in rows if "macs" in row and "params" in row},
         teacher=teacher, temperature=cfg.temperature, alpha=cfg.alpha, tie_tolerance=cfg.tie_tolerance,
         bn_recalibration_batches=cfg.bn_recalibration_batches,
-        optimizer=cfg.optimizer, lr=cfg.finetune_lr * (cfg.kd_lr_scale if teacher is not None else 1.0),
+        optimizer=cfg.optimizer, lr=cfg.finetune_rate(kd=teacher is not None),
         weight_decay=cfg.weight_decay,
         # Candidate-parallel: each worker trains its share locally, meeting the others at file barriers.
         strategy=None if cfg.parallel_selection else _strategy(ctx), parallel=cfg.parallel_selection,
@@ -676,8 +676,7 @@ def run_distill(ctx: Context):
     for label, kd in runs:
         student = keras.models.load_model(ctx.wd / "selected.keras")  # both runs start from the same weights
         start = time.perf_counter()
-        # KD's rate is scaled (Config.kd_lr_scale): at one rate its larger steps cost the student ~1 point on CIFAR-10.
-        lr = cfg.finetune_lr * (cfg.kd_lr_scale if kd else 1.0)
+        lr = cfg.finetune_rate(kd)  # KD's larger steps want a lower rate (Config.kd_lr_scale)
         student, history = distill.distill(teacher, student, ctx.train_data(), d.val, kd=kd, lr=lr,
                                            callbacks=training_logs(ctx, f"distill_{label}") if ctx.writes else (),
                                            **settings)
