@@ -402,7 +402,7 @@ def main(_):
     # how early a run ranks them so, the evidence a better selection needs); the other MACs targets (does
     # KD's gain grow with the teacher-student gap?); then the other seeds; then the ablations.
     for name in FLAGS.first:
-        match = re.fullmatch(r"(ce|kd):([\w-]+)(?:\[lr=([\d.]+)\])?/s(\d+)", name)
+        match = re.fullmatch(r"(ce|kd):([\w-]+)(?:\[lr=(\d+(?:\.\d+)?)\])?/s(\d+)", name)
         if not match or match[2] not in candidates or (match[3] and match[1] == "ce"):
             raise SystemExit(f"--first={name!r}: expected ce:<candidate>/s<seed> or kd:<candidate>[lr=<rate>]/s<seed> "
                              f"with a candidate of this table ({', '.join(sorted(candidates))}).")
