@@ -17,7 +17,9 @@ Protocol
 * Budget: every student row gets the same ``--budget`` epochs of optimizer steps (batch 128), counted in
   steps and printed per row. **MS-KD's selection steps are inside the budget**: selection spends
   ``--select_epochs`` over all candidates, the winner keeps its fine-tuned weights, and distillation
-  trains what is left. Same optimizer, peak learning rate (cosine to 0) and data for every row.
+  trains what is left. Same optimizer, schedule (cosine to 0) and data for every row; the peak learning rate is
+  ``--finetune_lr`` for CE and ``--finetune_lr`` x the library's ``Config.kd_lr_scale`` under the KD loss, as in
+  the pipeline (rows of another KD rate say so: ``kd:l1-uniform[lr=0.05]``).
 * Rows, in the order they are computed (a sitting ends after any of them; a rerun resumes):
   seed 0's decisive rows: ``ce:l1-uniform`` (l1 + CE with a uniform per-layer ratio: Li et al. /
   Torch-Pruning's default), ``mskd`` (the library's select + distill), ``select+ce`` (MS-KD's selection, then
@@ -60,7 +62,9 @@ flags.DEFINE_list("pool_ablation", ["0"], "min_params_ratio values of the MS-KD 
                   "selection before the capacity pool existed.")
 flags.DEFINE_float("weight_decay", 5e-3, "Decoupled weight decay of the teacher and every student row (Keras "
                    "applies lr x wd per step: 5e-3 equals the usual SGD-momentum-0.9 L2 of 5e-4).")
-flags.DEFINE_float("finetune_lr", 0.05, "Peak learning rate of every student row (cosine to 0).")
+flags.DEFINE_float("finetune_lr", 0.05, "Peak learning rate of every CE student row (cosine to 0); runs under the KD "
+                   "loss (selection, KD rows) train at finetune_lr x the library's Config.kd_lr_scale, as the "
+                   "pipeline does.")
 flags.DEFINE_float("temperature", 4.0, "KD temperature.")
 flags.DEFINE_float("alpha", 0.5, "KD weight of the label cross-entropy.")
 flags.DEFINE_integer("round_to", 8, "Kept widths are multiples of this. Measured: the l1-uniform clone at 50% MACs with "
@@ -109,7 +113,8 @@ def settings() -> dict:
          "teacher_lr": 0.1, "weight_decay": FLAGS.weight_decay, "budget": 2.0 if quick else FLAGS.budget,
          "select_epochs": 0.5 if quick else FLAGS.select_epochs, "zero_cost_keep": FLAGS.zero_cost_keep,
          "min_params_ratio": Config.min_params_ratio if FLAGS.min_params_ratio is None else FLAGS.min_params_ratio,
-         "finetune_lr": FLAGS.finetune_lr, "temperature": FLAGS.temperature, "alpha": FLAGS.alpha,
+         "finetune_lr": FLAGS.finetune_lr, "kd_lr": Config(finetune_lr=FLAGS.finetune_lr).finetune_rate(kd=True),
+         "temperature": FLAGS.temperature, "alpha": FLAGS.alpha,
          "target_macs": FLAGS.target_macs, "round_to": FLAGS.round_to, "other_targets": [float(t) for t in FLAGS.other_targets],
          "seeds": [0] if quick else [int(x) for x in FLAGS.seeds],
          # The library's capacity-pool floor is min_params_ratio x the median candidate's parameters (before
@@ -153,7 +158,7 @@ class Results:
         path = results_io.RESULTS / f"{name}.json"
         # Rows of another capacity pool carry it in their names, so the table stays valid when it changes.
         key = {k: v for k, v in s.items() if k not in ("seeds", "other_targets", "min_params_ratio",
-                                                       "capacity_reference")}
+                                                       "capacity_reference", "kd_lr")}
         old = json.loads(path.read_text()).get("figures", {}) if path.exists() else {}
         self.data = old if old.get("settings_key") == key else {"settings_key": key, "rows": {}, "targets": {}}
         # MS-KD rows computed before the capacity pool existed selected among all candidates (ratio 0).
@@ -170,6 +175,19 @@ class Results:
             prefix, rest = name.split("/", 1)
             variant = pool_variant(row["min_params_ratio"], s, reference="largest")
             self.data["rows"][f"{prefix}{variant}/{rest}"] = {**row, "capacity_reference": "largest"}
+        # A KD row's name carries its learning rate unless it is the default KD rate, which was finetune_lr until
+        # the library's Config.kd_lr_scale (rows named then say [lr=<finetune_lr>] now) and is s["kd_lr"] since.
+        named_default = self.data.get("kd_lr_default", s["finetune_lr"])
+        if named_default != s["kd_lr"]:
+            renamed = {}
+            for name, row in self.data["rows"].items():
+                prefix, rest = name.split("/", 1)
+                if prefix.startswith(("select", "mskd", "zc+kd")) or (prefix.startswith("kd:") and row.get("kd")):
+                    lr = _tag_value(prefix, "lr")
+                    name = with_kd_lr(name, named_default if lr is None else lr, s)
+                renamed[name] = row
+            self.data["rows"] = renamed
+        self.data["kd_lr_default"] = s["kd_lr"]
         self.data["settings"] = s
         self.new_rows = 0
 
@@ -193,6 +211,24 @@ def pool_variant(ratio: float, s: dict, reference: str = "median") -> str:
     if ratio and reference != s["capacity_reference"]:
         return f"[min_params_ratio={ratio:g} x {reference}]"
     return "" if ratio == s["min_params_ratio"] else f"[min_params_ratio={ratio:g}]"
+
+
+def _tag_value(prefix: str, key: str):
+    found = re.search(rf"\[{key}=([^\]]+)\]", prefix)
+    return float(found[1]) if found else None
+
+
+def with_kd_lr(name: str, lr: float, s: dict) -> str:
+    """A KD row's (or selection's) name with its learning rate tag: none at the default KD rate s["kd_lr"].
+
+    The tags after the capacity pool's stay sorted by key, as mskd_rows writes them."""
+    prefix, slash, rest = name.partition("/")
+    tags = re.findall(r"\[([^\]]+)\]", prefix)
+    base = prefix[:prefix.index("[")] if tags else prefix
+    pool = [t for t in tags if t.startswith("min_params_ratio=")]
+    settings = sorted([t for t in tags if not t.startswith(("min_params_ratio=", "lr="))]
+                      + ([f"lr={lr:g}"] if abs(lr - s["kd_lr"]) > 1e-12 else []), key=lambda t: t.split("=")[0])
+    return base + "".join(f"[{t}]" for t in pool + settings) + slash + rest
 
 
 def guard_the_table(res, s):
@@ -268,9 +304,10 @@ def main(_):
         path = lambda c: wd / "candidates" / f"{c}.keras"  # noqa: E731
 
         def student_row(name, source, *, kd, seed, steps=budget, extra=None, lr=None, kd_settings=None):
-            name = name + tag
             kd_settings = dict(kd_settings or {})
             lr = kd_settings.pop("lr", lr)  # a KD run's learning rate is one of its settings (lr=...)
+            lr = lr or (s["kd_lr"] if kd else s["finetune_lr"])
+            name = (with_kd_lr(name, lr, s) if kd else name) + tag
             loss = {"temperature": s["temperature"], "alpha": s["alpha"], "feature_kd": 0.0, **kd_settings}
             if res.row(name) or name in FLAGS.later:
                 return res.row(name)
@@ -281,10 +318,10 @@ def main(_):
             # candidates as B steps do, i.e. which selection horizon could be predictive, at no training cost.
             student, history = distill.distill(teacher, student, train_for(seed), val, epochs=steps / per_epoch,
                                          steps=steps, kd=kd, **loss,
-                                         lr=lr or s["finetune_lr"], weight_decay=s["weight_decay"], seed=seed,
+                                         lr=lr, weight_decay=s["weight_decay"], seed=seed,
                                          verbose=2)
             cost = flops.count(student)
-            row = {"kd": kd, **({"kd_settings": loss} if kd else {}), "seed": seed, "lr": lr or s["finetune_lr"],
+            row = {"kd": kd, **({"kd_settings": loss} if kd else {}), "seed": seed, "lr": lr,
                    "train_steps": steps, "seconds": round(time.perf_counter() - start, 1),
                    "val_acc": training.accuracy(student, val), "test_acc": training.accuracy(student, test),
                    "macs": int(cost.macs), "params": int(cost.params),
@@ -297,12 +334,14 @@ def main(_):
 
         def mskd_rows(seed, with_ce, ratio=s["min_params_ratio"], kd_settings=None):
             """The library's select stage, then its distill stage's KD run (and its CE run as the ablation)."""
-            kd_settings = kd_settings or {}
-            kd_tag = "".join(f"[{k}={v:g}]" for k, v in sorted(kd_settings.items()))
-            variant = pool_variant(ratio, s) + kd_tag
+            kd_settings = {"lr": s["kd_lr"], **(kd_settings or {})}
+            variant = with_kd_lr(pool_variant(ratio, s) + "".join(
+                f"[{k}={v:g}]" for k, v in sorted(kd_settings.items()) if k != "lr"), kd_settings["lr"], s)
+            # Folder names say the rate when it is not finetune_lr (the default KD rate before Config.kd_lr_scale).
+            folder_settings = {k: v for k, v in kd_settings.items() if k != "lr" or v != s["finetune_lr"]}
             out = wd / (f"select_s{seed}" + (f"_minparams{ratio:g}" if ratio else "")  # ratio 0: the original folders
                         + (f"_{s['capacity_reference']}" if ratio else "")  # "_minparams0.9": x the largest
-                        + "".join(f"_{k}{v:g}" for k, v in sorted(kd_settings.items())))
+                        + "".join(f"_{k}{v:g}" for k, v in sorted(folder_settings.items())))
             key = f"select{variant}/s{seed}{tag}"
             if not res.row(key) or not (out / "selected.keras").exists():
                 start = time.perf_counter()
@@ -313,7 +352,7 @@ def main(_):
                     candidate_costs=candidates,
                     min_params_ratio=ratio,
                     teacher=teacher, temperature=kd_settings.get("temperature", s["temperature"]),
-                    alpha=kd_settings.get("alpha", s["alpha"]), lr=kd_settings.get("lr", s["finetune_lr"]),  # hints: distill only
+                    alpha=kd_settings.get("alpha", s["alpha"]), lr=kd_settings["lr"],  # hints: distill only
                     weight_decay=s["weight_decay"], seed=seed)
                 res.put(key, {"seed": seed, "seconds": round(time.perf_counter() - start, 1), "min_params_ratio": ratio,
                               "capacity_reference": s["capacity_reference"],
@@ -433,10 +472,11 @@ def main(_):
     # partial table already scores the picks of the selection rules (benchmarks/selection_signals.py).
     for c in sorted(candidates, key=lambda c: -candidates[c]["val_acc_before_finetune"]):
         student_row(f"ce:{c}/s{s0}", path(c), kd=False, seed=s0, extra={"criterion": c})
-    oracle = max(candidates, key=lambda c: res.row(f"ce:{c}/s{s0}")["val_acc"])
-    res.data["oracle_criterion"] = oracle
+    oracle_rows = {c: res.row(f"ce:{c}/s{s0}") for c in candidates}
+    oracle = None if None in oracle_rows.values() else max(candidates, key=lambda c: oracle_rows[c]["val_acc"])
+    res.data["oracle_criterion"] = oracle  # None while --later leaves oracle rows out
     other_targets()
-    for seed in s["seeds"][1:]:
+    for seed in s["seeds"][1:] if oracle else []:
         student_row(f"ce:{oracle}/s{seed}", path(oracle), kd=False, seed=seed, extra={"criterion": oracle})
     if not FLAGS.ablations_first:
         ablations()
@@ -492,11 +532,13 @@ def _spread(values):
     return f"{_pct(statistics.mean(values))} ± {_pct(statistics.stdev(values))} (n={len(values)})"
 
 
-def _selection_seconds(rows, row) -> float:
-    """A MS-KD row's selection time (rows cached before it was stored in the row: from its select/ row)."""
+def _selection_seconds(rows, name) -> float:
+    """A MS-KD row's selection time (rows cached before it was stored in the row: from its select row)."""
+    row = rows[name]
     if "selection_steps" not in row:
         return 0.0
-    return row.get("selection_seconds", rows.get(f"select[min_params_ratio=0]/s{row['seed']}", {}).get("seconds", 0.0))
+    selection = "select" + name[len("mskd"):] if name.startswith("mskd") else ""
+    return row.get("selection_seconds", rows.get(selection, {}).get("seconds", 0.0))
 
 
 def _rows(rows, prefix, seeds, tag=""):
@@ -515,7 +557,7 @@ def render(data: dict) -> str:
              f"decay {s['weight_decay']:g} "
              f"({(t.get('seconds') or 0) / 60:.0f} min). Every student row: B = {s['budget']:g} epochs = {budget} "
              f"optimizer steps of batch {s['batch_size']} ({per_epoch} per epoch), SGD (Nesterov) peak lr "
-             f"{s['finetune_lr']} cosine to 0, the same weight decay; KD T = {s['temperature']:g}, alpha = {s['alpha']:g}. MS-KD: zero-cost "
+             f"{s['finetune_lr']} (runs under the KD loss: {s.get('kd_lr', s['finetune_lr']):g}) cosine to 0, the same weight decay; KD T = {s['temperature']:g}, alpha = {s['alpha']:g}. MS-KD: zero-cost "
              f"rung keeps {s['zero_cost_keep']}, then successive halving under the KD loss for {s['select_epochs']:g} "
              f"epochs in all, inside B; capacity pool: candidates with >= "
              f"{s.get('min_params_ratio', 0):g} x the {s.get('capacity_reference', 'largest')} candidate's parameters.",
@@ -532,10 +574,10 @@ def render(data: dict) -> str:
              ("ablation: MS-KD selection + CE (no KD)", "select+ce"),
              *[(f"ablation: MS-KD with {v[1:-1].replace('][', ', ')}", f"mskd{v}") for v in sorted(
                  {k[len("mskd"):k.index("/")] for k in rows if k.startswith("mskd[")})],
-             *[(f"ablation: l1 + KD with {v[1:-1]}", f"kd:{BASELINE}{v}") for v in sorted(
+             *[(f"ablation: l1 + KD with {v[1:-1].replace('][', ', ')}", f"kd:{BASELINE}{v}") for v in sorted(
                  {k[len(f"kd:{BASELINE}"):k.index("/")] for k in rows
                   if k.startswith(f"kd:{BASELINE}[") and "@" not in k.split("/")[-1]})],
-             *[(f"ablation: MS-KD selection + CE, capacity pool {v[1:-1]}", f"select+ce{v}") for v in sorted(
+             *[(f"ablation: MS-KD selection + CE, {v[1:-1].replace('][', ', ')}", f"select+ce{v}") for v in sorted(
                  {k[len("select+ce"):k.index("/")] for k in rows if k.startswith("select+ce[")})],
              ("ablation: capacity pool + zero-cost pick + KD (no selection training)", "zc+kd")]
     if oracle:
@@ -546,7 +588,7 @@ def render(data: dict) -> str:
         if found:
             steps = f"{found[0].get('selection_steps', 0)} + {found[0]['train_steps']}"
             crit = ", ".join(sorted({r.get("criterion", "") for r in found}))
-            minutes = statistics.mean(r["seconds"] + _selection_seconds(rows, r) for r in found) / 60
+            minutes = statistics.mean(r["seconds"] + _selection_seconds(rows, f"{prefix}/s{r['seed']}") for r in found) / 60
             lines.append(f"| {label} | {crit} | {found[0]['macs'] / 1e6:.2f} | {found[0]['params'] / 1e3:.1f} | "
                          f"{steps} | {minutes:.0f} | {_spread([r['val_acc'] for r in found])} | "
                          f"{_spread([r['test_acc'] for r in found])} |")
