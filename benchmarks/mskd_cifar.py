@@ -73,6 +73,8 @@ flags.DEFINE_integer("round_to", 8, "Kept widths are multiples of this. Measured
 flags.DEFINE_float("target_macs", 0.5, "Fraction of the teacher's MACs of the decisive rows.")
 flags.DEFINE_list("other_targets", ["0.3", "0.7"], "Further MACs fractions (l1 + CE, l1 + KD, MS-KD, seed 0).")
 flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds of the decisive rows.")
+flags.DEFINE_list("other_target_seeds", [], "Seeds beyond the first for l1 + KD and MS-KD at the --other_targets "
+                  "(after their seed-0 rows): is a difference between them there more than one row's noise?")
 flags.DEFINE_list("lr_ablation", ["0.02", "0.1"], "Other peak learning rates for l1 + CE (seed 0): is the "
                   "baseline's learning rate a fair one?")
 flags.DEFINE_list("kd_ablation", ["alpha=0.1", "temperature=2", "feature_kd=1"],
@@ -413,8 +415,9 @@ def main(_):
                 res.data["targets"][tag] = digests_t
             row_t, mskd_t, _, path_t = target_rows(target, wd_t)
             row_t(f"ce:{BASELINE}/s{s0}", path_t(BASELINE), kd=False, seed=s0, extra={"criterion": BASELINE})
-            row_t(f"kd:{BASELINE}/s{s0}", path_t(BASELINE), kd=True, seed=s0, extra={"criterion": BASELINE})
-            mskd_t(s0, with_ce=False)
+            for seed in [s0, *(int(x) for x in FLAGS.other_target_seeds if int(x) != s0)]:
+                row_t(f"kd:{BASELINE}/s{seed}", path_t(BASELINE), kd=True, seed=seed, extra={"criterion": BASELINE})
+                mskd_t(seed, with_ce=False)
 
     def ablations():
         # The ablations, most useful first: the KD loss is the one lever left on bar 1 (the oracle best + CE is level
@@ -644,14 +647,16 @@ def render(data: dict) -> str:
                      f"{r['seconds']:.0f} s.")
     for target in s.get("other_targets", []):
         tag = f"@{round(100 * target)}"
-        found = [(label, rows.get(f"{prefix}/s{seeds[0]}{tag}")) for label, prefix in
-                 (("l1 + CE", f"ce:{BASELINE}"), ("l1 + KD", f"kd:{BASELINE}"), ("MS-KD", "mskd"))]
-        found = [(label, r) for label, r in found if r]
+        all_seeds = sorted({int(k.split("/s")[1][:-len(tag)]) for k in rows if k.endswith(tag) and "/s" in k})
+        found = [(label, [rows[f"{prefix}/s{sd}{tag}"] for sd in all_seeds if f"{prefix}/s{sd}{tag}" in rows])
+                 for label, prefix in (("l1 + CE", f"ce:{BASELINE}"), ("l1 + KD", f"kd:{BASELINE}"), ("MS-KD", "mskd"))]
+        found = [(label, rs) for label, rs in found if rs]
         if found:
-            lines += ["", f"**{round(100 * target)}% of the teacher's MACs (seed {seeds[0]})**", "",
-                      "| row | candidate | MACs (M) | params (k) | val acc % | test acc % |", "|---|---|---|---|---|---|"]
-            lines += [f"| {label} | {r.get('criterion')} | {r['macs'] / 1e6:.2f} | {r['params'] / 1e3:.1f} | "
-                      f"{_pct(r['val_acc'])} | {_pct(r['test_acc'])} |" for label, r in found]
+            lines += ["", f"**{round(100 * target)}% of the teacher's MACs (seeds {', '.join(map(str, all_seeds))})**",
+                      "", "| row | candidate | MACs (M) | params (k) | val acc % | test acc % |", "|---|---|---|---|---|---|"]
+            lines += [f"| {label} | {', '.join(sorted({r.get('criterion', '') for r in rs}))} | {rs[0]['macs'] / 1e6:.2f} | "
+                      f"{rs[0]['params'] / 1e3:.1f} | {_spread([r['val_acc'] for r in rs])} | "
+                      f"{_spread([r['test_acc'] for r in rs])} |" for label, rs in found]
     return "\n".join(lines) + "\n"
 
 
