@@ -27,8 +27,8 @@ Protocol
   1 of ``ce:l2-uniform`` (one row's seed noise); seeds 1 and 2 of the decisive rows; ``zc+kd`` (the capacity
   pool's zero-cost top + KD for the whole budget: what the selection's training steps buy); every candidate + CE
   (the oracle table, seed 0, best zero-cost score first); the ``--other_targets`` (l1 + CE, l1 + KD, MS-KD at
-  seed 0; l1 + KD and MS-KD also at the ``--other_target_seeds``); the oracle-best + CE at seeds 1 and 2; then the ablations: l1 + KD with one ``--kd_ablation`` setting
-  changed each (``kd:l1-uniform[alpha=0.1]``); MS-KD and l1 + KD at every seed under each ``--mskd_kd_ablation``
+  seed 0; l1 + KD and MS-KD also at the ``--other_target_seeds``); the oracle-best + CE at seeds 1 and 2; then
+  the ablations: l1 + KD with one ``--kd_ablation`` setting changed each (``kd:l1-uniform[alpha=0.1]``); MS-KD and l1 + KD at every seed under each ``--mskd_kd_ablation``
   setting (``mskd[alpha=0.1]``: selection and distillation both under it); l1 + CE at the ``--lr_ablation``
   learning rates (is the baseline tuned fairly?); MS-KD with the ``--pool_ablation`` capacity pools
   (``mskd[min_params_ratio=0]`` = selection among all candidates, as before the pool existed).
