@@ -535,13 +535,26 @@ def _spread(values):
     return f"{_pct(statistics.mean(values))} ± {_pct(statistics.stdev(values))} (n={len(values)})"
 
 
+def _resumed(select_row) -> bool:
+    """A selection stopped by a session's end and resumed: its wall "seconds" timed the last sitting only, while
+    its candidates' recorded seconds (time_split, kept in the selection's checkpoints) span every sitting."""
+    return sum(select_row.get("time_split", {}).values()) > select_row.get("seconds", 0.0)
+
+
+def _select_row_seconds(select_row) -> float:
+    """A select row's seconds; for a resumed selection the candidates' seconds over all sittings (a lower bound)."""
+    return max(select_row.get("seconds", 0.0), sum(select_row.get("time_split", {}).values()))
+
+
 def _selection_seconds(rows, name) -> float:
-    """A MS-KD row's selection time (rows cached before it was stored in the row: from its select row)."""
+    """A MS-KD row's selection time, from its select row (rows cached before the select row existed: their own)."""
     row = rows[name]
     if "selection_steps" not in row:
         return 0.0
     selection = "select" + name[len("mskd"):] if name.startswith("mskd") else ""
-    return row.get("selection_seconds", rows.get(selection, {}).get("seconds", 0.0))
+    if selection in rows:
+        return _select_row_seconds(rows[selection])
+    return row.get("selection_seconds", 0.0)
 
 
 def _rows(rows, prefix, seeds, tag=""):
@@ -606,7 +619,8 @@ def render(data: dict) -> str:
         lines += ["", f"**MS-KD - l1 + CE: {100 * (a - b):+.2f} points** test accuracy (n = {len(ms)} and {len(bl)} "
                       f"seeds; bar: >= +1.00 at n = 3); MS-KD - teacher: {100 * (a - t.get('test_acc', 0)):+.2f} "
                       "points (bar: >= -1.50)."]
-    timed = {k: r for k, r in rows.items() if k.startswith("select/") and r.get("time_split") and r.get("seconds")}
+    timed = {k: r for k, r in rows.items()
+             if k.startswith("select/") and r.get("time_split") and r.get("seconds") and not _resumed(r)}
     if timed:  # issue 14: a selection's share of seconds not spent training (load, pools, setup, trace, score, save)
         lines += ["", "MS-KD's selection, wall seconds and the share not spent training (issue 14; only a run with "
                       "nothing else on the machine is a speed figure): " + "; ".join(
@@ -644,7 +658,8 @@ def render(data: dict) -> str:
                      else "no zero-cost cut (the pool left no more than the rung keeps)")
         lines.append(f"\n{k}: {pool}{zero_cost}; chose "
                      f"{r['selected']['criterion']} ({r['selected']['reason']}); {r['total_steps']} steps, "
-                     f"{r['seconds']:.0f} s.")
+                     f"{_select_row_seconds(r):.0f} s" + (" (resumed in a later session: its candidates' seconds over "
+                                                          "both sittings)" if _resumed(r) else "") + ".")
     for target in s.get("other_targets", []):
         tag = f"@{round(100 * target)}"
         all_seeds = sorted({int(k.split("/s")[1][:-len(tag)]) for k in rows if k.endswith(tag) and "/s" in k})
