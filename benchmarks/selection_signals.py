@@ -2,6 +2,9 @@
 
     benchmarks/selection_signals.sh                    # every signal, resumable -> benchmarks/results/selection_signals.json
     benchmarks/selection_signals.sh --render_only      # the correlations against the oracle rows finished so far
+    benchmarks/selection_signals.sh --table=mskd_cifar_t120 --workdir=runs/bench_mskd_cifar_t120 --proxy_steps=
+                                                       # zero-cost signals of the 120-epoch teacher's candidates
+                                                       # -> benchmarks/results/selection_signals_mskd_cifar_t120.json
 
 The MS-KD benchmark (``benchmarks/mskd_cifar.sh``) found that the default selection (zero-cost rung, then
 0.56 epochs of constant-lr successive halving) picks a candidate that ends 1.12 points below l1-uniform after
@@ -29,6 +32,8 @@ from absl import app, flags
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", "runs/bench_mskd_cifar", "The MS-KD benchmark's workdir (teacher, candidates).")
+flags.DEFINE_string("table", "mskd_cifar", "The MS-KD benchmark's results name (benchmarks/results/<table>.json) whose "
+                    "oracle rows (ce:<candidate>/s0) and select/s0 row score the signals; --workdir must be its workdir.")
 flags.DEFINE_list("proxy_steps", ["132", "352"], "Lengths of the annealed KD runs, in optimizer steps "
                   "(132 = what each of 4 finalists gets of a 1.5-epoch selection; 352 = one epoch).")
 flags.DEFINE_float("lr", 0.05, "Peak learning rate of the annealed runs (the benchmark's finetune_lr).")
@@ -37,12 +42,16 @@ flags.DEFINE_float("temperature", 4.0, "KD temperature (as the benchmark).")
 flags.DEFINE_float("alpha", 0.5, "KD label weight (as the benchmark).")
 flags.DEFINE_bool("render_only", False, "Only print the correlations of the cached signals.")
 
-NAME = "selection_signals"
 
 
-def render(signals: dict) -> str:
+def results_name(table: str) -> str:
+    """The signals of one table's candidates (the first table's file keeps its original name)."""
+    return "selection_signals" if table == "mskd_cifar" else f"selection_signals_{table}"
+
+
+def render(signals: dict, table: str) -> str:
     """Spearman of every signal with the oracle's final validation (and test) accuracy."""
-    oracle = json.loads((results_io.RESULTS / "mskd_cifar.json").read_text())["figures"]["rows"]
+    oracle = json.loads((results_io.RESULTS / f"{table}.json").read_text())["figures"]["rows"]
     finals = {c: oracle[f"ce:{c}/s0"] for c in signals if f"ce:{c}/s0" in oracle}
     if len(finals) < 3:
         return f"{len(finals)} oracle rows finished: too few to correlate."
@@ -66,7 +75,8 @@ def render(signals: dict) -> str:
                          f"{results_io.spearman([finals[c]['val_curve'][epoch - 1] for c in curves], [finals[c]['val_acc'] for c in curves]):+.2f}"
                          f" | {results_io.spearman([finals[c]['val_curve'][epoch - 1] for c in curves], [finals[c]['test_acc'] for c in curves]):+.2f}"
                          f" | {len(curves)} |")
-    lines += ["", *policies(signals, finals)]
+    library_pick = oracle.get("select/s0", {}).get("selected", {}).get("criterion")
+    lines += ["", *policies(signals, finals, library_pick)]
     lines += ["", "| candidate | final val | final test | " + " | ".join(keys) + " |",
               "|---|---|---|" + "---|" * len(keys)]
     for c in sorted(names, key=lambda c: -finals[c]["val_acc"]):
@@ -76,31 +86,36 @@ def render(signals: dict) -> str:
     return "\n".join(lines)
 
 
-def policies(signals: dict, finals: dict) -> list[str]:
+def policies(signals: dict, finals: dict, library_pick: str | None) -> list[str]:
     """What each selection rule would pick from the 18 candidates, and where its pick ends after B steps of CE.
 
     Offline: a rule's pick is scored by that candidate's oracle row, so rules are compared without a row each.
-    Steps are what the rule spends of B (528 = the benchmark's 1.5-epoch selection budget).
+    Steps are what the rule spends of B (528 = the benchmark's 1.5-epoch selection budget). ``library_pick``: what the
+    table's select/s0 run chose (the library's selection as committed when that row ran).
     """
+    from mskd_tf import selection  # the library's own capacity pool, so the rule is the one the library applies
+
     everyone = sorted(signals)
     zero_cost_top4 = sorted(everyone, key=lambda c: -signals[c]["zero_cost_acc"])[:4]
     best = lambda pool, key: max(pool, key=lambda c: signals[c].get(key, float("-inf")))  # noqa: E731
+
+    def annealed(pool):  # None (the rule is left out) when --proxy_steps did not measure 132 steps on the pool
+        return best(pool, "annealed_kd_132") if all("annealed_kd_132" in signals[c] for c in pool) else None
+
     rules = [("no selection: l1-uniform (the usual default)", "l1-uniform", 0),
              ("zero-cost top-1 (BN-recalibrated accuracy)", best(everyone, "zero_cost_acc"), 0),
              ("lowest KL to the teacher (zero-cost)", min(everyone, key=lambda c: signals[c]["kl_to_teacher"]), 0),
              ("most parameters (zero-cost)", best(everyone, "params"), 0),
-             ("library default: zero-cost keeps 4, constant-lr halving (the select/s0 run)", "activation-uniform",
-              528),
-             ("zero-cost keeps 4, then 132 annealed KD steps each", best(zero_cost_top4, "annealed_kd_132"), 528)]
-    # The capacity-aware pool the oracle rows point to: only candidates within 10% of the most parameters (at
+             ("library default: capacity pool, zero-cost keeps 4, successive halving (the table's select/s0 run)",
+              library_pick or "-", 528),
+             ("zero-cost keeps 4, then 132 annealed KD steps each", annealed(zero_cost_top4), 528)]
+    # The capacity pool the library applies by default: candidates with >= 0.9 x the median parameter count (at
     # equal MACs), then the same cheap rules inside it.
-    most = max(signals[c]["params"] for c in everyone)
-    pool = [c for c in everyone if signals[c]["params"] >= 0.9 * most]
+    pool = sorted(selection.capacity_pool({c: signals[c]["params"] for c in everyone}, 0.9))
     pool_top4 = sorted(pool, key=lambda c: -signals[c]["zero_cost_acc"])[:4]
-    rules += [(f"capacity pool ({len(pool)} within 10% of the most parameters), zero-cost top-1",
+    rules += [(f"capacity pool ({len(pool)} with >= 0.9 x the median parameters), zero-cost top-1",
                best(pool, "zero_cost_acc"), 0),
-              ("capacity pool, zero-cost keeps 4, then 132 annealed KD steps each", best(pool_top4, "annealed_kd_132"),
-               528)]
+              ("capacity pool, zero-cost keeps 4, then 132 annealed KD steps each", annealed(pool_top4), 528)]
     for steps in (132, 352):
         if all(f"annealed_kd_{steps}" in signals[c] for c in everyone):
             rules.append((f"every candidate {steps} annealed KD steps (over budget)",
@@ -109,7 +124,7 @@ def policies(signals: dict, finals: dict) -> list[str]:
     lines = ["Selection rules scored offline by the oracle row of their pick (val / test after B steps of CE; "
              "regret = oracle-best val - pick's val, over the rows finished):", "",
              "| rule | steps of B | pick | final val | final test | regret (val points) |", "|---|---|---|---|---|---|"]
-    for rule, pick, steps in rules:
+    for rule, pick, steps in ((rule, pick, steps) for rule, pick, steps in rules if pick is not None):
         row = finals.get(pick)
         cells = (f"{100 * row['val_acc']:.2f} | {100 * row['test_acc']:.2f} | {100 * (top['val_acc'] - row['val_acc']):.2f}"
                  if row else "- | - | (no oracle row yet)")
@@ -118,10 +133,11 @@ def policies(signals: dict, finals: dict) -> list[str]:
 
 
 def main(_):
-    path = results_io.RESULTS / f"{NAME}.json"
+    out_name = results_name(FLAGS.table)
+    path = results_io.RESULTS / f"{out_name}.json"
     signals = json.loads(path.read_text())["figures"]["signals"] if path.exists() else {}
     if FLAGS.render_only:
-        print(render(signals))
+        print(render(signals, FLAGS.table))
         return
 
     import keras
@@ -141,7 +157,7 @@ def main(_):
     t = FLAGS.temperature
 
     def save():
-        results_io.write_results(NAME, {"workdir": str(wd), "settings": {
+        results_io.write_results(out_name, {"workdir": str(wd), "settings": {
             "proxy_steps": FLAGS.proxy_steps, "lr": FLAGS.lr, "weight_decay": FLAGS.weight_decay,
             "temperature": t, "alpha": FLAGS.alpha}, "signals": signals})
 
@@ -178,7 +194,7 @@ def main(_):
             signals[name][key] = training.accuracy(student, val)
             print(f"{name}: {key} = {signals[name][key]:.4f} ({time.perf_counter() - start:.0f} s)", flush=True)
             save()
-    print(render(signals))
+    print(render(signals, FLAGS.table))
 
 
 if __name__ == "__main__":
