@@ -43,7 +43,6 @@ flags.DEFINE_float("alpha", 0.5, "KD label weight (as the benchmark).")
 flags.DEFINE_bool("render_only", False, "Only print the correlations of the cached signals.")
 
 
-
 def results_name(table: str) -> str:
     """The signals of one table's candidates (the first table's file keeps its original name)."""
     return "selection_signals" if table == "mskd_cifar" else f"selection_signals_{table}"
