@@ -643,6 +643,12 @@ def render(data: dict) -> str:
                          f"over these {len(oracle_rows)} candidates: {results_io.spearman(before, after):+.2f} (how well the "
                          "zero-cost rung can rank them); parameter count vs after B steps: "
                          f"{results_io.spearman([r['params'] for _, r in oracle_rows], after):+.2f}.")
+            by_allocation = {}  # uniform candidates share their widths: what is left between them is the criterion
+            for c, r in oracle_rows:
+                by_allocation.setdefault(cands[c].get("allocation") or "?", []).append(r)
+            lines.append("Per layer allocation, mean ± std over its candidates (val / test %): " + "; ".join(
+                f"{allocation} {_spread([r['val_acc'] for r in rs])} / {_spread([r['test_acc'] for r in rs])}"
+                for allocation, rs in sorted(by_allocation.items())) + ".")
             with_curves = [r for _, r in oracle_rows if r.get("val_curve")]  # rows cached before curves have none
             if len(with_curves) >= 3:
                 final = [r["val_acc"] for r in with_curves]

@@ -50,7 +50,11 @@ def results_name(table: str) -> str:
 
 def render(signals: dict, table: str) -> str:
     """Spearman of every signal with the oracle's final validation (and test) accuracy."""
-    oracle = json.loads((results_io.RESULTS / f"{table}.json").read_text())["figures"]["rows"]
+    table_path = results_io.RESULTS / f"{table}.json"
+    if not table_path.exists():
+        raise SystemExit(f"--table={table}: {table_path} does not exist; name a table benchmarks/mskd_cifar.sh wrote "
+                         "(its --name, e.g. mskd_cifar_t120).")
+    oracle = json.loads(table_path.read_text())["figures"]["rows"]
     finals = {c: oracle[f"ce:{c}/s0"] for c in signals if f"ce:{c}/s0" in oracle}
     if len(finals) < 3:
         return f"{len(finals)} oracle rows finished: too few to correlate."
