@@ -48,6 +48,7 @@ and the chief writes the result.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -132,7 +133,7 @@ def select(
         ``keras.Model`` or ``.keras`` path; ``None`` = cross-entropy).
       temperature, alpha: the distillation loss (see :mod:`mskd_tf.distill`).
       bn_recalibration_batches: before each score, re-estimate the candidate's BatchNorm
-        statistics on this many training batches, on a copy (0 = off).
+        statistics on this many training batches (training's are put back after; 0 = off).
       tie_tolerance: validation accuracies this close to the best are a tie,
         won by the candidate with the fewest MACs.
       optimizer, lr, weight_decay: see :func:`mskd_tf.training.make_optimizer`
@@ -319,7 +320,7 @@ def recalibrate_batchnorm(model, dataset, num_batches: int) -> int:
     ``dataset``: a dataset of ``(images, labels)`` batches or a list of them.
     Returns the number of batches used.
     """
-    layers = [layer for layer in all_layers(model) if isinstance(layer, keras.layers.BatchNormalization)]
+    layers = _batchnorms(model)
     if not layers or num_batches < 1:
         return 0
     saved = [layer.momentum for layer in layers]
@@ -409,8 +410,8 @@ def write_selection(workdir, payload: dict, selected) -> None:
     """Write ``workdir/selected.keras`` (a model or a ``.keras`` path) and ``workdir/selection.json`` atomically."""
     workdir = Path(workdir)
     model = keras.models.load_model(selected, compile=False) if isinstance(selected, (str, Path)) else selected
-    # Checkpoints carry synchronized BatchNorm (a training aid); the artifact is the plain model.
-    plain = _with_batchnorm_sync(model, False)
+    # Checkpoints trained on several replicas carry synchronized BatchNorm (a training aid); the artifact is plain.
+    plain = _with_batchnorm_sync(model, False) if any(bn.synchronized for bn in _batchnorms(model)) else model
     _atomic(workdir / "selected.keras", plain.save)
     _atomic(workdir / "selection.json", lambda tmp: Path(tmp).write_text(json.dumps(payload, indent=2)))
 
@@ -592,10 +593,16 @@ class _CandidateTrainer:
             return self.models[name]
         state = self.state[name]
         resumed = state is not None and state["steps"] > 0
-        start = keras.models.load_model(self.checkpoint(name), compile=resumed) if resumed else self._source(name)
+        # A model loaded here from a file is this selection's own: on one replica it trains as loaded (made in the
+        # strategy's scope). A caller's keras.Model is copied, never trained in place, and so is every model that
+        # several replicas train with synchronized BatchNorm. (The copy cost ~0.2 s a candidate, issue 14.)
+        own = resumed or not isinstance(self.sources[name], keras.Model)
+        with self.strategy.scope() if own and not self.sync_bn else contextlib.nullcontext():
+            start = keras.models.load_model(self.checkpoint(name), compile=resumed) if resumed else self._source(name)
         keras.utils.set_random_seed(self.settings["seed"])  # inside select's seeded block: restored on exit
         with self.strategy.scope():
-            model = _with_batchnorm_sync(start, self.sync_bn)
+            as_loaded = own and not self.sync_bn and not any(bn.synchronized for bn in _batchnorms(start))
+            model = start if as_loaded else _with_batchnorm_sync(start, self.sync_bn)
             optimizer = make_optimizer(self.settings["optimizer"], self.settings["lr"], total_steps=1,
                                        schedule="constant", weight_decay=self.settings["weight_decay"])
             optimizer.build(model.trainable_variables)
@@ -678,24 +685,40 @@ class _CandidateTrainer:
 
         At a constant, fairly high learning rate the moving averages trail the weights, and a
         rung would compare how stale each candidate's statistics are rather than how good it is.
-        The recalibration runs on a plain copy, so the trained model, its checkpoint and every
+        Training's own statistics are put back after the validation pass (on several replicas the
+        recalibration runs on a plain copy instead), so the trained model, its checkpoint and every
         replica stay exactly as training left them (and equal under any strategy).
         """
         batches = self.settings.get("bn_recalibration_batches", 0)
         if not batches:
             return tuner.accuracy(self.val_ds)
-        copy = self._score_copies.get(name)
-        if copy is None:  # one plain copy per candidate, so its traced functions serve every rung
-            copy = self._score_copies[name] = _with_batchnorm_sync(tuner.model, False)
-        else:
-            copy.set_weights(tuner.model.get_weights())
         if self._recalibration_batches is None:
             # The same batches for every candidate and rung, drawn once: with a fresh pipeline per score the 8
             # re-estimations of a CIFAR selection_cost run took 6.4 s, drawn once 4.4 s; 10 batches of 128 are 16 MB.
             source = self.fresh_train() if self.fresh_train is not None else self.train_ds
             self._recalibration_batches = list(source.take(batches))
-        recalibrate_batchnorm(copy, self._recalibration_batches, batches)
-        accuracy = training.accuracy(copy, self.val_ds, "select: val_ds")
+        if not self.sync_bn:
+            # One replica: re-estimate on the trained model itself and put training's statistics back after the
+            # validation pass; the same numbers as on a copy, without the copy (~0.2 s a candidate, issue 14).
+            layers = _batchnorms(tuner.model)
+            kept = [(bn.moving_mean.numpy(), bn.moving_variance.numpy()) for bn in layers]
+            try:
+                recalibrate_batchnorm(tuner.model, self._recalibration_batches, batches)
+                accuracy = training.accuracy(tuner.model, self.val_ds, "select: val_ds")
+            finally:
+                for bn, (mean, variance) in zip(layers, kept):
+                    bn.moving_mean.assign(mean)
+                    bn.moving_variance.assign(variance)
+        else:
+            # Several replicas: the model's variables are mirrored and its BatchNorm synchronized; score a plain
+            # copy, one per candidate so its traced functions serve every rung.
+            copy = self._score_copies.get(name)
+            if copy is None:
+                copy = self._score_copies[name] = _with_batchnorm_sync(tuner.model, False)
+            else:
+                copy.set_weights(tuner.model.get_weights())
+            recalibrate_batchnorm(copy, self._recalibration_batches, batches)
+            accuracy = training.accuracy(copy, self.val_ds, "select: val_ds")
         # Scored outside the strategy, on this worker's own batches: lock-step workers take the chief's number,
         # or they rank differently and the next rung's collectives mix different candidates (issue 16).
         return chief_values(self.strategy, [accuracy])[0]
@@ -780,6 +803,10 @@ def _worker_rank() -> tuple[int, int]:
         raise MskdError(f"TF_CONFIG: task {me[0]}:{me[1]} is not a chief or worker of the cluster {cluster}; "
                         "candidate-parallel selection runs on chief and worker tasks.")
     return members.index(me), len(members)
+
+
+def _batchnorms(model) -> list:
+    return [layer for layer in all_layers(model) if isinstance(layer, keras.layers.BatchNormalization)]
 
 
 def _with_batchnorm_sync(model, synchronized: bool) -> keras.Model:

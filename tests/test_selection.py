@@ -384,6 +384,50 @@ def test_every_score_recalibrates_batchnorm_on_one_list_of_batches_drawn_once(tm
     assert len(pipelines) == 1 + 5 + 1  # the first, one per candidate's training stretch, one for the scores
 
 
+def test_a_score_on_one_replica_copies_nothing_and_gives_training_its_statistics_back(tmp_path, data, monkeypatch):
+    # Issue 14: each candidate used to be copied twice (to train, to score), ~0.2 s each on CIFAR. On one
+    # replica a file's model trains as loaded and is scored in place: the score must equal a copy's, and
+    # training must continue from its own BatchNorm statistics, not the re-estimated ones.
+    from mskd_tf import selection, training
+    from mskd_tf.keras_utils import with_synchronized_batchnorm
+
+    train, val = data
+    copies, checked = [], []
+    real_copy, real_score = selection._with_batchnorm_sync, selection._CandidateTrainer._score
+    monkeypatch.setattr(selection, "_with_batchnorm_sync", lambda m, s: copies.append(m.name) or real_copy(m, s))
+
+    def score_and_check(self, name, tuner):
+        before = [v.numpy().copy() for v in tuner.model.variables]  # weights and moving statistics
+        reference = with_synchronized_batchnorm(tuner.model, False)
+        got = real_score(self, name, tuner)
+        selection.recalibrate_batchnorm(reference, self._recalibration_batches, 2)  # the batches the score drew
+        assert got == training.accuracy(reference, val)
+        for old, now in zip(before, tuner.model.variables):
+            np.testing.assert_array_equal(old, now.numpy())
+        images = next(iter(val))[0]  # the re-estimation really moved the statistics the score used
+        assert not np.allclose(reference(images, training=False), tuner.model(images, training=False))
+        checked.append(name)
+        return got
+
+    monkeypatch.setattr(selection._CandidateTrainer, "_score", score_and_check)
+    folder = tmp_path / "files"
+    folder.mkdir()
+    files = {}
+    for name, model in three_candidates().items():
+        files[name] = str(folder / f"{name}.keras")
+        model.save(files[name])
+    select(files, train, val, workdir=tmp_path / "from_files", epochs=2.0, lr=0.05, bn_recalibration_batches=2,
+           verbose=False)
+    assert len(checked) == 5 and copies == []  # 3 scores at rung 1, 2 at rung 2; no copy at all
+
+    # A caller's models are copied once each to train, and are left exactly as they were.
+    given = three_candidates()
+    digests = {name: weights_digest(model) for name, model in given.items()}
+    select(given, train, val, workdir=tmp_path / "from_models", epochs=2.0, lr=0.05, bn_recalibration_batches=2,
+           verbose=False)
+    assert sorted(copies) == sorted(given) and {n: weights_digest(m) for n, m in given.items()} == digests
+
+
 def test_a_rung_ranks_on_the_scores_at_its_step_count():
     from mskd_tf.selection import _rank_key
 
