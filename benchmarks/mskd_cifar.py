@@ -25,7 +25,8 @@ Protocol
   Torch-Pruning's default), ``mskd`` (the library's select + distill), ``select+ce`` (MS-KD's selection, then
   CE: the KD ablation), ``kd:l1-uniform`` (l1 + KD, no selection); seeds 1 and 2 of ``ce:l1-uniform`` and seed
   1 of ``ce:l2-uniform`` (one row's seed noise); seeds 1 and 2 of the decisive rows; ``zc+kd`` (the capacity
-  pool's zero-cost top + KD for the whole budget: what the selection's training steps buy); every candidate + CE
+  pool's zero-cost top + KD for the whole budget: what the selection's training steps buy; also at the
+  ``--zc_kd_seeds``, and at those seeds on every other target); every candidate + CE
   (the oracle table, seed 0, best zero-cost score first); the ``--other_targets`` (l1 + CE, l1 + KD, MS-KD at
   seed 0; l1 + KD and MS-KD also at the ``--other_target_seeds``); the oracle-best + CE at seeds 1 and 2; then
   the ablations: l1 + KD with one ``--kd_ablation`` setting changed each (``kd:l1-uniform[alpha=0.1]``); MS-KD and l1 + KD at every seed under each ``--mskd_kd_ablation``
@@ -90,6 +91,10 @@ flags.DEFINE_list("first", [], "Rows of one candidate to compute before the scri
 flags.DEFINE_list("later", [], "Row names not to compute in this sitting (the script goes on with the next row; "
                   "a run without them computes them where the order puts them), e.g. an ablation whose answer is "
                   "already in another row.")
+flags.DEFINE_list("zc_kd_seeds", [], "Seeds at which to compute zc+kd (the capacity pool's zero-cost top + KD for the "
+                  "whole budget, no selection training) at every MACs target: the 3-seed test of zero-cost-only "
+                  "selection against MS-KD and l1 + KD. Where the table already has kd:<that candidate>/s<seed>, that "
+                  "row is the zc+kd row (the same run).")
 flags.DEFINE_integer("max_rows", 0, "Stop after this many newly computed rows (0 = all).")
 flags.DEFINE_list("forget", [], "Drop the cached rows whose names start with these prefixes before running, e.g. "
                   "--forget=select/,mskd/,select+ce/ after a change to selection (rows are cached by name and by the "
@@ -380,7 +385,16 @@ def main(_):
                 student_row(f"select+ce{variant}/s{seed}", out / "selected.keras", kd=False, seed=seed, steps=budget - spent,
                             extra=extra)
 
-        return student_row, mskd_rows, candidates, path
+        def zc_kd_row(seed):
+            """The capacity pool's zero-cost top + KD for all of B (zero-cost-only selection; no halving steps)."""
+            pooled = selection.capacity_pool({c: candidates[c]["params"] for c in candidates}, s["min_params_ratio"])
+            top = max(pooled, key=lambda c: candidates[c]["val_acc_before_finetune"])
+            same_run = res.row(f"kd:{top}/s{seed}{tag}")
+            if same_run and not res.row(f"zc+kd/s{seed}{tag}"):
+                res.put(f"zc+kd/s{seed}{tag}", same_run)
+            return student_row(f"zc+kd/s{seed}", path(top), kd=True, seed=seed, extra={"criterion": top})
+
+        return student_row, mskd_rows, zc_kd_row, candidates, path
 
     # The decisive target: teacher, rank and candidates by the pipeline (the teacher trains here once).
     guard_the_table(res, s)
@@ -393,7 +407,7 @@ def main(_):
                                ["teacher"]["seconds"], train_images=splits.info.num_train,
                                val_images=splits.info.num_val, test_images=splits.info.num_test)
     res.data["budget_steps"], res.data["steps_per_epoch"] = budget, per_epoch
-    student_row, mskd_rows, candidates, path = target_rows(s["target_macs"], wd)
+    student_row, mskd_rows, zc_kd_row, candidates, path = target_rows(s["target_macs"], wd)
     res.data["candidates"] = {c: {k: r.get(k) for k in ("macs", "params", "val_acc_before_finetune", "ranking",
                                                          "allocation")} for c, r in candidates.items()}
     res.save()
@@ -413,11 +427,13 @@ def main(_):
             if res.data["targets"].get(tag) != digests_t:  # rebuilt candidates: that target's rows are stale
                 res.data["rows"] = {k: v for k, v in res.data["rows"].items() if not k.endswith(tag)}
                 res.data["targets"][tag] = digests_t
-            row_t, mskd_t, _, path_t = target_rows(target, wd_t)
+            row_t, mskd_t, zc_kd_t, _, path_t = target_rows(target, wd_t)
             row_t(f"ce:{BASELINE}/s{s0}", path_t(BASELINE), kd=False, seed=s0, extra={"criterion": BASELINE})
             for seed in [s0, *(int(x) for x in FLAGS.other_target_seeds if int(x) != s0)]:
                 row_t(f"kd:{BASELINE}/s{seed}", path_t(BASELINE), kd=True, seed=seed, extra={"criterion": BASELINE})
                 mskd_t(seed, with_ce=False)
+            for seed in FLAGS.zc_kd_seeds:
+                zc_kd_t(int(seed))
 
     def ablations():
         # The ablations, most useful first: the KD loss is the one lever left on bar 1 (the oracle best + CE is level
@@ -468,9 +484,8 @@ def main(_):
         decisive(seed)
     # What the selection's training buys: the capacity pool's zero-cost top + KD for the whole budget (no halving
     # steps). At seed 0 that is MS-KD's own pick, so the row isolates the 528 selection steps.
-    pooled = selection.capacity_pool({c: candidates[c]["params"] for c in candidates}, s["min_params_ratio"])
-    top = max(pooled, key=lambda c: candidates[c]["val_acc_before_finetune"])
-    student_row(f"zc+kd/s{s0}", path(top), kd=True, seed=s0, extra={"criterion": top})
+    for seed in [s0, *(int(x) for x in FLAGS.zc_kd_seeds if int(x) != s0)]:
+        zc_kd_row(seed)
     # The oracle table, in the order a selection meets the candidates (best zero-cost score first), so a
     # partial table already scores the picks of the selection rules (benchmarks/selection_signals.py).
     for c in sorted(candidates, key=lambda c: -candidates[c]["val_acc_before_finetune"]):
@@ -670,7 +685,8 @@ def render(data: dict) -> str:
         tag = f"@{round(100 * target)}"
         all_seeds = sorted({int(k.split("/s")[1][:-len(tag)]) for k in rows if k.endswith(tag) and "/s" in k})
         found = [(label, [rows[f"{prefix}/s{sd}{tag}"] for sd in all_seeds if f"{prefix}/s{sd}{tag}" in rows])
-                 for label, prefix in (("l1 + CE", f"ce:{BASELINE}"), ("l1 + KD", f"kd:{BASELINE}"), ("MS-KD", "mskd"))]
+                 for label, prefix in (("l1 + CE", f"ce:{BASELINE}"), ("l1 + KD", f"kd:{BASELINE}"), ("MS-KD", "mskd"),
+                                       ("zero-cost pick + KD (no selection training)", "zc+kd"))]
         found = [(label, rs) for label, rs in found if rs]
         if found:
             lines += ["", f"**{round(100 * target)}% of the teacher's MACs (seeds {', '.join(map(str, all_seeds))})**",
