@@ -73,7 +73,8 @@ class Config:
         "and scored the CIFAR candidates as 20 and 40 did (BENCHMARKS.md, issue 14).")
     # --- select
     select_epochs: float = _field(1.0, "What the whole selection may spend (all candidates' fine-tuning together, in "
-                                  "epochs, may be fractional); counted against --distill_epochs.")
+                                  "epochs, may be fractional); counted against --distill_epochs. 0: no fine-tuning, "
+                                  "the zero-cost rung's best candidate is distilled for the whole budget.")
     zero_cost_keep: int = _field(4, "Before any fine-tuning keep only the best N candidates by validation accuracy "
                                  "of their BatchNorm-recalibrated clones (0 = keep all).")
     min_params_ratio: float = _field(0.9, "Before the zero-cost rung drop candidates with fewer parameters than this "
@@ -170,8 +171,8 @@ class Config:
         if self.parallel_selection and self.strategy != "multi_worker":
             bad("parallel_selection", "shares the candidates among the workers of --strategy=multi_worker; "
                                       "set --strategy=multi_worker (and TF_CONFIG) or drop it.")
-        if self.select_epochs <= 0:
-            bad("select_epochs", "must be > 0.")
+        if self.select_epochs < 0:
+            bad("select_epochs", "must be >= 0 (0 = the zero-cost pick, no fine-tuning).")
         if self.distill_epochs <= self.select_epochs:
             bad("distill_epochs", f"is the student's whole budget, selection included, so it must exceed "
                                   f"--select_epochs={self.select_epochs:g}.")

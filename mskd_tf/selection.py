@@ -117,7 +117,9 @@ def select(
         61.7% trained first and 50.1% trained second after 66 steps).
       workdir: folder for ``selection/`` checkpoints and the final artifacts.
       epochs: what the whole selection may spend, in (fractional) epochs: the
-        optimizer steps of all candidates together.
+        optimizer steps of all candidates together. 0: no fine-tuning; the capacity
+        pool's candidate with the best validation accuracy before any step is chosen
+        (on CIFAR-10 this tied or beat the trained selection, BENCHMARKS.md).
       successive_halving: spend the budget in rungs that keep the better half;
         False splits it evenly over the candidates.
       zero_cost_keep: before any training keep only the best ``k`` candidates by
@@ -197,8 +199,10 @@ def select(
             if verbose and chief and len(alive) < len(names):
                 print(f"select: capacity pool (>= {min_params_ratio:g} x the median candidate's "
                       f"{statistics.median(params.values()):.0f} parameters) keeps {', '.join(alive)}", flush=True)
+        # epochs=0: no fine-tuning at all; the zero-cost rung alone picks (the rung below keeps one).
+        zero_cost_only = epochs == 0
         # Never spend more than the budget: keep no more candidates than it can give one step per rung.
-        requested = min(zero_cost_keep or len(alive), len(alive))
+        requested = 1 if zero_cost_only else min(zero_cost_keep or len(alive), len(alive))
         keep_at_most = requested
         while keep_at_most > 1 and _smallest_plan_cost(keep_at_most, successive_halving) > total_budget:
             keep_at_most -= 1
@@ -219,8 +223,12 @@ def select(
             if verbose and chief:
                 print(f"select: zero-cost rung (validation accuracy before any step) keeps {', '.join(alive)}",
                       flush=True)
-        rungs = halving_rungs(len(alive), total_budget) if successive_halving else [(len(alive), _even_share(
-            total_budget, len(alive)))]
+        if zero_cost_only:
+            rungs = []
+        elif successive_halving:
+            rungs = halving_rungs(len(alive), total_budget)
+        else:
+            rungs = [(len(alive), _even_share(total_budget, len(alive)))]
         # Parallel mode deals the survivors of the pools out in turn, and each keeps its worker for every rung
         # (its optimizer state lives there); dealing by position in the full list could give one worker all.
         owner = {n: i % workers for i, n in enumerate(alive)}
@@ -238,7 +246,15 @@ def select(
             trainer.forget([n for n in alive if n not in keep])
             alive = keep
 
-        chosen, reason = choose([trainer.state[n] for n in alive], tie_tolerance)
+        if zero_cost_only:
+            chosen = {"criterion": alive[0], "val_acc": (zero_cost or {}).get("scores", {}).get(alive[0]),
+                      "macs": cost(alive[0]).macs, "steps": 0}
+            if zero_cost is None:  # one candidate (left): nothing to rank
+                chosen["val_acc"] = (zero_cost_scores or {}).get(alive[0])
+            reason = ("the best validation accuracy before any training step (zero-cost pick, no fine-tuning)"
+                      if zero_cost else "the only candidate")
+        else:
+            chosen, reason = choose([trainer.state[n] for n in alive], tie_tolerance)
         spent = sum(trainer.state[n]["steps"] for n in names if trainer.state[n] is not None)
         rows = []
         for n in names:
@@ -270,7 +286,8 @@ def select(
             },
         }
         if chief:
-            write_selection(workdir, payload, trainer.checkpoint(chosen["criterion"]))
+            write_selection(workdir, payload, trainer.sources[chosen["criterion"]] if zero_cost_only
+                            else trainer.checkpoint(chosen["criterion"]))
         if verbose and chief:
             print(f"select: {chosen['criterion']} ({reason}); {spent} optimizer steps "
                   f"({payload['protocol']['spent_epochs']:g} epochs) spent", flush=True)
@@ -773,9 +790,9 @@ def _check_arguments(candidates, val_ds, epochs, tie_tolerance):
                             "path of a .keras file.")
     if val_ds is None:
         raise MskdError("select: val_ds is None; selection scores candidates on a validation split, never on test.")
-    if not (isinstance(epochs, (int, float)) and math.isfinite(epochs) and epochs > 0):
-        raise MskdError(f"select: epochs={epochs!r} must be a positive number (--select_epochs: what the whole "
-                        "selection may spend; 0.5 = half an epoch).")
+    if not (isinstance(epochs, (int, float)) and math.isfinite(epochs) and epochs >= 0):
+        raise MskdError(f"select: epochs={epochs!r} must be a number >= 0 (--select_epochs: what the whole "
+                        "selection may spend; 0.5 = half an epoch; 0 = the zero-cost pick, no fine-tuning).")
     if not (isinstance(tie_tolerance, (int, float)) and 0 <= tie_tolerance < 1):
         raise MskdError(f"select: tie_tolerance={tie_tolerance!r} must be in [0, 1) (an accuracy difference).")
 

@@ -241,3 +241,19 @@ def test_runs_under_the_kd_loss_train_at_the_scaled_rate(tiny_cfg, monkeypatch):
     assert all(lr == pytest.approx(0.01 if kd else 0.04) for _, kd, lr in seen), seen
     record = json.loads(open(f"{tiny_cfg.workdir}/distill.json").read())
     assert (record["lr"], record["baseline_lr"]) == (pytest.approx(0.01), pytest.approx(0.04))
+
+
+def test_select_epochs_zero_distills_the_zero_cost_pick_for_the_whole_budget(tiny_cfg):
+    """--select_epochs=0: the candidates stage's zero-cost scores choose, no step is spent selecting, and the
+    distill stage trains the chosen candidate for all of --distill_epochs."""
+    tiny_cfg.criteria, tiny_cfg.select_epochs, tiny_cfg.distill_epochs = ("l1", "random"), 0.0, 1.0
+    run_pipeline(tiny_cfg, stop_after="distill")
+    wd = tiny_cfg.workdir
+    rows = json.loads(open(f"{wd}/candidates.json").read())["candidates"]
+    selection = json.loads(open(f"{wd}/selection.json").read())
+    pooled = [r for r in rows if r["params"] >= tiny_cfg.min_params_ratio * np.median([q["params"] for q in rows])]
+    best = max(pooled, key=lambda r: (r["val_acc_before_finetune"], -r["macs"]))
+    assert selection["selected"]["criterion"] == best["criterion"]
+    assert selection["protocol"]["total_steps"] == 0
+    record = json.loads(open(f"{wd}/distill.json").read())
+    assert record["selection_steps"] == 0 and record["distill_steps"] == record["budget_steps"] == 6  # 192 / 32

@@ -311,6 +311,30 @@ def test_kd_selection_step_equals_the_distillers_step():
     assert not np.allclose(weights_of(plain)[0], weights_of(ours)[0])  # the KD term changed the step
 
 
+def test_zero_epochs_pick_the_best_zero_cost_candidate_and_train_nothing(tmp_path, data):
+    from mskd_tf import training
+
+    train, val = data
+    candidates = three_candidates()
+    measured = {name: training.accuracy(model, val) for name, model in candidates.items()}
+    payload = select(candidates, train, val, workdir=tmp_path / "measured", epochs=0, min_params_ratio=0.0,
+                     verbose=False)
+    best = max(measured, key=lambda n: (measured[n], -int(n[1:])))  # ties go to fewer MACs: the narrower one
+    assert payload["selected"]["criterion"] == best and payload["selected"]["val_acc"] == measured[best]
+    assert payload["protocol"]["total_steps"] == 0 and payload["protocol"]["rungs"] == []
+    assert "zero-cost pick" in payload["selected"]["reason"]
+    assert not list((tmp_path / "measured").glob("selection/*.keras"))  # nothing was fine-tuned
+    selected = keras.models.load_model(tmp_path / "measured" / "selected.keras")
+    assert weights_digest(selected) == weights_digest(candidates[best])
+
+    # Given scores (the candidates stage's) are used as they are; a tie goes to the cheaper candidate.
+    given = {"w4": 0.5, "w6": 0.7, "w8": 0.7}
+    payload = select(candidates, train, val, workdir=tmp_path / "given", epochs=0, zero_cost_scores=given,
+                     verbose=False)
+    assert payload["selected"]["criterion"] == "w6" and payload["selected"]["val_acc"] == 0.7
+    assert {r["criterion"]: r["zero_cost_acc"] for r in payload["candidates"]} == given
+
+
 # ----------------------------------------------------------------------------- bad input
 
 
@@ -321,7 +345,7 @@ def test_kd_selection_step_equals_the_distillers_step():
         ({"candidates": {"a/b": None}}, "candidate name 'a/b' must use only letters"),
         ({"candidates": {"ok": 3}}, "candidate 'ok' is a int; pass a keras.Model"),
         ({"val_ds": None}, "val_ds is None; selection scores candidates on a validation split"),
-        ({"epochs": 0}, r"epochs=0 must be a positive number \(--select_epochs"),
+        ({"epochs": -1}, r"epochs=-1 must be a number >= 0 \(--select_epochs"),
         ({"tie_tolerance": -0.1}, r"tie_tolerance=-0.1 must be in \[0, 1\)"),
         ({"zero_cost_keep": -1}, r"zero_cost_keep=-1 must be an integer >= 0"),
         ({"min_params_ratio": 1.5}, r"min_params_ratio=1.5 must be a number in \[0, 1\]"),
