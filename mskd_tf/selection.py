@@ -247,10 +247,8 @@ def select(
             alive = keep
 
         if zero_cost_only:
-            chosen = {"criterion": alive[0], "val_acc": (zero_cost or {}).get("scores", {}).get(alive[0]),
-                      "macs": cost(alive[0]).macs, "steps": 0}
-            if zero_cost is None:  # one candidate (left): nothing to rank
-                chosen["val_acc"] = (zero_cost_scores or {}).get(alive[0])
+            scores = zero_cost["scores"] if zero_cost else (zero_cost_scores or {})  # no zero_cost: one candidate
+            chosen = {"criterion": alive[0], "val_acc": scores.get(alive[0]), "macs": cost(alive[0]).macs, "steps": 0}
             reason = ("the best validation accuracy before any training step (zero-cost pick, no fine-tuning)"
                       if zero_cost else "the only candidate")
         else:
