@@ -40,6 +40,7 @@ from __future__ import annotations
 import datetime
 import hashlib
 import json
+import math
 import os
 import re
 import statistics
@@ -550,6 +551,25 @@ def _spread(values):
     return f"{_pct(statistics.mean(values))} ± {_pct(statistics.stdev(values))} (n={len(values)})"
 
 
+def _paired(rows, a, b, tag=""):
+    """'a - b' test accuracy paired by seed over the seeds both prefixes have: mean (s.e. of the mean), or None."""
+    seeds = [m[1] for m in (re.fullmatch(rf"{re.escape(a)}/s(\d+){re.escape(tag)}", k) for k in rows) if m]
+    diffs = [rows[f"{a}/s{sd}{tag}"]["test_acc"] - rows[f"{b}/s{sd}{tag}"]["test_acc"] for sd in seeds
+             if f"{b}/s{sd}{tag}" in rows]
+    if not diffs:
+        return None
+    error = f", s.e. {100 * statistics.stdev(diffs) / math.sqrt(len(diffs)):.2f}" if len(diffs) > 1 else ""
+    return f"{100 * statistics.mean(diffs):+.2f} (n={len(diffs)}{error})"
+
+
+def _zero_cost_pairs(rows, tag="") -> str:
+    """zc+kd against l1 + KD and MS-KD, paired by seed (the test of zero-cost-only selection)."""
+    pairs = [(label, _paired(rows, "zc+kd", prefix, tag)) for label, prefix in
+             (("l1 + KD", f"kd:{BASELINE}"), ("MS-KD", "mskd"))]
+    found = [f"{label} {value}" for label, value in pairs if value]
+    return ("Zero-cost pick + KD minus, paired by seed (test points): " + "; ".join(found) + ".") if found else ""
+
+
 def _resumed(select_row) -> bool:
     """A selection stopped by a session's end and resumed: its wall "seconds" timed the last sitting only, while
     its candidates' recorded seconds (time_split, kept in the selection's checkpoints) span every sitting."""
@@ -634,6 +654,8 @@ def render(data: dict) -> str:
         lines += ["", f"**MS-KD - l1 + CE: {100 * (a - b):+.2f} points** test accuracy (n = {len(ms)} and {len(bl)} "
                       f"seeds; bar: >= +1.00 at n = 3); MS-KD - teacher: {100 * (a - t.get('test_acc', 0)):+.2f} "
                       "points (bar: >= -1.50)."]
+    if _zero_cost_pairs(rows):
+        lines += ["", _zero_cost_pairs(rows)]
     timed = {k: r for k, r in rows.items()
              if k.startswith("select/") and r.get("time_split") and r.get("seconds") and not _resumed(r)}
     if timed:  # issue 14: a selection's share of seconds not spent training (load, pools, setup, trace, score, save)
@@ -694,6 +716,8 @@ def render(data: dict) -> str:
             lines += [f"| {label} | {', '.join(sorted({r.get('criterion', '') for r in rs}))} | {rs[0]['macs'] / 1e6:.2f} | "
                       f"{rs[0]['params'] / 1e3:.1f} | {_spread([r['val_acc'] for r in rs])} | "
                       f"{_spread([r['test_acc'] for r in rs])} |" for label, rs in found]
+            if _zero_cost_pairs(rows, tag):
+                lines += ["", _zero_cost_pairs(rows, tag)]
     return "\n".join(lines) + "\n"
 
 
