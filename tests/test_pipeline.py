@@ -165,6 +165,7 @@ def test_a_resumed_run_trains_on_the_order_an_uninterrupted_one_does(tiny_cfg, t
 
     tiny_cfg.criteria = ("l1", "random")
     tiny_cfg.epochs = 2
+    tiny_cfg.select_epochs = 1.0  # fine-tuned candidates: their order is part of what is compared
     run_pipeline(tiny_cfg, stop_after="distill")
     resumed = dataclasses.replace(tiny_cfg, workdir=str(tmp_path / "resumed"))
     run_pipeline(resumed, stop_after="candidates")
