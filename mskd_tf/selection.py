@@ -249,7 +249,7 @@ def select(
         if zero_cost_only:
             scores = zero_cost["scores"] if zero_cost else (zero_cost_scores or {})  # no zero_cost: one candidate
             chosen = {"criterion": alive[0], "val_acc": scores.get(alive[0]), "macs": cost(alive[0]).macs, "steps": 0}
-            reason = ("the best validation accuracy before any training step (zero-cost pick, no fine-tuning)"
+            reason = ("zero-cost pick: the best validation accuracy before any training step, no fine-tuning"
                       if zero_cost else "the only candidate")
         else:
             chosen, reason = choose([trainer.state[n] for n in alive], tie_tolerance)
