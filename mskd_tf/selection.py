@@ -119,7 +119,7 @@ def select(
       epochs: what the whole selection may spend, in (fractional) epochs: the
         optimizer steps of all candidates together. 0: no fine-tuning; the capacity
         pool's candidate with the best validation accuracy before any step is chosen
-        (on CIFAR-10 this tied or beat the trained selection, BENCHMARKS.md).
+        (the pipeline's default: on CIFAR-10 it matched the fine-tuned selection, BENCHMARKS.md).
       successive_halving: spend the budget in rungs that keep the better half;
         False splits it evenly over the candidates.
       zero_cost_keep: before any training keep only the best ``k`` candidates by
