@@ -75,7 +75,7 @@ class Config:
     select_epochs: float = _field(0.0, "What the whole selection may spend (all candidates' fine-tuning together, in "
                                   "epochs, may be fractional); counted against --distill_epochs. 0 (default): no "
                                   "fine-tuning, the zero-cost rung's best candidate is distilled for the whole budget; "
-                                  "on CIFAR-10 that tied or beat fine-tuned selection at 30-70% MACs (BENCHMARKS.md).")
+                                  "on CIFAR-10 it matched fine-tuned selection at 30-70% MACs (BENCHMARKS.md).")
     zero_cost_keep: int = _field(4, "Before any fine-tuning keep only the best N candidates by validation accuracy "
                                  "of their BatchNorm-recalibrated clones (0 = keep all).")
     min_params_ratio: float = _field(0.9, "Before the zero-cost rung drop candidates with fewer parameters than this "
