@@ -35,7 +35,8 @@ def build(ctx) -> dict:
     selection = _read(wd, "selection.json") or {}
     for row in candidates:  # join selection results onto the candidate rows
         chosen = next((s for s in selection.get("candidates", []) if s.get("criterion") == row["criterion"]), {})
-        row.update({k: chosen[k] for k in ("val_acc", "seconds", "curve", "budget_epochs") if k in chosen})
+        row.update({k: chosen[k] for k in ("val_acc", "seconds", "curve", "budget_epochs", "params_kept")
+                    if k in chosen})
     distill = _read(wd, "distill.json") or {}
     export = _read(wd, "export.json") or {}
     return {
@@ -83,8 +84,14 @@ def summary_table(rep: dict) -> str:
         budget = c.get("budget_epochs")
         if budget:
             acc, note = c.get("val_acc"), f"fine-tuned {budget:.3g} epochs in selection"
-        else:  # dropped by the zero-cost rung: its accuracy before any step
-            acc, note = c.get("val_acc_before_finetune"), "no step (zero-cost rung)"
+        else:  # never fine-tuned: its accuracy before any step, and which filter stopped it (or chose it)
+            acc = c.get("val_acc_before_finetune")
+            if c.get("params_kept") is False:
+                note = "no step (under the capacity pool)"
+            elif c["criterion"] == chosen:
+                note = "no step (the zero-cost pick)"
+            else:
+                note = "no step (zero-cost rung)"
         rows.append((f"candidate {c['criterion']}" + (" (selected)" if c["criterion"] == chosen else ""),
                      _fmt_m(c.get("macs")), _fmt_m(c.get("params"), 3), _fmt_pct(acc), "", note))
     s = rep.get("student") or {}

@@ -258,3 +258,18 @@ def test_select_epochs_zero_distills_the_zero_cost_pick_for_the_whole_budget(tin
     assert selection["protocol"]["total_steps"] == 0
     record = json.loads(open(f"{wd}/distill.json").read())
     assert record["selection_steps"] == 0 and record["distill_steps"] == record["budget_steps"] == 6  # 192 / 32
+
+
+def test_the_summary_says_which_filter_stopped_a_candidate_that_never_trained():
+    from mskd_tf.report import summary_table
+
+    rep = {"config": {"epochs": 5}, "teacher": {}, "selected": {"criterion": "b"},
+           "candidates": [{"criterion": "a", "params_kept": False, "val_acc_before_finetune": 0.2},
+                          {"criterion": "b", "params_kept": True, "val_acc_before_finetune": 0.5},
+                          {"criterion": "c", "val_acc_before_finetune": 0.4},
+                          {"criterion": "d", "budget_epochs": 0.5, "val_acc": 0.6}]}
+    lines = {line.split("|")[1].strip(): line for line in summary_table(rep).splitlines()[2:]}
+    assert "20.00" in lines["candidate a"] and "under the capacity pool" in lines["candidate a"]
+    assert "the zero-cost pick" in lines["candidate b (selected)"]
+    assert lines["candidate c"].rstrip(" |").endswith("no step (zero-cost rung)")
+    assert "60.00" in lines["candidate d"] and "fine-tuned 0.5 epochs" in lines["candidate d"]
