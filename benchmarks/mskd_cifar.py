@@ -620,7 +620,8 @@ def render(data: dict) -> str:
               f"| teacher | - | {t.get('macs', 0) / 1e6:.2f} | {t.get('params', 0) / 1e3:.1f} | - | "
               f"{(t.get('seconds') or 0) / 60:.0f} | {_pct(t.get('val_acc', 0))} | {_pct(t.get('test_acc', 0))} |"]
     oracle = data.get("oracle_criterion")
-    named = [(f"l1 + CE ({BASELINE})", f"ce:{BASELINE}"), ("MS-KD (selection + KD, within B)", "mskd"),
+    named = [(f"l1 + CE ({BASELINE})", f"ce:{BASELINE}"),
+             ("MS-KD with fine-tuned selection (halving + KD, within B; --select_epochs > 0)", "mskd"),
              (f"l1 + KD ({BASELINE}, no selection)", f"kd:{BASELINE}"),
              ("ablation: MS-KD selection + CE (no KD)", "select+ce"),
              *[(f"ablation: MS-KD with {v[1:-1].replace('][', ', ')}", f"mskd{v}") for v in sorted(
@@ -630,7 +631,8 @@ def render(data: dict) -> str:
                   if k.startswith(f"kd:{BASELINE}[") and "@" not in k.split("/")[-1]})],
              *[(f"ablation: MS-KD selection + CE, {v[1:-1].replace('][', ', ')}", f"select+ce{v}") for v in sorted(
                  {k[len("select+ce"):k.index("/")] for k in rows if k.startswith("select+ce[")})],
-             ("ablation: capacity pool + zero-cost pick + KD (no selection training)", "zc+kd")]
+             ("capacity pool + zero-cost pick + KD for all of B (no selection training; the method of the library's "
+              "default --select_epochs=0 since 2026-12-05)", "zc+kd")]
     if oracle:
         named.insert(1, (f"oracle best candidate + CE (found with {len(data.get('candidates', {}))} x B steps)",
                          f"ce:{oracle}"))
@@ -651,11 +653,11 @@ def render(data: dict) -> str:
     ms, bl = _rows(rows, "mskd", seeds), _rows(rows, f"ce:{BASELINE}", seeds)
     if ms and bl:
         a, b = statistics.mean(r["test_acc"] for r in ms), statistics.mean(r["test_acc"] for r in bl)
-        lines += ["", f"**MS-KD - l1 + CE: {100 * (a - b):+.2f} points** test accuracy (n = {len(ms)} and {len(bl)} "
+        lines += ["", f"**MS-KD (fine-tuned selection) - l1 + CE: {100 * (a - b):+.2f} points** test accuracy (n = {len(ms)} and {len(bl)} "
                       f"seeds; bar: >= +1.00 at n = 3); MS-KD - teacher: {100 * (a - t.get('test_acc', 0)):+.2f} "
                       "points (bar: >= -1.50)."]
-    if _zero_cost_pairs(rows):
-        lines += ["", _zero_cost_pairs(rows)]
+    if pairs := _zero_cost_pairs(rows):
+        lines += ["", pairs]
     timed = {k: r for k, r in rows.items()
              if k.startswith("select/") and r.get("time_split") and r.get("seconds") and not _resumed(r)}
     if timed:  # issue 14: a selection's share of seconds not spent training (load, pools, setup, trace, score, save)
@@ -716,8 +718,8 @@ def render(data: dict) -> str:
             lines += [f"| {label} | {', '.join(sorted({r.get('criterion', '') for r in rs}))} | {rs[0]['macs'] / 1e6:.2f} | "
                       f"{rs[0]['params'] / 1e3:.1f} | {_spread([r['val_acc'] for r in rs])} | "
                       f"{_spread([r['test_acc'] for r in rs])} |" for label, rs in found]
-            if _zero_cost_pairs(rows, tag):
-                lines += ["", _zero_cost_pairs(rows, tag)]
+            if pairs := _zero_cost_pairs(rows, tag):
+                lines += ["", pairs]
     return "\n".join(lines) + "\n"
 
 
