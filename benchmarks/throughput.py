@@ -3,12 +3,12 @@
 Three workloads, each on the same data (CIFAR-10, pad-4 crop + flip applied to
 every batch), batch and model on both sides:
 
-  teacher  ResNet-20 ``fit`` (mskd_tf.models + training.make_optimizer)
+  teacher  ``fit`` of ``--model`` at ``--width`` (ResNet-20 by default; mskd_tf.models + training.make_optimizer)
   clone    ``fit`` of its 50%-MACs pruned clone (mskd_tf.pruning)
   distill  ``Distiller(teacher, clone).fit`` (frozen teacher forward + KD loss)
 
 The PyTorch side mirrors each Keras model layer by layer (same channel counts,
-strides and shortcut) and trains it with SGD + batch-level tensor augmentation.
+strides and shortcut; a depthwise convolution is a grouped one with groups = channels) and trains it with SGD + batch-level tensor augmentation.
 Blocks of ``--steps`` training steps alternate TF, torch, TF, torch ... in one
 process so both see the same machine load; every pair gives one ratio, and the
 spread of the ratios is printed next to their median.
@@ -18,6 +18,11 @@ spread of the ratios is printed next to their median.
     .venv/bin/python benchmarks/throughput.py --pairs 5 --steps 12 --round_to 1  # the exact (odd) widths
     .venv/bin/python benchmarks/throughput.py --nofused_batchnorm --notorch  # a lever off
     .venv/bin/python benchmarks/throughput.py --profile /tmp/tp --workloads teacher --notorch
+    .venv/bin/python benchmarks/throughput.py --model=mobilenet_v2 --width=0.5 --pairs 5 --steps 12 \
+        --reference_model=resnet20 --profile=/tmp/tp   # MobileNetV2 0.5 vs PyTorch, per MAC vs ResNet-20
+
+``--profile`` traces one more TF block per workload and prints its op time by family (depthwise, other
+convolutions, BatchNorm, ReLU/ReLU6, ...) forward and backward, with the convolutions' GMAC/s.
 
 torch is an optional benchmark-only dependency: ``pip install torch==2.13.0``.
 """
@@ -37,7 +42,10 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("dataset", f"folder:{results_io.SHARED_CIFAR10}", "mskd_tf.data source.")
 flags.DEFINE_integer("train_subset", 10000, "Training images (trimmed to whole batches).")
 flags.DEFINE_integer("batch_size", 128, "Training batch size (both frameworks).")
-flags.DEFINE_string("arch", "resnet20", "Teacher architecture (mskd_tf.models.build name).")
+flags.DEFINE_string("model", "resnet20", "Teacher architecture (any mskd_tf.models.build name).")
+flags.DEFINE_float("width", 1.0, "Channel multiplier of the teacher (models.build width=...).")
+flags.DEFINE_string("reference_model", "", "Also time this model's teacher fit (TF only, e.g. resnet20) in the same "
+                    "alternation and print the teacher's images/s x MACs against it, pair by pair.")
 flags.DEFINE_list("workloads", ["teacher", "clone", "distill"], "Which of teacher, clone, distill to time.")
 flags.DEFINE_integer("pairs", 3, "Alternating (TF block, torch block) pairs per workload.")
 flags.DEFINE_integer("steps", 10, "Training steps per timed block.")
@@ -65,19 +73,20 @@ def tf_models(info):
     """Teacher and its 50%-MACs clone (pruned; a width-0.7 model when pruning is unavailable)."""
     from mskd_tf import models
 
-    teacher = models.build(FLAGS.arch, info.image_shape, info.num_classes, normalization=(info.mean, info.std))
+    teacher = models.build(FLAGS.model, info.image_shape, info.num_classes, normalization=(info.mean, info.std),
+                           width=FLAGS.width)
     try:
         from mskd_tf.pruning import build_graph, plan_keep, prune
 
         graph = build_graph(teacher)
         clone = prune(teacher, plan_keep(graph, None, target_macs=0.5, round_to=FLAGS.round_to).keep, graph)
     except ImportError:
-        clone = models.build(FLAGS.arch, info.image_shape, info.num_classes,
-                             normalization=(info.mean, info.std), width=0.7)
+        clone = models.build(FLAGS.model, info.image_shape, info.num_classes,
+                             normalization=(info.mean, info.std), width=0.7 * FLAGS.width)
     return teacher, clone
 
 
-def tf_trainers(teacher, clone):
+def tf_trainers(teacher, clone, reference=None):
     """``{workload: fit-able compiled keras.Model}`` built as the library's stages build them."""
     import keras
 
@@ -101,6 +110,9 @@ def tf_trainers(teacher, clone):
         fine_tuned.set_weights(clone.get_weights())
         fine_tuned.compile(optimizer=optimizer(), loss=ce, metrics=["accuracy"], **kwargs)
         trainers["clone"] = fine_tuned
+    if FLAGS.reference_model:
+        reference.compile(optimizer=optimizer(), loss=ce, metrics=["accuracy"], **kwargs)
+        trainers["reference"] = reference
     if "distill" in FLAGS.workloads:
         frozen = keras.models.clone_model(teacher)  # Distiller freezes its teacher: not the one trained above
         frozen.set_weights(teacher.get_weights())
@@ -117,26 +129,85 @@ def tf_block(model, dataset, steps):
     return steps * FLAGS.batch_size / (time.perf_counter() - start)
 
 
-def print_profile(logdir, top=14):
-    """Sum the TF op events of a profiler trace by op type; print the largest."""
+# Op type -> family, for the profile's table (TF's oneDNN build prefixes its kernels with _MklNative / _Mkl).
+# A fused op (e.g. _FusedConv2D with its BatchNorm folded in) counts under its first family.
+OP_FAMILIES = (("depthwise", "Depthwise"), ("conv", "Conv2D"), ("batchnorm", "BatchNorm"), ("relu", "Relu"),
+               ("dense", "MatMul"))
+
+
+def op_family(op_type: str) -> str:
+    return next((family for family, part in OP_FAMILIES if part in op_type), "other")
+
+
+def read_profile(logdir, steps):
+    """Per-step op time of a profiler trace: ``{(family, direction): ms}`` and ``{op type: ms}``.
+
+    Times are the TF executor's op events summed over its threads (two ops can overlap in time, so the sum
+    may exceed the wall time); an op under ``gradient_tape/`` is backward, the optimizer's updates are other.
+    """
     from tensorflow.tsl.profiler.protobuf import xplane_pb2
 
     space = xplane_pb2.XSpace()
     with open(sorted(glob.glob(f"{logdir}/**/*.xplane.pb", recursive=True))[-1], "rb") as f:
         space.ParseFromString(f.read())
-    per_op = collections.Counter()
+    by_family, by_op = collections.Counter(), collections.Counter()
     for plane in space.planes:
         for line in plane.lines:
             if not line.name.startswith("tf_Compute"):
                 continue
             for event in line.events:
                 name = plane.event_metadata[event.metadata_id].name
-                if not name.startswith("ExecutorState"):  # the envelope around the ops
-                    per_op[name.rsplit(":", 1)[-1]] += event.duration_ps / 1e9
-    total = sum(per_op.values())
-    print(f"  op time (summed over threads): {total:.0f} ms")
-    for op, ms in per_op.most_common(top):
+                if name.startswith("ExecutorState"):  # the envelope around the ops
+                    continue
+                scope, _, op_type = name.rpartition(":")
+                ms = event.duration_ps / 1e9 / steps
+                family = op_family(op_type)
+                direction = "backward" if "gradient_tape/" in scope else "forward"
+                if family == "other" and direction == "forward" and "/" not in scope.replace("StatefulPartitionedCall/", "", 1):
+                    direction = "other"
+                by_family[(family, direction)] += ms
+                by_op[op_type] += ms
+    return by_family, by_op
+
+
+def print_profile(by_family, by_op, macs, batch_size, top=12):
+    """The profile as a family x direction table (ms per step, share, GMAC/s of the conv families)."""
+    total = sum(by_family.values())
+    print(f"  op time per step (summed over executor threads): {total:.0f} ms")
+    print(f"  {'family':10s} {'forward ms':>10s} {'backward ms':>11s} {'share':>6s} {'fwd GMAC/s':>10s} {'bwd GMAC/s':>10s}")
+    for family in [name for name, _ in OP_FAMILIES] + ["other"]:
+        forward, backward = by_family.get((family, "forward"), 0.0), by_family.get((family, "backward"), 0.0)
+        other = by_family.get((family, "other"), 0.0)
+        if forward + backward + other == 0:
+            continue
+        rate = ""
+        if family in macs and forward and backward:  # backward = input gradient + filter gradient: 2x the MACs
+            work = macs[family] * batch_size / 1e6
+            rate = f"{work / forward:10.1f} {2 * work / backward:10.1f}"
+        print(f"  {family:10s} {forward:10.1f} {backward:11.1f} {100 * (forward + backward + other) / total:5.1f}% "
+              f"{rate}" + (f"  (+{other:.1f} ms optimizer)" if other else ""))
+    print("  largest op types:")
+    for op, ms in by_op.most_common(top):
         print(f"  {ms:8.1f} ms {100 * ms / total:5.1f}%  {op}")
+
+
+def family_macs(model) -> dict:
+    """Forward MACs per image of the depthwise, other convolution and dense layers."""
+    import keras
+
+    from mskd_tf import flops
+
+    per_layer = flops.count(model).per_layer
+    macs = collections.Counter()
+    for layer in model.layers:
+        if layer.name not in per_layer:
+            continue
+        family = ("depthwise" if isinstance(layer, keras.layers.DepthwiseConv2D) else
+                  "conv" if isinstance(layer, keras.layers.Conv2D) else
+                  "dense" if isinstance(layer, keras.layers.Dense) else None)
+        if family:
+            macs[family] += per_layer[layer.name][0]
+    return dict(macs)
 
 
 # ----------------------------------------------------------------------------- PyTorch side
@@ -154,7 +225,11 @@ def mirror_spec(model):
     L, spec = keras.layers, []
     for layer in model.operations:
         parents = [node.operation.name for node in layer._inbound_nodes[0].parent_nodes]
-        if isinstance(layer, L.Conv2D):
+        if isinstance(layer, L.DepthwiseConv2D):  # torch: a grouped convolution, groups = channels
+            k = tuple(layer.kernel.shape)
+            args = dict(cin=k[2], cout=k[2] * k[3], kernel=k[:2], stride=tuple(layer.strides), groups=k[2],
+                        padding=k[0] // 2 if layer.padding == "same" else 0, bias=layer.use_bias)
+        elif isinstance(layer, L.Conv2D):
             k = tuple(layer.kernel.shape)
             args = dict(cin=k[2], cout=k[3], kernel=k[:2], stride=tuple(layer.strides),
                         padding=k[0] // 2 if layer.padding == "same" else 0, bias=layer.use_bias)
@@ -169,7 +244,11 @@ def mirror_spec(model):
             args = dict(pad=tuple(layer.padding[1]))
         elif isinstance(layer, (L.AveragePooling2D, L.MaxPooling2D)):
             args = dict(size=layer.pool_size[0], stride=layer.strides[0])
-        elif isinstance(layer, (L.InputLayer, L.ReLU, L.Add, L.Reshape, L.GlobalAveragePooling2D, L.Dropout,
+        elif isinstance(layer, L.ReLU):
+            if layer.negative_slope or layer.threshold:
+                raise NotImplementedError(f"no torch mirror for a leaky or thresholded ReLU ({layer.name})")
+            args = dict(max_value=None if layer.max_value is None else float(layer.max_value))
+        elif isinstance(layer, (L.InputLayer, L.Add, L.Reshape, L.GlobalAveragePooling2D, L.Dropout,
                                 L.Flatten)):
             args = {}
         else:
@@ -196,9 +275,9 @@ def torch_worker(conn, images, labels, specs, batch_size, seed):
             super().__init__()
             self.spec, self.mods = spec, nn.ModuleDict()
             for name, kind, _, a in spec:
-                if kind == "Conv2D":
+                if kind in ("Conv2D", "DepthwiseConv2D"):
                     self.mods[name] = nn.Conv2d(a["cin"], a["cout"], a["kernel"], a["stride"], a["padding"],
-                                                bias=a["bias"])
+                                                bias=a["bias"], groups=a.get("groups", 1))
                 elif kind == "BatchNormalization":
                     self.mods[name] = nn.BatchNorm2d(a["channels"], eps=a["eps"], momentum=a["momentum"])
                 elif kind == "Dense":
@@ -218,7 +297,7 @@ def torch_worker(conn, images, labels, specs, batch_size, seed):
                 elif kind == "Normalization":
                     out = (ins[0] - getattr(self, f"{name}_mean")) / getattr(self, f"{name}_std")
                 elif kind == "ReLU":
-                    out = F.relu(ins[0])
+                    out = F.relu(ins[0]) if a["max_value"] is None else F.hardtanh(ins[0], 0.0, a["max_value"])
                 elif kind == "Add":
                     out = sum(ins[1:], ins[0])
                 elif kind == "ZeroPadding2D":
@@ -344,7 +423,8 @@ def compare_levers(info, train, pairs, steps):
     for name, (fused, overrides) in variants.items():
         training.configure_runtime(fused_batchnorm=fused)
         keras.utils.set_random_seed(FLAGS.seed)
-        model = models.build(FLAGS.arch, info.image_shape, info.num_classes, normalization=(info.mean, info.std))
+        model = models.build(FLAGS.model, info.image_shape, info.num_classes, normalization=(info.mean, info.std),
+                             width=FLAGS.width)
         model.compile(optimizer=training.make_optimizer("sgd", LR, total_steps=10_000),
                       loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True), metrics=["accuracy"],
                       **training.compile_kwargs(**overrides))
@@ -382,7 +462,7 @@ def measure(argv):
     import keras
     import tensorflow as tf
 
-    from mskd_tf import data
+    from mskd_tf import data, flops
 
     pairs, steps = (2, 6) if FLAGS.quick else (FLAGS.pairs, FLAGS.steps)
     unknown = set(FLAGS.workloads) - {"teacher", "clone", "distill"}
@@ -398,7 +478,14 @@ def measure(argv):
         return compare_levers(splits.info, train, pairs, steps)
     keras.utils.set_random_seed(FLAGS.seed)
     teacher, clone = tf_models(splits.info)
-    trainers = tf_trainers(teacher, clone)
+    reference = None
+    if FLAGS.reference_model:
+        from mskd_tf import models
+
+        info = splits.info
+        reference = models.build(FLAGS.reference_model, info.image_shape, info.num_classes,
+                                 normalization=(info.mean, info.std))
+    trainers = tf_trainers(teacher, clone, reference)
     torch_run = None
     if FLAGS.torch:
         worker, handle = start_torch_worker(arrays, {"teacher": mirror_spec(teacher), "clone": mirror_spec(clone)})
@@ -409,14 +496,14 @@ def measure(argv):
     print(f"{len(arrays)} images {arrays.x.shape[1:]}, batch {FLAGS.batch_size}, {pairs} pairs x {steps} steps")
     for name, model in trainers.items():  # warm-up: tracing, first calls, oneDNN primitive caches
         model.fit(train, epochs=1, steps_per_epoch=4 * model.steps_per_execution, verbose=0)
-        if torch_run:
+        if torch_run and name != "reference":
             torch_run(name, 8)
 
     results = {name: {"tf": [], "torch": []} for name in trainers}
     for pair in range(pairs):
         for name, model in trainers.items():
             results[name]["tf"].append(tf_block(model, train, steps))
-            if torch_run:
+            if torch_run and name != "reference":
                 results[name]["torch"].append(torch_run(name, steps))
             row = results[name]
             ratio = f", ratio {row['tf'][-1] / row['torch'][-1]:.2f}" if row["torch"] else ""
@@ -432,19 +519,41 @@ def measure(argv):
         else:
             torch_text, ratio = "-", "-"
         print(f"{name:9s}  {tf_text:18s} {torch_text:18s} {ratio}")
-    results_io.write_results("throughput" + (f"_round{FLAGS.round_to}" if FLAGS.round_to != 1 else ""), {
-        "arch": FLAGS.arch, "images": len(arrays), "batch_size": FLAGS.batch_size, "pairs": pairs, "steps": steps,
-        "clone_round_to": FLAGS.round_to, "images_per_second": results, "tf_over_torch": {
-            name: [t / r for t, r in zip(row["tf"], row["torch"])] for name, row in results.items() if row["torch"]}})
+    macs = {"teacher": flops.count(teacher).macs, "clone": flops.count(clone).macs}
+    macs["distill"] = macs["clone"]  # the student's MACs: the teacher's forward pass is extra work, not counted
+    if reference is not None:
+        macs["reference"] = flops.count(reference).macs
+    print("\nworkload   MACs/image   tf images/s x MACs (GMAC/s, median)")
+    for name, row in results.items():
+        print(f"{name:9s}  {macs[name] / 1e6:8.2f} M   {statistics.median(row['tf']) * macs[name] / 1e9:8.2f}")
+    per_mac = []
+    if reference is not None and "teacher" in results:
+        per_mac = [t * macs["teacher"] / (r * macs["reference"])
+                   for t, r in zip(results["teacher"]["tf"], results["reference"]["tf"])]
+        print(f"teacher images/s x MACs over {FLAGS.reference_model}'s, per pair: {spread(per_mac)}")
 
+    profiles = {}
     if FLAGS.profile:
         for name, model in trainers.items():
+            if name == "reference":
+                continue
             logdir = os.path.join(FLAGS.profile, name)
             tf.profiler.experimental.start(logdir)
             rate = tf_block(model, train, steps)
             tf.profiler.experimental.stop()
             print(f"\nprofile {name} ({rate:.0f} images/s while tracing):")
-            print_profile(logdir)
+            by_family, by_op = read_profile(logdir, steps)
+            print_profile(by_family, by_op, family_macs(clone if name != "teacher" else teacher), FLAGS.batch_size)
+            profiles[name] = {"images_per_second": rate, "ms_per_step": {
+                f"{family}/{direction}": ms for (family, direction), ms in sorted(by_family.items())}}
+    suffix = "" if (FLAGS.model, FLAGS.width) == ("resnet20", 1.0) else f"_{FLAGS.model}_w{FLAGS.width:g}"
+    results_io.write_results("throughput" + suffix + (f"_round{FLAGS.round_to}" if FLAGS.round_to != 1 else ""), {
+        "model": FLAGS.model, "width": FLAGS.width, "images": len(arrays), "batch_size": FLAGS.batch_size,
+        "pairs": pairs, "steps": steps, "clone_round_to": FLAGS.round_to, "macs_per_image": macs,
+        "images_per_second": results, "tf_over_torch": {
+            name: [t / r for t, r in zip(row["tf"], row["torch"])] for name, row in results.items() if row["torch"]},
+        "reference_model": FLAGS.reference_model, "teacher_per_mac_over_reference": per_mac,
+        "profile_ms_per_step": profiles})
     if torch_run:
         handle[1].send(None)
         worker.join(timeout=30)
