@@ -4,11 +4,12 @@
     benchmarks/mskd_cifar.sh --max_rows=3     # stop after three newly finished rows (one sitting)
     benchmarks/mskd_cifar.sh --render_only    # print the table of the rows finished so far
     benchmarks/mskd_cifar.sh --quick          # a ~10-minute smoke version on 5k images (its own files)
+    benchmarks/mskd_cifar.sh --model=mobilenet_v2 --width=0.5 --teacher_epochs=80 --teacher_only  # its teacher only
 
 Protocol
 --------
 * Data: CIFAR-10 from ``../shared/data`` (45k train / 5k validation carved with seed 0 / the 10k test set).
-* Teacher: ResNet-20 trained once by the pipeline's own teacher stage (``--teacher_epochs``, SGD, cosine);
+* Teacher: ``--model`` at ``--width`` (ResNet-20 by default) trained once by the pipeline's own teacher stage (``--teacher_epochs``, SGD, cosine);
   ranks and candidates by the pipeline's own rank and candidates stages (every criterion x the global and
   uniform allocations, BatchNorm-recalibrated, at ``--target_macs``). Every row starts from these files;
   their digests are stored with the rows, and a changed file empties the table. They are mirrored into
@@ -53,6 +54,9 @@ import results_io
 from absl import app, flags
 
 FLAGS = flags.FLAGS
+flags.DEFINE_string("model", "resnet20", "Teacher architecture (mskd_tf.models.build name).")
+flags.DEFINE_float("width", 1.0, "Width multiplier of the teacher (mobilenet_v2).")
+flags.DEFINE_bool("teacher_only", False, "Train (or resume) the teacher through the pipeline's teacher stage, then stop.")
 flags.DEFINE_bool("quick", False, "Smoke version: 5k training images, 4-epoch teacher, 2-epoch budget, 1 seed.")
 flags.DEFINE_integer("teacher_epochs", 50, "Teacher epochs (the full protocol's teacher; ~1 h on 2 cores).")
 flags.DEFINE_float("budget", 15.0, "Student budget B in epochs of the training split, selection included.")
@@ -116,7 +120,8 @@ def settings() -> dict:
     from mskd_tf.config import Config
 
     quick = FLAGS.quick
-    s = {"quick": quick, "dataset": f"folder:{results_io.SHARED_CIFAR10}", "model": "resnet20", "batch_size": 128,
+    s = {"quick": quick, "dataset": f"folder:{results_io.SHARED_CIFAR10}", "model": FLAGS.model, "width": FLAGS.width,
+         "batch_size": 128,
          "train_subset": 5000 if quick else 0, "teacher_epochs": 4 if quick else FLAGS.teacher_epochs,
          "teacher_lr": 0.1, "weight_decay": FLAGS.weight_decay, "budget": 2.0 if quick else FLAGS.budget,
          "select_epochs": 0.5 if quick else FLAGS.select_epochs, "zero_cost_keep": FLAGS.zero_cost_keep,
@@ -128,16 +133,25 @@ def settings() -> dict:
          # The library's capacity-pool floor is min_params_ratio x the median candidate's parameters (before
          # commit "capacity pool under the median": x the largest's; such rows are renamed, see Results).
          "capacity_reference": "median"}
-    s["name"] = FLAGS.name or ("mskd_cifar_quick" if quick else "mskd_cifar")
+    network = "" if (FLAGS.model, FLAGS.width) == ("resnet20", 1.0) else f"_{FLAGS.model}_w{FLAGS.width:g}"
+    s["name"] = FLAGS.name or ("mskd_cifar" + network + ("_quick" if quick else ""))
     s["workdir"] = f"runs/bench_{s['name']}"
     return s
+
+
+def network_name(s) -> str:
+    """The teacher as the table names it: ResNet-20, MobileNetV2 0.5, ..."""
+    model, width = s.get("model", "resnet20"), s.get("width", 1.0)
+    if model.startswith("resnet"):
+        return f"ResNet-{model[6:]}" + (f" {width:g}" if width != 1.0 else "")
+    return {"mobilenet_v2": "MobileNetV2"}.get(model, model) + (f" {width:g}" if width != 1.0 else "")
 
 
 def pipeline_config(s, target, teacher_path=""):
     from mskd_tf.config import Config
 
     suffix = "" if target == s["target_macs"] else f"_t{round(100 * target)}"
-    return Config(dataset=s["dataset"], model=s["model"], train_subset=s["train_subset"], batch_size=s["batch_size"],
+    return Config(dataset=s["dataset"], model=s["model"], width=s.get("width", 1.0), train_subset=s["train_subset"], batch_size=s["batch_size"],
                   epochs=s["teacher_epochs"], lr=s["teacher_lr"], schedule="cosine", weight_decay=s["weight_decay"],
                   teacher=teacher_path,
                   target_macs=target, round_to=s["round_to"], calibration_batches=10, select_epochs=s["select_epochs"],
@@ -399,6 +413,17 @@ def main(_):
 
     # The decisive target: teacher, rank and candidates by the pipeline (the teacher trains here once).
     guard_the_table(res, s)
+    if FLAGS.teacher_only:
+        from mskd_tf.api import run_pipeline
+
+        cfg = pipeline_config(s, s["target_macs"])
+        if keep_artifacts(s):
+            artifacts.restore(Path(cfg.workdir))
+        run_pipeline(cfg, stop_after="teacher")
+        if keep_artifacts(s):
+            artifacts.save(Path(cfg.workdir))
+        print(json.dumps(json.loads((Path(cfg.workdir) / "teacher.json").read_text())), flush=True)
+        return
     wd, digests = prepare(s, s["target_macs"])
     if res.data.get("digests") != digests:
         res.data.update(digests=digests, rows={}, targets={})
@@ -531,7 +556,7 @@ def plot_macs(data: dict, path: Path):
     ax.set_xlim(0, t["macs"] / 1e6 * 1.05)
     ax.set_xlabel("MACs (M)")
     ax.set_ylabel("test accuracy (%)")
-    ax.set_title(f"ResNet-20 / CIFAR-10, {s['budget']:g}-epoch budget (seed {s0})")
+    ax.set_title(f"{network_name(s)} / CIFAR-10, {s['budget']:g}-epoch budget (seed {s0})")
     ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
@@ -604,7 +629,7 @@ def render(data: dict) -> str:
              f"{m.get('cpu')}, {m.get('cores')} cores, TF {m.get('tensorflow')}, Keras {m.get('keras')}, "
              f"mskd_tf commit {m.get('git_commit')}.",
              f"CIFAR-10: {t.get('train_images')} train / {t.get('val_images')} val / {t.get('test_images')} test "
-             f"images. ResNet-20 teacher: {s['teacher_epochs']} epochs, SGD lr {s['teacher_lr']} cosine, decoupled weight "
+             f"images. {network_name(s)} teacher: {s['teacher_epochs']} epochs, SGD lr {s['teacher_lr']} cosine, decoupled weight "
              f"decay {s['weight_decay']:g} "
              f"({(t.get('seconds') or 0) / 60:.0f} min). Every student row: B = {s['budget']:g} epochs = {budget} "
              f"optimizer steps of batch {s['batch_size']} ({per_epoch} per epoch), SGD (Nesterov) peak lr "
