@@ -89,7 +89,7 @@ def run(workers: int, flags: list, workdir: Path) -> dict:
     distill = json.loads((workdir / "distill.json").read_text())
     return {"workers": workers, "wall_seconds": round(seconds, 1),
             "stage_seconds": {name: record["seconds"] for name, record in stages.items()},
-            "student_test_acc": distill["shipped_test_acc"], "distill_steps": distill["distill_steps"],
+            "student_test_acc": distill["test_acc"], "distill_steps": distill["distill_steps"],
             "load_average_1min": {"mean": round(sum(load.samples) / max(1, len(load.samples)), 2),
                                   "max": round(max(load.samples, default=0.0), 2)},
             "other_busy_processes": others}

@@ -51,8 +51,8 @@ def build(ctx) -> dict:
         "config": ctx.cfg.to_dict(),
         "versions": versions(),
         "history": {"teacher": teacher.get("history"), "select": [c.get("curve") for c in candidates],
-                    "distill": distill.get("history") if distill else None,
-                    "baseline": distill.get("baseline_history") if distill else None},
+                    **{f"distill_{run}": values.get("history")
+                       for run, values in (distill.get("runs") or {}).items()}},
     }
 
 
@@ -98,15 +98,16 @@ def summary_table(rep: dict) -> str:
     if s:
         steps = (f"{s['distill_steps']} steps after {s['selection_steps']} selection steps"
                  if "distill_steps" in s else f"{cfg.get('distill_epochs')} epochs")
-        shipped = s.get("shipped", "kd")
-        rows.append(("student (KD)" + (" (shipped)" if shipped == "kd" else ""), _fmt_m(s.get("macs")),
-                     _fmt_m(s.get("params"), 3), _fmt_pct(s.get("val_acc")), _fmt_pct(s.get("test_acc")),
-                     f"{steps}, distillation"))
-        if s.get("baseline_test_acc") is not None:
-            rows.append(("student (CE only)" + (" (shipped)" if shipped == "baseline" else ""), _fmt_m(s.get("macs")),
-                         _fmt_m(s.get("params"), 3), _fmt_pct(s.get("baseline_val_acc")),
-                         _fmt_pct(s.get("baseline_test_acc")), f"{steps}, cross-entropy"))
+        for run, values in (s.get("runs") or {}).items():
+            name, training = STUDENT_RUNS[run]
+            rows.append((name + (" (shipped)" if s.get("shipped") == run else ""), _fmt_m(s.get("macs")),
+                         _fmt_m(s.get("params"), 3), _fmt_pct(values.get("val_acc")), _fmt_pct(values.get("test_acc")),
+                         f"{steps}, {training}"))
     return _table(("model", "MMACs", "Mparams", "val acc %", "test acc %", "training"), rows)
+
+
+# distill.json's runs: name in the table, the training it had
+STUDENT_RUNS = {"kd": ("student (KD)", "distillation"), "ce": ("student (CE only)", "cross-entropy")}
 
 
 def candidates_table(rows) -> str:
@@ -203,7 +204,7 @@ def plots(rep: dict, wd) -> list[Path]:
                 # a ring around the selected one, so the student marker cannot hide it
                 ax.scatter(x, [100 * c["val_acc"]], s=220, facecolors="none", edgecolors="red", linewidths=1.5,
                            label=f"selected: {chosen}", zorder=3)
-        shipped = s.get("shipped_val_acc", s.get("val_acc"))
+        shipped = s.get("val_acc")
         if shipped is not None:
             ax.scatter([s["macs"] / 1e6], [100 * shipped], marker="D", s=70, color="red", zorder=5,
                        label="shipped student")
@@ -236,24 +237,33 @@ def plots(rep: dict, wd) -> list[Path]:
         made.append(_save(fig, wd / "plot_widths.png"))
     hist = rep.get("history") or {}
     curves = [(c["criterion"], c.get("curve")) for c in cands if c.get("curve")]
-    if curves or (hist.get("distill") or {}).get("val_accuracy") or (hist.get("teacher") or {}).get("val_accuracy"):
-        fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
-        for name, curve in curves:
-            style = styles[name]
-            left.plot([p[0] for p in curve], [100 * p[1] for p in curve], color=style["color"], ls=style["linestyle"],
-                      marker=style["marker"], ms=3, lw=2.5 if name == chosen else 1,
-                      label=name + (" (selected)" if name == chosen else ""))
-        left.set_title("selection (successive halving)")
-        for label, h in (("teacher", hist.get("teacher")), ("student, distillation", hist.get("distill")),
-                         ("student, cross-entropy", hist.get("baseline"))):
-            if h and h.get("val_accuracy"):
+    trainings = [(label, h) for label, h in (("teacher", hist.get("teacher")),
+                                             *((f"student, {training}", hist.get(f"distill_{run}"))
+                                               for run, (_, training) in STUDENT_RUNS.items()))
+                 if h and h.get("val_accuracy")]
+    if curves or trainings:
+        # The selection panel only when selection trained (the default zero-cost pick trains nothing there).
+        fig, axes = plt.subplots(1, 2 if curves and trainings else 1, figsize=(11 if curves and trainings else 6, 4.5),
+                                 sharey=True, squeeze=False)
+        axes = list(axes[0])
+        if curves:
+            left = axes[0]
+            for name, curve in curves:
+                style = styles[name]
+                left.plot([p[0] for p in curve], [100 * p[1] for p in curve], color=style["color"],
+                          ls=style["linestyle"], marker=style["marker"], ms=3, lw=2.5 if name == chosen else 1,
+                          label=name + (" (selected)" if name == chosen else ""))
+            left.set_title("selection (successive halving)")
+        if trainings:
+            right = axes[-1]
+            for label, h in trainings:
                 right.plot(range(1, len(h["val_accuracy"]) + 1), [100 * v for v in h["val_accuracy"]], marker=".",
                            label=label)
-        right.set_title("teacher and student training")
-        for ax in (left, right):
+            right.set_title("teacher and student training")
+        for ax in axes:
             ax.set_xlabel("epoch")
             ax.legend(fontsize=6)
-        left.set_ylabel("validation accuracy (%)")
+        axes[0].set_ylabel("validation accuracy (%)")
         fig.tight_layout()
         made.append(_save(fig, wd / "plot_curves.png"))
     return made

@@ -69,7 +69,7 @@ class CompressionResult:
     criterion: str | None
     candidates: list
     teacher: dict
-    student_metrics: dict
+    student_metrics: dict  # distill.json: val_acc / test_acc of the shipped student, each run's under "runs"
     exports: list
     timings: dict
     workdir: str
@@ -671,9 +671,9 @@ def run_distill(ctx: Context):
                 else "distillation is still used (no cross-entropy run to compare with)")
         out["warnings"].append(f"the selected candidate ({_pct(selected_val)}) is better than the teacher "
                                f"({_pct(teacher_val)}) on validation; {note}")
-    students = {}
-    runs = [("kd", True)] + ([("baseline", False)] if cfg.distill_baseline else [])
-    for label, kd in runs:
+    students, out["runs"] = {}, {}
+    # "ce": the cross-entropy run from the same start and budget, which may ship instead (below)
+    for label, kd in [("kd", True)] + ([("ce", False)] if cfg.distill_baseline else []):
         student = keras.models.load_model(ctx.wd / "selected.keras")  # both runs start from the same weights
         start = time.perf_counter()
         lr = cfg.finetune_rate(kd)  # KD's larger steps want a lower rate (Config.kd_lr_scale)
@@ -682,36 +682,35 @@ def run_distill(ctx: Context):
                                            **settings)
         if not ctx.writes:
             continue  # trained in lock-step with the chief, which measures, chooses and saves
-        prefix = "" if kd else "baseline_"
-        out[f"{prefix}seconds"] = round(time.perf_counter() - start, 3)
-        out[f"{prefix}lr"] = lr
-        out[f"{prefix}val_acc"] = evaluate(student, d.val) if d.val is not None else None
-        out[f"{prefix}test_acc"] = evaluate(student, d.test)
-        out[f"{prefix}history"] = {k: [float(v) for v in vals] for k, vals in history.items()}
+        out["runs"][label] = {
+            "seconds": round(time.perf_counter() - start, 3), "lr": lr,
+            "val_acc": evaluate(student, d.val) if d.val is not None else None,
+            "test_acc": evaluate(student, d.test),
+            "history": {k: [float(v) for v in vals] for k, vals in history.items()}}
         students[label] = student
     if not ctx.writes:
         return
     out.update(_cost(students["kd"]))
+    kd_run, ce_run = out["runs"]["kd"], out["runs"].get("ce")
     # Ship the better of the two runs on validation (never on test): KD from a poor teacher must not win by default.
     shipped = "kd"
-    if "baseline" in students and out["baseline_val_acc"] is not None and out["val_acc"] is not None:
-        if out["baseline_val_acc"] > out["val_acc"]:
-            shipped = "baseline"
-        out["kd_gain"] = out["test_acc"] - out["baseline_test_acc"]
-        out["kd_val_margin"] = out["val_acc"] - out["baseline_val_acc"]
-    out["shipped"] = shipped
-    out["shipped_val_acc"] = out["val_acc" if shipped == "kd" else "baseline_val_acc"]
-    out["shipped_test_acc"] = out["test_acc" if shipped == "kd" else "baseline_test_acc"]
+    if ce_run is not None and ce_run["val_acc"] is not None and kd_run["val_acc"] is not None:
+        if ce_run["val_acc"] > kd_run["val_acc"]:
+            shipped = "ce"
+        out["kd_gain"] = kd_run["test_acc"] - ce_run["test_acc"]
+        out["kd_val_margin"] = kd_run["val_acc"] - ce_run["val_acc"]
+    # The top-level figures are the shipped network's; each run's own are under "runs".
+    out.update(shipped=shipped, val_acc=out["runs"][shipped]["val_acc"], test_acc=out["runs"][shipped]["test_acc"])
     ctx.wd.save_model(students[shipped], "student.keras")
     ctx.remember("student.keras", students[shipped])
     ctx.wd.write_json("distill.json", out)
     for warning in out["warnings"]:
         print(f"distill: WARNING: {warning}", flush=True)
-    line = f"distill: student test acc {_pct(out['test_acc'])} with KD"
-    if "baseline_test_acc" in out:
-        line += (f", {_pct(out['baseline_test_acc'])} with plain cross-entropy; shipped the "
-                 f"{'KD' if shipped == 'kd' else 'cross-entropy'} student (validation {_pct(out['val_acc'])} vs "
-                 f"{_pct(out['baseline_val_acc'])})")
+    line = f"distill: student test acc {_pct(kd_run['test_acc'])} with KD"
+    if ce_run is not None:
+        line += (f", {_pct(ce_run['test_acc'])} with plain cross-entropy; shipped the "
+                 f"{'KD' if shipped == 'kd' else 'cross-entropy'} student (validation {_pct(kd_run['val_acc'])} vs "
+                 f"{_pct(ce_run['val_acc'])})")
     print(line + f"; {spent} selection + {steps} training steps = {budget} of the budget", flush=True)
 
 

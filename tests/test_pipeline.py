@@ -176,7 +176,7 @@ def test_a_resumed_run_trains_on_the_order_an_uninterrupted_one_does(tiny_cfg, t
         selection = json.loads(open(f"{workdir}/selection.json").read())
         distilled = json.loads(open(f"{workdir}/distill.json").read())
         return ([(c["criterion"], c["curve"], c.get("weights")) for c in selection["candidates"] if c.get("steps")],
-                distilled["val_acc"], distilled.get("baseline_val_acc"), distilled["history"])
+                {run: {k: v for k, v in values.items() if k != "seconds"} for run, values in distilled["runs"].items()})
 
     uninterrupted = trained(tiny_cfg.workdir)
     assert uninterrupted[0], "no candidate was fine-tuned: the comparison would be empty"
@@ -241,7 +241,7 @@ def test_runs_under_the_kd_loss_train_at_the_scaled_rate(tiny_cfg, monkeypatch):
     assert [(stage, kd) for stage, kd, _ in seen][1:] == [("distill", True), ("distill", False)]
     assert all(lr == pytest.approx(0.01 if kd else 0.04) for _, kd, lr in seen), seen
     record = json.loads(open(f"{tiny_cfg.workdir}/distill.json").read())
-    assert (record["lr"], record["baseline_lr"]) == (pytest.approx(0.01), pytest.approx(0.04))
+    assert (record["runs"]["kd"]["lr"], record["runs"]["ce"]["lr"]) == (pytest.approx(0.01), pytest.approx(0.04))
 
 
 def test_select_epochs_zero_distills_the_zero_cost_pick_for_the_whole_budget(tiny_cfg):
