@@ -20,6 +20,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from mskd_tf import native_logs
 from mskd_tf.config import EXPORT_KINDS as KINDS  # the --export choices
 from mskd_tf.errors import MskdError
 
@@ -84,7 +85,8 @@ def convert(model: keras.Model, kind: str, *, calibration_images: np.ndarray | N
         if kind == "int8":
             set_full_int8(converter, calibration_images)
         try:
-            return converter.convert()
+            with native_logs.filtered_stderr():  # the converter prints its settings (fully_quantize: 0, ...)
+                return converter.convert()
         except Exception as err:  # the converter raises ConverterError and plain RuntimeErrors
             raise MskdError(
                 f"TFLite conversion to {kind} failed for model {model.name!r}: {str(err).strip()[:800]}. "
@@ -154,8 +156,9 @@ def _interpreter(tflite_bytes: bytes, threads: int):
     from ai_edge_litert.interpreter import Interpreter
 
     try:
-        interpreter = Interpreter(model_content=tflite_bytes, num_threads=threads)
-        interpreter.allocate_tensors()
+        with native_logs.filtered_stderr():  # XNNPACK announces its delegate
+            interpreter = Interpreter(model_content=tflite_bytes, num_threads=threads)
+            interpreter.allocate_tensors()
     except (RuntimeError, ValueError) as err:
         raise MskdError(f"LiteRT could not load the .tflite model ({len(tflite_bytes)} bytes): {err}") from err
     return interpreter

@@ -17,10 +17,14 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "1")
 
 from absl import app, flags, logging  # noqa: E402
 
+from mskd_tf import native_logs  # noqa: E402
 from mskd_tf.config import config_from_flags, define_flags  # noqa: E402
 from mskd_tf.errors import MskdError  # noqa: E402
 
 define_flags()
+# Not a Config field: it changes what the terminal shows, never a result.
+flags.DEFINE_bool("verbose", False, "Also show TensorFlow's and LiteRT's native log lines (the CUDA probe on a CPU "
+                  "machine, the oneDNN notice, the converter's settings), which are hidden by default.")
 EXIT_USAGE = 2
 
 
@@ -46,6 +50,11 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)  # TF's SavedModel export logs every asset at INFO
     if len(argv) > 1:
         _fail(f"unexpected arguments {argv[1:]}; every setting is a --flag (see --helpfull).")
+    native_logs.set_verbose(flags.FLAGS.verbose)
+    with native_logs.filtered_stderr():  # TF's import and device probe print their notices here
+        import tensorflow as tf
+
+        tf.config.list_physical_devices()
     try:
         cfg = config_from_flags()
         micro_warning = cfg.check_micro(explicit=False)
