@@ -124,7 +124,10 @@ class Config:
         """Raise MskdError naming the first invalid ``--flag``."""
 
         def bad(name, why):
-            raise MskdError(f"--{name}={getattr(self, name)!r}: {why}")
+            value = getattr(self, name)
+            # as the flag was written: --criteria=l1,vibes, not a Python tuple
+            shown = ",".join(map(str, value)) if isinstance(value, (tuple, list)) else repr(value)
+            raise MskdError(f"--{name}={shown}: {why}")
 
         for f in self.fields():  # types first: a string where a number belongs must not reach a comparison
             expected = _field_type(f)

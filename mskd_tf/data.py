@@ -249,15 +249,25 @@ def _npz(path_text: str):
     path = Path(path_text).expanduser()
     if not path.is_file():
         raise MskdError(f"dataset npz:{path_text}: file {path} does not exist.")
+    import zipfile
+
+    if not zipfile.is_zipfile(path):  # np.load takes any other bytes for a pickle and says so
+        raise MskdError(f"dataset npz:{path_text}: {path} is not an .npz archive (np.savez writes one, with x_train, "
+                        "y_train, x_test, y_test).")
     try:
-        z = np.load(path)
+        z = np.load(path)  # allow_pickle stays off: an object array fails below with its name
     except Exception as exc:
         raise MskdError(f"dataset npz:{path_text}: cannot read {path} as .npz ({exc}).") from exc
     with z:
         missing = {"x_train", "y_train", "x_test", "y_test"} - set(z.files)
         if missing:
             raise MskdError(f"{path} lacks arrays {sorted(missing)}; an npz dataset needs x_train, y_train, x_test, y_test (it has {z.files}).")
-        arrays = [z[k] for k in ("x_train", "y_train", "x_test", "y_test")]
+        try:
+            arrays = [z[k] for k in ("x_train", "y_train", "x_test", "y_test")]
+        except ValueError as exc:  # an object (pickled) array: ragged images, or Python objects
+            raise MskdError(f"dataset npz:{path_text}: {path} holds an object array ({exc.__class__.__name__}: "
+                            "pickled data is not loaded); save numeric arrays of equal-sized images "
+                            "(x: N x H x W x C, y: N integers).") from exc
     # No class list is stored: check_splits infers it from the training labels (and checks the test labels).
     return (*arrays, None)
 

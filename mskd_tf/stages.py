@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import shutil
 import sys
 import time
@@ -278,6 +279,13 @@ def _given_teacher(ctx: Context):
     cfg = ctx.cfg
     key = f"--teacher={cfg.teacher}"
     if key not in ctx._models:
+        import zipfile
+
+        if not os.path.isfile(cfg.teacher):
+            raise MskdError(f"--teacher={cfg.teacher}: no such file; give the path of a saved .keras model.")
+        if str(cfg.teacher).endswith(".keras") and not zipfile.is_zipfile(cfg.teacher):
+            raise MskdError(f"--teacher={cfg.teacher}: the file exists but is not a whole .keras archive (truncated "
+                            "or another format); save the model again with model.save(path).")
         try:
             teacher = keras.models.load_model(cfg.teacher)
         except Exception as exc:

@@ -131,7 +131,36 @@ CLI_FLAG_CASES = {
     "flagfile_missing": (["--flagfile=/no/such.cfg"], "^mskd-tf: error: cannot open flagfile /no/such.cfg "
                                                       "\\(no such file or directory\\)"),
     "model_unknown": (["--model=resnet7"], "--model=resnet7: unknown model; available models: .*resnet20"),
+    "list_flag_echo": (["--criteria=l1,vibes"], "--criteria=l1,vibes: unknown \\['vibes'\\]"),
+    "teacher_missing": (["--teacher=/no/such/teacher.keras"], "--teacher=/no/such/teacher.keras: no such file"),
 }
+
+
+def _file_cases(tmp_path):
+    """Files that exist but are not what their flag says: --dataset / --teacher arguments and the message."""
+    text = tmp_path / "text.npz"
+    text.write_text("hello")
+    ragged = tmp_path / "ragged.npz"
+    images = np.empty(2, dtype=object)
+    images[:] = [np.zeros((4, 4, 1)), np.zeros((3, 3, 1))]
+    np.savez(ragged, x_train=images, y_train=np.array([0, 1]), x_test=np.zeros((2, 4, 4, 1)), y_test=np.array([0, 1]))
+    truncated = tmp_path / "teacher.keras"
+    truncated.write_bytes(b"PK\x03\x04" + b"\x00" * 40)  # a zip's first bytes, cut short
+    toy = make_npz(tmp_path / "toy.npz", n_train=90, n_test=30)
+    return {
+        "npz_not_a_zip": ([f"--dataset=npz:{text}"], f"{text} is not an .npz archive"),
+        "npz_object_array": ([f"--dataset=npz:{ragged}"], f"{ragged} holds an object array"),
+        "teacher_truncated": ([f"--dataset=npz:{toy}", f"--teacher={truncated}"],
+                              "the file exists but is not a whole .keras archive"),
+    }
+
+
+@pytest.mark.parametrize("case", ["npz_not_a_zip", "npz_object_array", "teacher_truncated"])
+def test_cli_rejects_files_that_are_not_what_their_flag_says(tmp_path, case):
+    args, message = _file_cases(tmp_path)[case]
+    workdir = tmp_path / "wd"
+    proc = _run_cli(*TOY_FLAGS, *args, f"--workdir={workdir}")
+    _assert_cli_fails_before_training(proc, re.escape(message), workdir)
 
 
 @pytest.mark.parametrize("case", sorted(CLI_FLAG_CASES))
