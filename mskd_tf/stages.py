@@ -312,6 +312,8 @@ def preflight(ctx: Context, first_stage: str):
     cfg, d = ctx.cfg, ctx.data
     if first_stage == "teacher" and ctx.user_teacher is None and not cfg.teacher and cfg.model not in models.available():
         raise MskdError(f"--model={cfg.model}: unknown model; available models: {', '.join(models.available())}.")
+    if STAGES.index(first_stage) <= STAGES.index("distill"):
+        _check_student_budget(ctx)
     if STAGES.index(first_stage) > STAGES.index("candidates"):
         return  # the teacher's graph and --protect were used already, by finished stages
     if ctx.user_teacher is not None:
@@ -329,6 +331,22 @@ def preflight(ctx: Context, first_stage: str):
     message = plan.unknown_protect_message(graph, cfg.protect) if cfg.protect else None
     if message:
         raise MskdError(f"--protect={','.join(cfg.protect)}: {message} (checked on {where})")
+
+
+def _check_student_budget(ctx: Context) -> None:
+    """Selection's epochs are taken from --distill_epochs: refuse, before any training, a budget they use up."""
+    from mskd_tf import training
+
+    cfg = ctx.cfg
+    if cfg.select_epochs <= 0 or ctx.data.train is None:
+        return
+    per_epoch = training.steps_per_epoch(ctx.data.train)
+    budget = training.budget_steps(cfg.distill_epochs, per_epoch)
+    selection = training.budget_steps(cfg.select_epochs, per_epoch)  # at least this; halving may add a few
+    if budget - selection < 1:
+        raise MskdError(f"--distill_epochs={cfg.distill_epochs:g} ({budget} steps of {per_epoch} per epoch) is the "
+                        f"student's whole budget, and --select_epochs={cfg.select_epochs:g} spends {selection} of "
+                        "them: raise --distill_epochs or lower --select_epochs (0: the zero-cost pick, no steps).")
 
 
 def run_teacher(ctx: Context):

@@ -133,6 +133,8 @@ CLI_FLAG_CASES = {
     "model_unknown": (["--model=resnet7"], "--model=resnet7: unknown model; available models: .*resnet20"),
     "list_flag_echo": (["--criteria=l1,vibes"], "--criteria=l1,vibes: unknown \\['vibes'\\]"),
     "teacher_missing": (["--teacher=/no/such/teacher.keras"], "--teacher=/no/such/teacher.keras: no such file"),
+    "budget_used_by_selection": (["--select_epochs=1", "--distill_epochs=1.1"],
+                                 "--distill_epochs=1.1 \\(\\d+ steps .*--select_epochs=1 spends \\d+ of them"),
 }
 
 
