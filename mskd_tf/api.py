@@ -199,6 +199,9 @@ def _compress(model, train, val, *, test, target_macs, criteria, selection, dist
     if not isinstance(model, keras.Model):
         raise MskdError(f"model: expected a keras.Model, got {type(model).__name__}.")
     require_layer_graph(model)  # a subclassed model has no input/output shapes to check the data against
+    if len(model.inputs) != 1 or len(model.outputs) != 1:
+        raise MskdError(f"model {model.name!r} has {len(model.inputs)} inputs and {len(model.outputs)} outputs; "
+                        "mskd_tf compresses single-input, single-output classifiers (images in, class scores out).")
     overrides = {}
     for name, group in (("selection", selection), ("distill", distill)):
         if group is not None and not isinstance(group, dict):

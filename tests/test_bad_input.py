@@ -187,6 +187,12 @@ def test_cli_warns_at_start_when_the_default_micro_kit_cannot_be_made(tmp_path):
 # ----------------------------------------------------------------------------- API face
 
 
+def _two_input_teacher():
+    left, right = keras.Input((12, 12, 1)), keras.Input((12, 12, 1))
+    x = keras.layers.Conv2D(4, 3)(keras.layers.Concatenate()([left, right]))
+    return keras.Model([left, right], keras.layers.Dense(3)(keras.layers.GlobalAveragePooling2D()(x)), name="two_inputs")
+
+
 def _teacher(shape=(12, 12, 1), classes=3):
     keras.utils.set_random_seed(0)
     from mskd_tf import models
@@ -235,6 +241,8 @@ API_CASES = {
         "^train: the dataset yields single examples, not batches"),
     "subclassed_model": (lambda: {"model": _Subclassed()}, "model .*\\(_Subclassed\\) is not a functional or "
                                                             "Sequential Keras model"),
+    "two_input_model": (lambda: {"model": _two_input_teacher()}, "^model 'two_inputs' has 2 inputs and 1 outputs; "
+                                                                  "mskd_tf compresses single-input"),
     "target_macs_text": (lambda: {"target_macs": "abc"}, "^target_macs='abc': must be a number"),
     "seed_text": (lambda: {"seed": "x"}, "^seed='x': must be a whole number"),
     "criteria_number": (lambda: {"criteria": 5}, "^criteria: expected a list of names, got int 5"),
