@@ -409,6 +409,9 @@ def check_splits(splits: dict, *, where: str = "", num_classes: int | None = Non
                 f"{where}{first} labels are {_listing(seen)}: label {seen[-1]} would make a model of {count} classes, "
                 f"{missing} of which never occur{'' if missing > 1 else 's'}; number the classes 0..{len(seen) - 1} "
                 "without gaps (or fix the stray label).")
+        if count < 2:
+            raise MskdError(f"{where}{first} labels are all {int(seen[0])}: a classifier needs at least 2 classes in its "
+                            "training data.")
         for split, arrays in checked.items():
             unseen = np.setdiff1d(np.unique(arrays.y), seen)
             if len(unseen):

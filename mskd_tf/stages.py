@@ -322,15 +322,43 @@ def preflight(ctx: Context, first_stage: str):
         teacher, where = ctx.model("teacher.keras"), "the trained teacher"
     elif cfg.teacher:
         teacher, where = _given_teacher(ctx), f"--teacher={cfg.teacher}"
-    elif cfg.protect:  # the architecture alone tells the layer names; nothing is trained here
-        teacher = models.build(cfg.model, d.info.image_shape, d.info.num_classes, width=cfg.width)
+    else:  # the architecture alone (built in about a second, nothing trained) takes the data's images or not
+        teacher = _architecture_for(cfg, d.info)
         where = f"--model={cfg.model}"
-    else:
-        return  # a library architecture: prunable by construction
+        if not cfg.protect:
+            return  # a library architecture: prunable by construction
     graph = build_graph(teacher)
     message = plan.unknown_protect_message(graph, cfg.protect) if cfg.protect else None
     if message:
         raise MskdError(f"--protect={','.join(cfg.protect)}: {message} (checked on {where})")
+
+
+def _architecture_for(cfg, info):
+    """``--model`` built for the data's images; a size it cannot take is refused with the smallest it can."""
+    from mskd_tf import models
+
+    def build(shape):
+        return models.build(cfg.model, shape, info.num_classes, width=cfg.width)
+
+    try:
+        return build(info.image_shape)
+    except (ValueError, TypeError) as exc:  # e.g. a pooling layer whose output would be 0 x 0
+        height, width, channels = info.image_shape
+        smallest = next((side for side in (4, 8, 16, 24, 32, 48, 64, 96, 128, 224)
+                         if side > min(height, width) and _builds(build, (side, side, channels))), None)
+        need = f"images of at least {smallest} x {smallest}" if smallest else "larger images"
+        raise MskdError(f"--model={cfg.model} cannot take the data's {height} x {width} images ({str(exc).splitlines()[0]}); "
+                        f"it needs {need}: resize the images"
+                        + (" or choose another --model (small_cnn takes 4 x 4)." if cfg.model != "small_cnn" else ".")
+                        ) from None
+
+
+def _builds(build, shape) -> bool:
+    try:
+        build(shape)
+        return True
+    except (ValueError, TypeError):
+        return False
 
 
 def _check_student_budget(ctx: Context) -> None:

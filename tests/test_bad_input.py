@@ -76,6 +76,15 @@ def _empty_train():
     return (np.zeros((0, 12, 12, 1), np.uint8), np.zeros(0, np.int64)), _toy(30, seed=1)
 
 
+def _one_class():
+    (x, y), (xt, yt) = _toy(), _toy(30, seed=1)
+    return (x, np.zeros_like(y)), (xt, np.zeros_like(yt))
+
+
+def _tiny_images():
+    return _toy(size=2), _toy(30, size=2, seed=1)
+
+
 def _nan_images():
     (x, y), test = _toy(), _toy(30, seed=1)
     x = x.astype(np.float32) / 255.0
@@ -109,6 +118,9 @@ CLI_DATA_CASES = {
     "shape_mismatch": (_shape_mismatch, "test images have shape \\(20, 20, 1\\), but the train images have shape "
                                         "\\(16, 16, 1\\)"),
     "empty_train": (_empty_train, "train split has 0 images and 0 labels"),
+    "one_class": (_one_class, "dataset npz:.*: train labels are all 0: a classifier needs at least 2 classes"),
+    "images_too_small": (_tiny_images, "--model=small_cnn cannot take the data's 2 x 2 images .*MaxPooling2D.*; it "
+                                       "needs images of at least 4 x 4"),
     "nan_images": (_nan_images, "train images hold 1 NaN or infinite values"),
     "inf_images": (_inf_images, "train images hold 144 NaN or infinite values"),
 }
