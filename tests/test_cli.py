@@ -133,7 +133,7 @@ TOY = ["--criteria=l1", "--calibration_batches=1", "--epochs=1", "--batch_size=3
         (["--epochs=many"], "flag --epochs=many"),
         (["--dataset=folder:/does/not/exist"], "/does/not/exist does not exist"),
         (["--model=resnet7", "--train_subset=64", "--epochs=1"], "resnet7"),
-        (["--teacher=/nope/teacher.keras", "--train_subset=64"], "--teacher=/nope/teacher.keras: cannot load"),
+        (["--teacher=/nope/teacher.keras", "--train_subset=64"], "--teacher=/nope/teacher.keras: no such file"),
         (["--workdir=/proc/mskd_forbidden"], "--workdir=/proc/mskd_forbidden: cannot write"),
         (["stray_positional"], "unexpected arguments"),
     ],
