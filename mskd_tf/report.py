@@ -199,19 +199,28 @@ def plots(rep: dict, wd) -> list[Path]:
                            edgecolors=style["color"], zorder=2)
             if c.get("val_acc") is not None:  # filled: after its selection fine-tuning
                 ax.scatter(x, [100 * c["val_acc"]], color=style["color"], marker=style["marker"], s=30, zorder=2)
-            ax.scatter([], [], color=style["color"], marker=style["marker"], s=30, label=c["criterion"])
             if c["criterion"] == chosen and c.get("val_acc") is not None:
                 # a ring around the selected one, so the student marker cannot hide it
                 ax.scatter(x, [100 * c["val_acc"]], s=220, facecolors="none", edgecolors="red", linewidths=1.5,
                            label=f"selected: {chosen}", zorder=3)
-        shipped = s.get("val_acc")
-        if shipped is not None:
-            ax.scatter([s["macs"] / 1e6], [100 * shipped], marker="D", s=70, color="red", zorder=5,
-                       label="shipped student")
+        # The legend keys colour to the criterion and marker to the allocation, not one entry per candidate.
+        for ranking, color in dict((c.get("ranking", c["criterion"]), styles[c["criterion"]]["color"])
+                                   for c in cands).items():
+            ax.scatter([], [], color=color, marker="o", s=30, label=ranking)
+        for allocation, marker in dict((c["allocation"], styles[c["criterion"]]["marker"])
+                                       for c in cands if c.get("allocation")).items():
+            ax.scatter([], [], facecolors="none", edgecolors="grey", marker=marker, s=30, label=f"{allocation} allocation")
+        for run, values in (s.get("runs") or {}).items():
+            if values.get("val_acc") is None:
+                continue
+            shipped = s.get("shipped") == run
+            ax.scatter([s["macs"] / 1e6], [100 * values["val_acc"]], marker="D", s=70 if shipped else 40,
+                       color="red" if shipped else "none", edgecolors="red", zorder=5,
+                       label=STUDENT_RUNS[run][0] + (", shipped" if shipped else ""))
         ax.set_xlim(0, 1.08 * t["macs"] / 1e6)
         ax.set_xlabel("MACs (M)")
         ax.set_ylabel("validation accuracy (%)")
-        ax.set_title("accuracy vs MACs; candidates hollow before fine-tuning, filled after selection", fontsize=9)
+        ax.set_title("candidates: hollow before any training step, filled after selection", fontsize=9)
         ax.legend(fontsize=6, ncol=2, loc="upper left", bbox_to_anchor=(1.01, 1.0))
         fig.tight_layout()
         made.append(_save(fig, wd / "plot_accuracy_vs_macs.png"))
