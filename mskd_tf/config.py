@@ -19,7 +19,8 @@ ALL_CRITERIA = ("l1", "l2", "fpgm", "bn_gamma", "random", "apoz", "activation", 
 EXPORT_KINDS = ("float32", "dynamic", "float16", "int8")
 STRATEGIES = ("default", "one_device", "mirrored", "multi_worker", "tpu")
 STAGES = ("teacher", "rank", "candidates", "select", "distill", "export", "report")
-ALLOCATIONS = ("global", "uniform")
+ALLOCATIONS = ("global", "uniform", "sensitivity")
+DEFAULT_ALLOCATIONS = ("global", "uniform")
 SELECT_LOSSES = ("kd", "ce")
 
 
@@ -64,9 +65,11 @@ class Config:
                                 "faster than odd ones; groups narrower than 2 x this use a finer power of two; 1 = exact).")
     min_channels: int = _field(4, "Never keep fewer channels than this in a layer.")
     protect: tuple = _field((), "Layer names whose channels are never pruned (comma list).")
-    allocations: tuple = _field(ALLOCATIONS, "How each ranking spreads the cut over layers; one candidate per criterion "
-                                "and allocation: global (one ranking of mean-normalised scores) | uniform (the same "
-                                "ratio in every layer).")
+    allocations: tuple = _field(DEFAULT_ALLOCATIONS, "How each ranking spreads the cut over layers; one candidate per "
+                                "criterion and allocation: global (one ranking of mean-normalised scores) | uniform (the "
+                                "same ratio in every layer) | sensitivity (each layer cut alone to a few ratios, the KL "
+                                "to the teacher after BatchNorm re-estimation measured, then the least predicted loss "
+                                "that meets the target; costs a clone per layer and ratio, no training).")
     calibration_batches: int = _field(10, "Training batches used by data-driven criteria.")
     bn_recalibration_batches: int = _field(
         10, "Re-estimate each candidate's BatchNorm statistics on this many training batches (0 = off); 10 ranked "

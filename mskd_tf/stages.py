@@ -615,6 +615,23 @@ def candidate_name(criterion: str, allocation: str, allocations) -> str:
     return criterion if len(allocations) == 1 else f"{criterion}-{allocation}"
 
 
+SENSITIVITY_IMAGES = 256  # calibration images each cut's KL divergence is measured on
+
+
+def _sensitivity_planner(ctx: Context, teacher, graph, adapt, plan_options):
+    """``fn(scores) -> Plan``: measure every group's sensitivity under these scores, then allocate to the target."""
+    from mskd_tf import quantize
+    from mskd_tf.pruning import sensitivity
+
+    images, _ = quantize.dataset_arrays(ctx.calibration, SENSITIVITY_IMAGES)  # as the model takes them
+
+    def planner(scores):
+        measured = sensitivity.measure(teacher, graph, scores, images, adapt=adapt, **plan_options)
+        return sensitivity.allocate(graph, scores, measured, target_macs=ctx.cfg.target_macs, **plan_options)[0]
+
+    return planner
+
+
 def run_candidates(ctx: Context):
     from mskd_tf import flops, report, selection
     from mskd_tf.pruning import build_graph
@@ -626,12 +643,16 @@ def run_candidates(ctx: Context):
     rankings = load_rankings(str(ctx.wd / "rankings.json"), graph=graph)
     rankings = {name: rankings[name] for name in cfg.criteria}
     candidates = []
+    adapt = lambda clone: selection.recalibrate_batchnorm(clone, ctx.calibration, cfg.bn_recalibration_batches)  # noqa: E731
+    plan_options = dict(round_to=cfg.round_to, min_channels=cfg.min_channels, protect=cfg.protect)
     for allocation in cfg.allocations:
+        planner = None
+        if allocation == "sensitivity":
+            planner = _sensitivity_planner(ctx, teacher, graph, adapt, plan_options)
         built = build_candidates(
-            teacher, rankings, target_macs=cfg.target_macs, graph=graph, mode=allocation,
-            evaluate=lambda clone: evaluate(clone, ctx.data.val), round_to=cfg.round_to,
-            adapt=lambda clone: selection.recalibrate_batchnorm(clone, ctx.calibration, cfg.bn_recalibration_batches),
-            min_channels=cfg.min_channels, protect=cfg.protect,
+            teacher, rankings, target_macs=cfg.target_macs, graph=graph,
+            mode="uniform" if allocation == "sensitivity" else allocation, planner=planner,
+            evaluate=lambda clone: evaluate(clone, ctx.data.val), adapt=adapt, **plan_options,
         )
         for c in built:  # the candidate's name: its criterion, plus the allocation when there are several
             candidates.append((candidate_name(c.criterion, allocation, cfg.allocations), c.criterion, allocation, c))

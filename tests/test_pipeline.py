@@ -273,3 +273,13 @@ def test_the_summary_says_which_filter_stopped_a_candidate_that_never_trained():
     assert "the zero-cost pick" in lines["candidate b (selected)"]
     assert lines["candidate c"].rstrip(" |").endswith("no step (zero-cost rung)")
     assert "60.00" in lines["candidate d"] and "fine-tuned 0.5 epochs" in lines["candidate d"]
+
+
+def test_sensitivity_allocation_builds_a_candidate_at_the_target(tiny_cfg):
+    """--allocations=sensitivity: each ranking's groups are measured alone, then cut to the MACs target together."""
+    tiny_cfg.criteria, tiny_cfg.allocations = ("l1",), ("uniform", "sensitivity")
+    run_pipeline(tiny_cfg, stop_after="candidates")
+    rows = {r["criterion"]: r for r in json.loads(open(f"{tiny_cfg.workdir}/candidates.json").read())["candidates"]}
+    assert set(rows) == {"l1-uniform", "l1-sensitivity"} and rows["l1-sensitivity"]["allocation"] == "sensitivity"
+    assert abs(rows["l1-sensitivity"]["macs_ratio"] - tiny_cfg.target_macs) <= 0.1
+    assert rows["l1-sensitivity"]["val_acc_before_finetune"] is not None

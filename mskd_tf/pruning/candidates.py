@@ -35,7 +35,8 @@ class Candidate:
                 "widths": self.widths, "accuracy": self.accuracy}
 
 
-def build_candidates(model, rankings, *, target_macs, graph=None, evaluate=None, adapt=None, **plan_options):
+def build_candidates(model, rankings, *, target_macs, graph=None, evaluate=None, adapt=None, planner=None,
+                     **plan_options):
     """One pruned clone per criterion, all at the same MACs target.
 
     Args:
@@ -45,6 +46,8 @@ def build_candidates(model, rankings, *, target_macs, graph=None, evaluate=None,
         graph: ``build_graph(model)`` if already built.
         evaluate: optional ``fn(clone) -> accuracy`` run on each clone before any fine-tuning.
         adapt: optional ``fn(clone)`` run on each clone first (e.g. BatchNorm recalibration).
+        planner: optional ``fn(scores) -> Plan`` replacing ``plan_keep`` (e.g. the measured-sensitivity
+            allocation, :func:`mskd_tf.pruning.sensitivity.allocate`).
         **plan_options: passed to ``plan_keep`` (``mode``, ``round_to``, ``min_channels``, ``protect``...).
 
     Returns:
@@ -55,7 +58,8 @@ def build_candidates(model, rankings, *, target_macs, graph=None, evaluate=None,
     cost = flops.count(model)
     candidates = []
     for name, scores in rankings.items():
-        plan = plan_keep(graph, scores, target_macs=target_macs, cost=cost, **plan_options)
+        plan = (planner(scores) if planner is not None
+                else plan_keep(graph, scores, target_macs=target_macs, cost=cost, **plan_options))
         clone = prune(model, plan.keep, graph=graph)
         clone_cost = flops.count(clone)
         if adapt is not None:
