@@ -331,6 +331,21 @@ def preflight(ctx: Context, first_stage: str):
     message = plan.unknown_protect_message(graph, cfg.protect) if cfg.protect else None
     if message:
         raise MskdError(f"--protect={','.join(cfg.protect)}: {message} (checked on {where})")
+    if STAGES.index(first_stage) <= STAGES.index("rank"):
+        _check_data_criteria_reach(graph, cfg.criteria, where)
+
+
+def _check_data_criteria_reach(graph, criteria, where):
+    """Data-driven criteria read layer outputs of a flat graph: refuse a nested model's layers before training."""
+    from mskd_tf.pruning.criteria import REGISTRY
+
+    data_driven = [name for name in criteria if name in REGISTRY and REGISTRY[name].needs_data]
+    nested = next((ref.layer for group in graph.groups if group.prunable for ref in group.producers
+                   if "/" in ref.layer), None)
+    if data_driven and nested:
+        raise MskdError(f"--criteria={','.join(criteria)}: {', '.join(data_driven)} read layer outputs, and layer "
+                        f"{nested!r} of {where} is inside a nested model, which they cannot read yet; use data-free "
+                        "criteria (l1, l2, fpgm, bn_gamma, random) or rebuild the model without nesting.")
 
 
 def _architecture_for(cfg, info):
