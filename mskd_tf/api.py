@@ -150,9 +150,9 @@ def compress(
     """Compress a trained Keras functional model with MS-KD.
 
     Ranks the model's channels with several criteria, builds one slimmer clone per
-    criterion at ``target_macs`` of the model's MACs, fine-tunes the clones briefly
-    and keeps the best on validation data, distills it from ``model``, and exports
-    TFLite files.
+    criterion and allocation at ``target_macs`` of the model's MACs, chooses one on
+    validation data (by default before any training step; ``select_epochs`` > 0
+    fine-tunes the candidates first), distills it from ``model``, and exports TFLite files.
 
     Args:
       model: a trained ``keras.Model`` (functional) that outputs logits or probabilities.

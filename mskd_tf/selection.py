@@ -1,4 +1,4 @@
-"""The ``select`` stage: fine-tune every candidate briefly, keep the best on validation.
+"""The ``select`` stage: choose one candidate on validation, by its zero-cost score or after fine-tuning.
 
 MS-KD trusts no single pruning criterion: each candidate (a criterion x layer
 allocation) is scored on the validation split (never on test).
