@@ -12,14 +12,14 @@ Protocol (this project's choice; the paper's abstract gives none):
 * A capacity pool (``min_params_ratio=r``): candidates with fewer than ``r`` x the
   median candidate's parameters are dropped before anything is measured. All
   candidates cost about the same MACs, so what separates them is the capacity
-  each allocation kept. Measured on the full-CIFAR benchmark (BENCHMARKS.md,
-  issue 13): after 15 epochs the parameter count ranked the candidates better
-  (Spearman +0.52 val / +0.60 test over 10 rows) than any score a selection can
-  afford (zero-cost accuracy -0.25 / -0.02, short fine-tunes about 0), and the
-  ~130k-parameter candidates ended 0.45 points below the 165-178k ones. The
-  reference is the median, not the largest: every uniform candidate has the same
-  widths, and a floor under the largest (a global allocation with 11% more
-  parameters) dropped all of them, the default allocation included, by 0.25%.
+  each allocation kept: on the CIFAR-10 ResNet-20 benchmark (BENCHMARKS.md) the
+  parameter count ranked trained candidates better than any score selection can
+  afford, so the pool removes the small ones first. The reference is the median,
+  not the largest: every uniform candidate has the same widths, and a floor under
+  the largest would drop them all for a slightly larger global candidate.
+* ``epochs=0`` (the pipeline's default): the pool's best zero-cost candidate
+  (below) is chosen and nothing is trained; inside the pool the zero-cost score
+  chose as well as fine-tuned selection did on that benchmark.
 * A zero-cost first rung (``zero_cost_keep=k``): the candidates are ranked by
   validation accuracy before any step (on their BatchNorm-recalibrated clones,
   EagleEye's adaptive BN, Li et al. 2020) and only the best ``k`` are trained.
