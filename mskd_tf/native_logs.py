@@ -20,7 +20,8 @@ NOISE = re.compile(
     r"|[IW]\d{4} [\d:. ]+\d+ \S+:\d+\] "  # absl INFO / WARNING lines logged before InitializeLog
     r"|E\d{4} [\d:. ]+\d+ cuda_\w+\.cc:\d+\] failed call to cuInit"
     r"|fully_quantize: \d+, inference_type: "
-    r"|INFO: Created TensorFlow Lite XNNPACK delegate for CPU\.)"
+    r"|INFO: Created TensorFlow Lite XNNPACK delegate for CPU\."
+    r"|To enable the following instructions: .* rebuild TensorFlow with the appropriate compiler flags\.)"
 )
 _SETTINGS = {"verbose": False}
 

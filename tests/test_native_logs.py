@@ -9,6 +9,8 @@ NOISE = [
     "E0000 00:00:1796636468.068046   14874 cuda_platform.cc:52] failed call to cuInit: INTERNAL: CUDA error",
     "fully_quantize: 0, inference_type: 6, input_inference_type: INT8, output_inference_type: INT8",
     "INFO: Created TensorFlow Lite XNNPACK delegate for CPU.",
+    "To enable the following instructions: AVX2 AVX512F FMA, in other operations, rebuild TensorFlow with the "
+    "appropriate compiler flags.",
 ]
 KEPT = ["E0000 00:00:1.0 1 conv_ops.cc:10] a real native error", "Traceback (most recent call last):"]
 
