@@ -547,6 +547,8 @@ def measure(argv):
             profiles[name] = {"images_per_second": rate, "ms_per_step": {
                 f"{family}/{direction}": ms for (family, direction), ms in sorted(by_family.items())}}
     suffix = "" if (FLAGS.model, FLAGS.width) == ("resnet20", 1.0) else f"_{FLAGS.model}_w{FLAGS.width:g}"
+    if not torch_run:  # a TF-only run must not replace a file that holds the PyTorch ratios
+        suffix += "_tf_only"
     results_io.write_results("throughput" + suffix + (f"_round{FLAGS.round_to}" if FLAGS.round_to != 1 else ""), {
         "model": FLAGS.model, "width": FLAGS.width, "images": len(arrays), "batch_size": FLAGS.batch_size,
         "pairs": pairs, "steps": steps, "clone_round_to": FLAGS.round_to, "macs_per_image": macs,
