@@ -269,17 +269,23 @@ def keep_artifacts(s) -> bool:
     return FLAGS.keep_artifacts and not s["quick"]
 
 
-def prepare(s, target, teacher_path=""):
-    """teacher, rank, candidates through the pipeline's stages; returns the workdir and its digests."""
+def run_stages(s, target, teacher_path="", stop_after="candidates") -> Path:
+    """The pipeline's stages up to ``stop_after`` in the target's work dir, restored from and mirrored to artifacts."""
     from mskd_tf.api import run_pipeline
 
     cfg = pipeline_config(s, target, teacher_path)
     wd = Path(cfg.workdir)
     if keep_artifacts(s):
         artifacts.restore(wd)
-    run_pipeline(cfg, stop_after="candidates")
+    run_pipeline(cfg, stop_after=stop_after)
     if keep_artifacts(s):
         artifacts.save(wd)
+    return wd
+
+
+def prepare(s, target, teacher_path=""):
+    """teacher, rank, candidates through the pipeline's stages; returns the workdir and its digests."""
+    wd = run_stages(s, target, teacher_path)
     # The files every row starts from, by content: a rebuilt teacher or candidate invalidates the rows.
     files = ["teacher.keras", "rankings.json", "candidates.json", *sorted(
         str(p.relative_to(wd)) for p in (wd / "candidates").glob("*.keras"))]
@@ -414,15 +420,8 @@ def main(_):
     # The decisive target: teacher, rank and candidates by the pipeline (the teacher trains here once).
     guard_the_table(res, s)
     if FLAGS.teacher_only:
-        from mskd_tf.api import run_pipeline
-
-        cfg = pipeline_config(s, s["target_macs"])
-        if keep_artifacts(s):
-            artifacts.restore(Path(cfg.workdir))
-        run_pipeline(cfg, stop_after="teacher")
-        if keep_artifacts(s):
-            artifacts.save(Path(cfg.workdir))
-        print(json.dumps(json.loads((Path(cfg.workdir) / "teacher.json").read_text())), flush=True)
+        wd = run_stages(s, s["target_macs"], stop_after="teacher")
+        print((wd / "teacher.json").read_text(), flush=True)
         return
     wd, digests = prepare(s, s["target_macs"])
     if res.data.get("digests") != digests:

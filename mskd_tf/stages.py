@@ -340,12 +340,13 @@ def _check_data_criteria_reach(graph, criteria, where):
     from mskd_tf.pruning.criteria import REGISTRY
 
     data_driven = [name for name in criteria if name in REGISTRY and REGISTRY[name].needs_data]
+    data_free = [name for name, criterion in REGISTRY.items() if not criterion.needs_data]
     nested = next((ref.layer for group in graph.groups if group.prunable for ref in group.producers
                    if "/" in ref.layer), None)
     if data_driven and nested:
         raise MskdError(f"--criteria={','.join(criteria)}: {', '.join(data_driven)} read layer outputs, and layer "
                         f"{nested!r} of {where} is inside a nested model, which they cannot read yet; use data-free "
-                        "criteria (l1, l2, fpgm, bn_gamma, random) or rebuild the model without nesting.")
+                        f"criteria ({', '.join(data_free)}) or rebuild the model without nesting.")
 
 
 def _architecture_for(cfg, info):

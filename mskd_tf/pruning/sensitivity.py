@@ -120,11 +120,10 @@ def allocate(graph, scores, sensitivity, *, target_macs, tolerance=0.01, **plan_
                             "--min_channels / --round_to.")
         _, group_id, ratio, current = best
         ratios[group_id] = ratio
-    # Give back the steps that still fit under the target, the most loss saved first.
-    for group_id in sorted(ratios, key=lambda g: -max(0.0, -step_cost(g, min(1.0, ratios[g] + 0.125)))):
-        if ratios[group_id] >= 1.0:
-            continue
-        raised = min(1.0, ratios[group_id] + 0.125)
+    # Give back the steps that still fit under the target, the most loss saved (most negative cost) first.
+    raise_to = {group_id: min(1.0, ratio + 1 / 8) for group_id, ratio in ratios.items() if ratio < 1.0}
+    for group_id in sorted(raise_to, key=lambda g: step_cost(g, raise_to[g])):
+        raised = raise_to[group_id]
         trial = plan_for({**ratios, group_id: raised})
         if trial.macs <= goal * (1 + tolerance):
             ratios[group_id], current = raised, trial
