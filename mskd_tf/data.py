@@ -484,11 +484,14 @@ def _global_seed(seed: int):
         tf.random.set_seed(saved)
 
 
-def train_pipeline(arrays: Arrays, batch_size: int, *, augment: bool = True, seed: int = 0) -> tf.data.Dataset:
+def train_pipeline(arrays: Arrays, batch_size: int, *, augment: bool = True, seed: int = 0,
+                   first_epoch: int = 0) -> tf.data.Dataset:
     """Shuffled (re-shuffled per epoch), batched, optionally augmented training batches.
 
-    The arrays already sit in memory, so there is nothing to ``cache()``: each batch is
-    a gather of shuffled indices from one in-memory tensor.
+    Pass ``k`` over the dataset is epoch ``first_epoch + k`` of the seed's sequence of orders and
+    augmentations, so a run resumed after epoch ``e`` (``first_epoch=e``) trains on the batches an
+    uninterrupted run trained on. The arrays already sit in memory, so there is nothing to ``cache()``:
+    each batch is a gather of shuffled indices from one in-memory tensor.
     """
     images, labels = tf.constant(arrays.x), tf.constant(arrays.y)
     n = len(arrays)
@@ -498,7 +501,12 @@ def train_pipeline(arrays: Arrays, batch_size: int, *, augment: bool = True, see
         if augment:
             seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
             ds = tf.data.Dataset.zip(ds, seeds).map(lambda batch, s: (augment_batch(batch[0], s), batch[1]))
-    return ds.prefetch(PREFETCH_BATCHES).with_options(_options())
+    ds = ds.prefetch(PREFETCH_BATCHES).with_options(_options())
+    # Each new iterator draws the next seeds of the reshuffle and re-randomize streams (before reading
+    # anything), so creating one per epoch already done moves both streams to epoch ``first_epoch``.
+    for _ in range(first_epoch):
+        iter(ds)
+    return ds
 
 
 def eval_pipeline(arrays: Arrays, batch_size: int, *, cache: bool = True) -> tf.data.Dataset:

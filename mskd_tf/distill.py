@@ -24,14 +24,15 @@ from __future__ import annotations
 import math
 
 import keras
+import numpy as np
 import tensorflow as tf
 from keras import ops
 
 from mskd_tf.errors import MskdError
 from mskd_tf.keras_utils import copy_with_weights, with_synchronized_batchnorm
 from mskd_tf.training import (DEFAULT_WEIGHT_DECAY, NanGuard, StopAfterSteps, budget_steps, compile_kwargs,
-                              fit_across_workers, fused_batchnorm, is_softmax, make_optimizer, outputs_probabilities,
-                              seeded, steps_per_epoch)
+                              fit_across_workers, fused_batchnorm, is_softmax, make_optimizer, one_pass_per_epoch,
+                              outputs_probabilities, seeded, steps_per_epoch)
 
 OUTPUT_KINDS = ("auto", "logits", "probabilities")
 _TINY = 1e-30  # floor before log(probabilities); far below any softmax value that matters at T >= 1
@@ -395,8 +396,10 @@ def distill(
                 # A plain copy: Keras' predict/evaluate on the strategy's variables would need fit's machinery.
                 return with_synchronized_batchnorm(student, False), history
             guard = NanGuard()
+            if not model.built:  # a BackupAndRestore among the callbacks restores into a built model only
+                model(np.zeros((1, *student.input_shape[1:]), np.float32))
             history = model.fit(
-                train_ds, validation_data=val_ds, epochs=fit_epochs,
+                **one_pass_per_epoch(train_ds), validation_data=val_ds, epochs=fit_epochs,
                 callbacks=[guard, StopAfterSteps(total_steps), *callbacks], verbose=verbose,
                 shuffle=False,  # tf.data input: shuffling is the pipeline's job
             )

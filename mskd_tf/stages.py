@@ -90,7 +90,7 @@ class UserData:
     val: object
     test: object
     info: data_lib.DatasetInfo
-    fresh_train: object = None  # () -> a new training pipeline (numpy splits); None: the user's dataset as given
+    fresh_train: object = None  # (first_epoch=0) -> a new training pipeline (numpy splits); None: the user's own
 
 
 def user_data(model, train, val, test, *, batch_size: int, seed: int, class_names=None) -> UserData:
@@ -143,16 +143,16 @@ def user_data(model, train, val, test, *, batch_size: int, seed: int, class_name
         mean=(), std=(), num_train=-1, num_val=-1, num_test=-1,
     )
 
-    def pipeline(name, value):
+    def pipeline(name, value, first_epoch=0):
         if isinstance(value, tf.data.Dataset):
             return value
         if name == "train":
-            return data_lib.train_pipeline(checked[name], batch_size, augment=False, seed=seed)
+            return data_lib.train_pipeline(checked[name], batch_size, augment=False, seed=seed, first_epoch=first_epoch)
         return data_lib.eval_pipeline(checked[name], 2 * batch_size)
 
     train_ds, val_ds = pipeline("train", train), pipeline("val", val)
     test_ds = val_ds if test is None else pipeline("test", test)
-    fresh = None if isinstance(train, tf.data.Dataset) else (lambda: pipeline("train", train))
+    fresh = None if isinstance(train, tf.data.Dataset) else (lambda first_epoch=0: pipeline("train", train, first_epoch))
     return UserData(train=train_ds, val=val_ds, test=test_ds, info=info, fresh_train=fresh)
 
 
@@ -190,20 +190,22 @@ class Context:
                   f"of {info.image_shape}, {info.num_classes} classes", flush=True)
         return self._splits
 
-    def train_data(self):
-        """A new training pipeline, whose first pass is the seed's first order, for each training run.
+    def train_data(self, first_epoch: int = 0):
+        """A new training pipeline, whose first pass is epoch ``first_epoch`` of the seed's orders, for each run.
 
         A pipeline re-shuffles (and re-augments) on every pass, so runs sharing one would see an order that
         depends on how many passes earlier runs drew from it: the select stage of an uninterrupted run and of a
         resumed one trained on different orders (the quickstart chose l1-global in one, fpgm-global in the
-        other), and distill's cross-entropy baseline did not see the batches its KD run saw. A dataset the
-        user passed in is used as given.
+        other), and distill's cross-entropy baseline did not see the batches its KD run saw. A run resumed after
+        epoch ``e`` passes ``first_epoch=e`` and continues the uninterrupted run's orders. A dataset the user passed
+        in is used as given (its order on resuming is the dataset's own).
         """
         d = self.data
         if isinstance(d, UserData):
-            return d.fresh_train() if d.fresh_train is not None else d.train
+            return d.fresh_train(first_epoch) if d.fresh_train is not None else d.train
         c = self.cfg
-        return data_lib.train_pipeline(d.arrays["train"], c.batch_size, augment=c.augment, seed=c.seed)
+        return data_lib.train_pipeline(d.arrays["train"], c.batch_size, augment=c.augment, seed=c.seed,
+                                       first_epoch=first_epoch)
 
     def selection_train(self):
         """What ``select`` trains on: :meth:`train_data` itself where it builds a new pipeline per call (every
@@ -437,18 +439,19 @@ def run_teacher(ctx: Context):
                                                       append=resumed_at > 0, best_so_far=best_so_far)]
         else:  # resume from the chief's backup (once the chief has cleared a stale one), write nothing
             ctx.cluster.wait("teacher_backup", "the teacher's backup folder")
-            backup, resumed_at = ctx.wd / "teacher_backup", 0
+            backup = ctx.wd / "teacher_backup"
+            resumed_at = training.epochs_backed_up(backup)
             callbacks = [guard, training.RestoreOnly(str(backup))]
         if resumed_at:
             print(f"teacher: resuming after epoch {resumed_at} of {cfg.epochs} from {backup}", flush=True)
         if strategy is not None:  # Keras 3 fit crashes under MultiWorkerMirroredStrategy: the plain loop
-            history = training.fit_across_workers(teacher, ctx.train_data(), d.val, epochs=cfg.epochs,
+            history = training.fit_across_workers(teacher, ctx.train_data(resumed_at), d.val, epochs=cfg.epochs,
                                                   strategy=strategy, callbacks=callbacks, what="teacher",
                                                   advice="Lower --lr")
             teacher = with_synchronized_batchnorm(teacher, False)  # a plain model for evaluation and saving
         else:
-            history = teacher.fit(ctx.train_data(), validation_data=d.val, epochs=cfg.epochs, callbacks=callbacks,
-                                  shuffle=False, verbose=_verbose()).history
+            history = teacher.fit(**training.one_pass_per_epoch(ctx.train_data(resumed_at)), validation_data=d.val,
+                                  epochs=cfg.epochs, callbacks=callbacks, shuffle=False, verbose=_verbose()).history
         guard.raise_if_tripped("teacher")
         if not ctx.writes:
             return  # the chief evaluates and saves; later stages read its teacher.keras
@@ -471,6 +474,17 @@ def run_teacher(ctx: Context):
           f"{metrics['macs'] / 1e6:.2f}M MACs, {metrics['params'] / 1e6:.3f}M params", flush=True)
 
 
+def _epoch_backup(ctx: Context, name: str) -> Path:
+    """The folder ``name`` of a loop's epoch backups, emptied when it was written for other settings."""
+    folder = ctx.wd / name
+    marker = folder / "settings_digest"
+    if folder.exists() and (not marker.exists() or marker.read_text() != ctx.stage_digest):
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    marker.write_text(ctx.stage_digest)
+    return folder
+
+
 def _teacher_backup(ctx: Context, best: Path):
     """The teacher's epoch backup folder, emptied when it was written for other settings.
 
@@ -478,15 +492,11 @@ def _teacher_backup(ctx: Context, best: Path):
     run that is interrupted (a session that ends, Ctrl-C) continues at the next epoch instead of
     starting over. Returns ``(folder, epochs already done, best validation accuracy so far)``.
     """
-    folder = ctx.wd / "teacher_backup"
-    marker = folder / "settings_digest"
-    if folder.exists() and (not marker.exists() or marker.read_text() != ctx.stage_digest):
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    marker.write_text(ctx.stage_digest)
-    try:
-        done = int(json.loads((folder / "training_metadata.json").read_text())["epoch"])  # epochs completed
-    except (OSError, ValueError, KeyError, TypeError):
+    from mskd_tf import training
+
+    folder = _epoch_backup(ctx, "teacher_backup")
+    done = training.epochs_backed_up(folder)
+    if not done:
         return folder, 0, None
     seen = _csv_history(ctx.wd / "logs" / "teacher" / "history.csv").get("val_accuracy", [])
     return folder, done, (max(seen) if seen and best.exists() else None)
@@ -763,22 +773,48 @@ def run_distill(ctx: Context):
         out["warnings"].append(f"the selected candidate ({_pct(selected_val)}) is better than the teacher "
                                f"({_pct(teacher_val)}) on validation; {note}")
     students, out["runs"] = {}, {}
+    if ctx.writes:
+        backups = _epoch_backup(ctx, "distill_backup")
+        if ctx.cluster is not None:  # the workers may now read the backup folder
+            ctx.cluster.announce("distill_backup")
+    else:
+        ctx.cluster.wait("distill_backup", "the distillation runs' backup folder")
+        backups = ctx.wd / "distill_backup"
     # "ce": the cross-entropy run from the same start and budget, which may ship instead (below)
     for label, kd in [("kd", True)] + ([("ce", False)] if cfg.distill_baseline else []):
+        finished = backups / f"{label}.keras"
+        if finished.exists() and (backups / f"{label}.json").exists():  # ran to its end before an interruption
+            out["runs"][label] = json.loads((backups / f"{label}.json").read_text())
+            students[label] = keras.models.load_model(finished) if ctx.writes else None
+            print(f"distill: the {label} run finished before the interruption; kept", flush=True)
+            continue
         student = keras.models.load_model(ctx.wd / "selected.keras")  # both runs start from the same weights
         start = time.perf_counter()
         lr = cfg.finetune_rate(kd)  # KD's larger steps want a lower rate (Config.kd_lr_scale)
-        student, history = distill.distill(teacher, student, ctx.train_data(), d.val, kd=kd, lr=lr,
-                                           callbacks=training_logs(ctx, f"distill_{label}") if ctx.writes else (),
-                                           **settings)
+        run_backup = backups / label
+        done = training.epochs_backed_up(run_backup)
+        if done:
+            print(f"distill: resuming the {label} run after epoch {done} from {run_backup}", flush=True)
+        callbacks = [(keras.callbacks.BackupAndRestore if ctx.writes else training.RestoreOnly)(
+            str(run_backup), save_freq="epoch", delete_checkpoint=False)]
+        if ctx.writes:
+            callbacks += training.standard_callbacks(str(ctx.wd / "logs" / f"distill_{label}"), append=done > 0)
+        student, history = distill.distill(teacher, student, ctx.train_data(done), d.val, kd=kd, lr=lr,
+                                           callbacks=callbacks, **settings)
         if not ctx.writes:
             continue  # trained in lock-step with the chief, which measures, chooses and saves
+        if done:  # this process saw only the epochs after the interruption; the CSV has them all
+            history = _csv_history(ctx.wd / "logs" / f"distill_{label}" / "history.csv") or history
         out["runs"][label] = {
             "seconds": round(time.perf_counter() - start, 3), "lr": lr,
             "val_acc": evaluate(student, d.val) if d.val is not None else None,
             "test_acc": evaluate(student, d.test),
             "history": {k: [float(v) for v in vals] for k, vals in history.items()}}
+        if done:
+            out["runs"][label]["resumed_after_epoch"] = done
         students[label] = student
+        ctx.wd.save_model(student, f"distill_backup/{label}.keras")
+        ctx.wd.write_json(f"distill_backup/{label}.json", out["runs"][label])
     if not ctx.writes:
         return
     out.update(_cost(students["kd"]))
@@ -795,6 +831,7 @@ def run_distill(ctx: Context):
     ctx.wd.save_model(students[shipped], "student.keras")
     ctx.remember("student.keras", students[shipped])
     ctx.wd.write_json("distill.json", out)
+    shutil.rmtree(backups, ignore_errors=True)
     for warning in out["warnings"]:
         print(f"distill: WARNING: {warning}", flush=True)
     line = f"distill: student test acc {_pct(kd_run['test_acc'])} with KD"
@@ -803,12 +840,6 @@ def run_distill(ctx: Context):
                  f"{'KD' if shipped == 'kd' else 'cross-entropy'} student (validation {_pct(kd_run['val_acc'])} vs "
                  f"{_pct(ce_run['val_acc'])})")
     print(line + f"; {spent} selection + {steps} training steps = {budget} of the budget", flush=True)
-
-
-def training_logs(ctx: Context, name: str):
-    from mskd_tf import training
-
-    return training.standard_callbacks(str(ctx.wd / "logs" / name))
 
 
 def run_export(ctx: Context):

@@ -278,6 +278,18 @@ def steps_per_epoch(dataset, what: str = "train_ds") -> int:
     return steps
 
 
+def one_pass_per_epoch(dataset, what: str = "train_ds") -> dict:
+    """``fit`` arguments under which epoch ``k`` reads pass ``k`` of the one-epoch ``dataset``.
+
+    A training pipeline re-shuffles and re-augments each time it is iterated, and Keras' ``fit``
+    iterates a finite dataset twice per epoch (it opens the next epoch's iterator at the end of each
+    epoch, then another at its start), so epoch ``k`` read pass ``2k`` and a resumed run, whose first
+    epoch is pass 0 of a pipeline built for it, could not continue that sequence. One repeated stream
+    read ``steps_per_epoch`` batches at a time is pass ``k`` at epoch ``k`` whatever Keras does.
+    """
+    return {"x": dataset.repeat(), "steps_per_epoch": steps_per_epoch(dataset, what)}
+
+
 def accuracy(model, dataset, what: str = "evaluation data") -> float:
     """Top-1 accuracy of a logits/probabilities model on a dataset of (images, labels) batches."""
     predict = forward_function(model)
@@ -412,6 +424,17 @@ def fit_across_workers(model, train_ds, val_ds, *, epochs: int, strategy, total_
     return history
 
 
+def epochs_backed_up(folder) -> int:
+    """How many epochs the ``BackupAndRestore`` backup in ``folder`` holds (0: none, or unreadable)."""
+    import json
+    from pathlib import Path
+
+    try:
+        return int(json.loads((Path(folder) / "training_metadata.json").read_text())["epoch"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return 0
+
+
 class RestoreOnly(keras.callbacks.BackupAndRestore):
     """``BackupAndRestore`` that restores but never writes: for the workers that are not the chief.
 
@@ -435,15 +458,17 @@ def budget_steps(epochs: float, steps_in_epoch: int) -> int:
 
 
 class StopAfterSteps(keras.callbacks.Callback):
-    """Ends ``fit`` after exactly ``steps`` optimizer steps (a budget that is not a whole number of epochs)."""
+    """Ends ``fit`` after exactly ``steps`` optimizer steps (a budget that is not a whole number of epochs).
+
+    Counted by the optimizer's own step counter, which a resumed run restores with the weights.
+    """
 
     def __init__(self, steps: int):
         super().__init__()
-        self.steps, self.done = int(steps), 0
+        self.steps = int(steps)
 
     def on_train_batch_end(self, batch, logs=None):
-        self.done += 1
-        if self.done >= self.steps:
+        if int(self.model.optimizer.iterations) >= self.steps:
             self.model.stop_training = True
 
 

@@ -72,6 +72,20 @@ def test_train_pipeline_differs_per_epoch_and_repeats_under_seed():
     assert np.concatenate(first).max() <= 1.0
 
 
+def test_train_pipeline_from_a_later_epoch_continues_the_seeds_sequence():
+    """A run resumed after epoch 2 builds its pipeline with first_epoch=2: its passes are epochs 2 and 3 of an
+    uninterrupted run's pipeline (order and augmentation), not epochs 0 and 1 again."""
+    x = (np.arange(48 * 6 * 6) % 251).astype(np.uint8).reshape(48, 6, 6, 1) + 1
+    arrays = data.Arrays(x, np.arange(48) % 5)
+    epoch = lambda ds: np.concatenate([b[0].numpy() for b in ds])  # noqa: E731
+    whole = data.train_pipeline(arrays, 16, augment=True, seed=4)
+    epochs = [epoch(whole) for _ in range(4)]
+    resumed = data.train_pipeline(arrays, 16, augment=True, seed=4, first_epoch=2)
+    np.testing.assert_array_equal(epoch(resumed), epochs[2])
+    np.testing.assert_array_equal(epoch(resumed), epochs[3])
+    assert not np.array_equal(epochs[2], epochs[0])
+
+
 def test_train_pipeline_order_depends_on_its_seed_only():
     """TF seeds dataset ops from the global seed too: the pipeline must give the same batches whatever the caller
     set before (it gave other orders after tf.random.set_seed(0) than in a fresh process), namely the ones a caller

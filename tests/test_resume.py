@@ -1,0 +1,141 @@
+"""An interrupted run resumes to the network an uninterrupted run gives, bit for bit (same machine, same threads).
+
+Each resumable loop is stopped at a mid-point, as a session that ends, and rerun; its artifact is compared with
+an uninterrupted run's. The data order, augmentation, optimizer state and learning-rate schedule all have to
+continue where they stopped for the weights to match exactly.
+"""
+
+import dataclasses
+import json
+
+import keras
+import numpy as np
+import pytest
+
+from mskd_tf import training
+from mskd_tf.api import run_pipeline
+from mskd_tf.config import Config
+from tests.test_pipeline import make_npz
+
+
+@pytest.fixture
+def cfg(tmp_path):
+    data = make_npz(tmp_path / "toy.npz")
+    return Config(dataset=f"npz:{data}", model="small_cnn", width=0.25, epochs=3, batch_size=32, lr=0.05,
+                  workdir=str(tmp_path / "whole"), val_fraction=0.2, augment=True)
+
+
+class _Interrupt(keras.callbacks.Callback):
+    """Stops the process (as a killed session would) after epoch ``epoch`` ended and its backup was written."""
+
+    def __init__(self, epoch):
+        super().__init__()
+        self.epoch = epoch
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == self.epoch:
+            raise KeyboardInterrupt
+
+
+def _interrupt_logged_training(monkeypatch, epoch):
+    """Every training run that writes logs (teacher, distill) stops after ``epoch``."""
+    original = training.standard_callbacks
+    monkeypatch.setattr(training, "standard_callbacks", lambda *a, **k: [*original(*a, **k), _Interrupt(epoch)])
+    return lambda: monkeypatch.setattr(training, "standard_callbacks", original)
+
+
+def _record(cfg, name):
+    return json.loads(open(f"{cfg.workdir}/{name}").read())
+
+
+def _weights(path):
+    return [np.asarray(w) for w in keras.models.load_model(path).weights]
+
+
+def _assert_same_weights(a, b):
+    wa, wb = _weights(a), _weights(b)
+    assert len(wa) == len(wb)
+    for x, y in zip(wa, wb):
+        np.testing.assert_array_equal(x, y)
+
+
+def test_an_interrupted_teacher_resumes_to_the_uninterrupted_weights(cfg, tmp_path, monkeypatch, capsys):
+    run_pipeline(cfg, stop_after="teacher")
+    resumed = dataclasses.replace(cfg, workdir=str(tmp_path / "resumed"))
+    restore = _interrupt_logged_training(monkeypatch, 0)
+    with pytest.raises(KeyboardInterrupt):
+        run_pipeline(resumed, stop_after="teacher")
+    restore()
+    capsys.readouterr()
+    run_pipeline(resumed, stop_after="teacher")
+    assert "teacher: resuming after epoch 1 of 3" in capsys.readouterr().out
+    # The history's last val_loss is a function of the last epoch's weights (teacher.keras holds the best epoch's).
+    assert _record(resumed, "teacher.json")["history"] == _record(cfg, "teacher.json")["history"]
+    _assert_same_weights(f"{cfg.workdir}/teacher.keras", f"{resumed.workdir}/teacher.keras")
+
+
+@pytest.mark.parametrize("stop_in", ["kd", "ce"])
+def test_an_interrupted_distillation_resumes_to_the_uninterrupted_students(cfg, tmp_path, monkeypatch, capsys,
+                                                                           stop_in):
+    """Stopped after the first epoch of the KD run, or of the cross-entropy run (the KD run then is kept)."""
+    cfg.epochs, cfg.select_epochs, cfg.distill_epochs, cfg.criteria = 1, 0.0, 3.0, ("l1",)
+    run_pipeline(cfg, stop_after="distill")
+    resumed = dataclasses.replace(cfg, workdir=str(tmp_path / "resumed"))
+    run_pipeline(resumed, stop_after="select")
+    from mskd_tf import distill
+
+    original, calls = distill.distill, []
+
+    def interrupted(*args, callbacks=(), kd=True, **kwargs):
+        calls.append("kd" if kd else "ce")
+        if calls[-1] == stop_in:
+            callbacks = [*callbacks, _Interrupt(0)]
+        return original(*args, callbacks=callbacks, kd=kd, **kwargs)
+
+    monkeypatch.setattr(distill, "distill", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_pipeline(resumed, stop_after="distill")
+    monkeypatch.setattr(distill, "distill", original)
+    capsys.readouterr()
+    run_pipeline(resumed, stop_after="distill")
+    out = capsys.readouterr().out
+    assert f"distill: resuming the {stop_in} run after epoch 1" in out
+    assert ("distill: the kd run finished before the interruption; kept" in out) == (stop_in == "ce")
+    whole, again = _record(cfg, "distill.json"), _record(resumed, "distill.json")
+    for run in ("kd", "ce"):
+        assert again["runs"][run]["history"] == whole["runs"][run]["history"]
+        assert again["runs"][run]["test_acc"] == whole["runs"][run]["test_acc"]
+    assert again["shipped"] == whole["shipped"]
+    _assert_same_weights(f"{cfg.workdir}/student.keras", f"{resumed.workdir}/student.keras")
+    assert not (tmp_path / "resumed" / "distill_backup").exists()
+
+
+def test_an_interrupted_selection_resumes_to_the_uninterrupted_choice(cfg, tmp_path, monkeypatch):
+    """Stopped mid-way through the fine-tunes (the third training chunk of the run): every candidate's curve and
+    the selected network come out as in an uninterrupted run."""
+    from mskd_tf import selection
+
+    cfg.epochs, cfg.select_epochs, cfg.criteria = 1, 2.0, ("l1", "random")
+    run_pipeline(cfg, stop_after="select")
+    resumed = dataclasses.replace(cfg, workdir=str(tmp_path / "resumed"))
+    original, calls = selection.Finetuner.train, []
+
+    def interrupted(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(selection.Finetuner, "train", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_pipeline(resumed, stop_after="select")
+    monkeypatch.setattr(selection.Finetuner, "train", original)
+    run_pipeline(resumed, stop_after="select")
+
+    def trained(config):
+        return [(c["criterion"], c.get("steps"), c["curve"], c.get("weights"))
+                for c in _record(config, "selection.json")["candidates"]]
+
+    assert any(steps for _, steps, _, _ in trained(cfg)), "nothing was fine-tuned: the comparison would be empty"
+    assert trained(resumed) == trained(cfg)
+    _assert_same_weights(f"{cfg.workdir}/selected.keras", f"{resumed.workdir}/selected.keras")
