@@ -2,8 +2,8 @@
 
 The time does not depend on the weights' values, so by default the teacher is built untrained; ``--teacher`` loads a
 trained one (and then the allocation's widths mean something). Calibration: ``--images`` CIFAR-10 training images for
-the KL divergence, ``--bn_batches`` batches of 128 for each clone's BatchNorm re-estimation (the pipeline uses
-``Config.bn_recalibration_batches``).
+the KL divergence, ``--bn_batches`` batches of 128 for each cut's BatchNorm re-estimation (the pipeline uses
+``stages.SENSITIVITY_BN_BATCHES``).
 
     .venv/bin/python benchmarks/sensitivity_cost.py --model=resnet20
     .venv/bin/python benchmarks/sensitivity_cost.py --model=mobilenet_v2 --width=0.5 --criteria=l1,taylor
@@ -25,7 +25,8 @@ flags.DEFINE_string("teacher", "", "A trained .keras teacher instead of an untra
 flags.DEFINE_list("criteria", ["l1"], "Criteria to measure under (the pipeline measures every one).")
 flags.DEFINE_float("target_macs", 0.5, "MACs target of the allocation.")
 flags.DEFINE_integer("images", 256, "Calibration images for the KL divergence.")
-flags.DEFINE_integer("bn_batches", 10, "BatchNorm re-estimation batches per clone.")
+flags.DEFINE_integer("bn_batches", 2, "BatchNorm re-estimation batches per cut (the pipeline's "
+                     "stages.SENSITIVITY_BN_BATCHES).")
 flags.DEFINE_integer("round_to", 8, "Kept widths are multiples of this.")
 flags.DEFINE_string("dataset", f"folder:{results_io.SHARED_CIFAR10}", "mskd_tf.data source.")
 
@@ -55,20 +56,20 @@ def measure(argv):
         for criterion, scores in rankings.items():
             start = time.perf_counter()
             measured = sensitivity.measure(teacher, graph, scores, images, **options,
-                                           adapt=lambda clone: selection.recalibrate_batchnorm(clone, calibration,
-                                                                                               FLAGS.bn_batches))
+                                           adapt=lambda cut: selection.recalibrate_batchnorm(cut, calibration,
+                                                                                             FLAGS.bn_batches))
             middle = time.perf_counter()
             plan, ratios = sensitivity.allocate(graph, scores, measured, target_macs=FLAGS.target_macs, **options)
             end = time.perf_counter()
-            clones = sum(len(curve) - 1 for curve in measured.values())
-            rows[criterion] = {"groups": len(measured), "clones": clones, "measure_seconds": middle - start,
+            cuts = sum(len(curve) - 1 for curve in measured.values())
+            rows[criterion] = {"groups": len(measured), "cuts": cuts, "measure_seconds": middle - start,
                                "allocate_seconds": end - middle, "macs_ratio": plan.macs_ratio, "ratios": ratios,
                                "sensitivity": {g: {f"{r:g}": v for r, v in curve.items()} for g, curve in measured.items()}}
-            print(f"{criterion}: {len(measured)} groups, {clones} clones measured in {middle - start:.1f} s "
-                  f"({(middle - start) / max(clones, 1):.2f} s each), allocated in {end - middle:.1f} s, "
+            print(f"{criterion}: {len(measured)} groups, {cuts} cuts measured in {middle - start:.1f} s "
+                  f"({(middle - start) / max(cuts, 1):.2f} s each), allocated in {end - middle:.1f} s, "
                   f"MACs ratio {plan.macs_ratio:.3f}", flush=True)
     name = "sensitivity_cost_" + (os.path.splitext(os.path.basename(FLAGS.teacher))[0] if FLAGS.teacher
-                                  else f"{FLAGS.model}_w{FLAGS.width:g}")
+                                  else f"{FLAGS.model}_w{FLAGS.width:g}") + f"_bn{FLAGS.bn_batches}"
     results_io.write_results(name, {"teacher": FLAGS.teacher or f"{FLAGS.model}@{FLAGS.width:g} (untrained)",
                                     "images": FLAGS.images, "bn_batches": FLAGS.bn_batches,
                                     "target_macs": FLAGS.target_macs, "criteria": rows})

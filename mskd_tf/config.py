@@ -69,7 +69,7 @@ class Config:
                                 "criterion and allocation: global (one ranking of mean-normalised scores) | uniform (the "
                                 "same ratio in every layer) | sensitivity (each layer cut alone to a few ratios, the KL "
                                 "to the teacher after BatchNorm re-estimation measured, then the least predicted loss "
-                                "that meets the target; costs a clone per layer and ratio, no training).")
+                                "that meets the target; a few forward passes per layer and ratio, no training).")
     calibration_batches: int = _field(10, "Training batches used by data-driven criteria.")
     bn_recalibration_batches: int = _field(
         10, "Re-estimate each candidate's BatchNorm statistics on this many training batches (0 = off); 10 ranked "

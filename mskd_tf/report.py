@@ -98,11 +98,15 @@ def summary_table(rep: dict) -> str:
     if s:
         steps = (f"{s['distill_steps']} steps after {s['selection_steps']} selection steps"
                  if "distill_steps" in s else f"{cfg.get('distill_epochs')} epochs")
+        paired = s.get("kd_vs_ce")
         for run, values in (s.get("runs") or {}).items():
             name, training = STUDENT_RUNS[run]
+            note = f"{steps}, {training}"
+            if paired and s.get("shipped") == run:  # why this run ships: the paired comparison on validation
+                note += f"; vs the other run on validation: {paired['verdict']} (p = {paired['p_value']:.2g})"
             rows.append((name + (" (shipped)" if s.get("shipped") == run else ""), _fmt_m(s.get("macs")),
                          _fmt_m(s.get("params"), 3), _fmt_pct(values.get("val_acc")), _fmt_pct(values.get("test_acc")),
-                         f"{steps}, {training}"))
+                         note))
     return _table(("model", "MMACs", "Mparams", "val acc %", "test acc %", "training"), rows)
 
 

@@ -290,17 +290,19 @@ def one_pass_per_epoch(dataset, what: str = "train_ds") -> dict:
     return {"x": dataset.repeat(), "steps_per_epoch": steps_per_epoch(dataset, what)}
 
 
+def correct_predictions(model, dataset, what: str = "evaluation data") -> np.ndarray:
+    """Whether each example of a dataset of (images, labels) batches is classified right (top-1), in order."""
+    predict = forward_function(model)
+    right = [np.argmax(predict(images).numpy(), axis=-1) == np.reshape(labels.numpy(), -1)
+             for images, labels in dataset]
+    if not right or not sum(len(r) for r in right):
+        raise MskdError(f"{what} is empty.")
+    return np.concatenate(right)
+
+
 def accuracy(model, dataset, what: str = "evaluation data") -> float:
     """Top-1 accuracy of a logits/probabilities model on a dataset of (images, labels) batches."""
-    predict = forward_function(model)
-    correct = total = 0
-    for images, labels in dataset:
-        predicted = np.argmax(predict(images).numpy(), axis=-1)
-        correct += int(np.sum(predicted == np.reshape(labels.numpy(), -1)))
-        total += int(np.size(labels))
-    if total == 0:
-        raise MskdError(f"{what} is empty.")
-    return correct / total
+    return float(np.mean(correct_predictions(model, dataset, what)))
 
 
 def per_instance_function(fn):

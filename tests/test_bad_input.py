@@ -205,15 +205,6 @@ def _two_input_teacher():
     return keras.Model([left, right], keras.layers.Dense(3)(keras.layers.GlobalAveragePooling2D()(x)), name="two_inputs")
 
 
-def _nested_teacher():
-    inner_in = keras.Input((12, 12, 1))
-    inner = keras.Model(inner_in, keras.layers.ReLU()(keras.layers.BatchNormalization()(
-        keras.layers.Conv2D(8, 3, name="inner_conv")(inner_in))), name="backbone")
-    outer_in = keras.Input((12, 12, 1))
-    logits = keras.layers.Dense(3)(keras.layers.GlobalAveragePooling2D()(inner(outer_in)))
-    return keras.Model(outer_in, logits, name="nested")
-
-
 def _teacher(shape=(12, 12, 1), classes=3):
     keras.utils.set_random_seed(0)
     from mskd_tf import models
@@ -264,9 +255,6 @@ API_CASES = {
                                                             "Sequential Keras model"),
     "two_input_model": (lambda: {"model": _two_input_teacher()}, "^model 'two_inputs' has 2 inputs and 1 outputs; "
                                                                   "mskd_tf compresses single-input"),
-    "nested_with_data_criteria": (lambda: {"model": _nested_teacher(), "criteria": ("l1", "activation")},
-                                  "^criteria=l1,activation: activation read layer outputs, and layer "
-                                  "'backbone/inner_conv' of model is inside a nested model"),
     "target_macs_text": (lambda: {"target_macs": "abc"}, "^target_macs='abc': must be a number"),
     "seed_text": (lambda: {"seed": "x"}, "^seed='x': must be a whole number"),
     "criteria_number": (lambda: {"criteria": 5}, "^criteria: expected a list of names, got int 5"),

@@ -399,3 +399,39 @@ def test_criteria_disagree_on_a_trained_model():
     # Unrelated families disagree clearly; the random control overlaps near chance (1/3 at half kept).
     assert overlaps[("l1", "taylor")] < 0.9 and overlaps[("l1", "apoz")] < 0.9
     assert max(v for (a, b), v in overlaps.items() if "random" in (a, b)) < 0.75
+
+
+def test_data_driven_criteria_read_a_nested_models_layers_as_in_the_flat_model():
+    """A keras.applications-style backbone called as one layer: every data-driven criterion scores its channels
+    exactly as it scores the same layers (same weights) in a flat model."""
+    import keras
+
+    from mskd_tf.pruning import build_graph
+    from mskd_tf.pruning.criteria import REGISTRY, rank
+
+    def body(x):
+        x = keras.layers.Conv2D(8, 3, name="c1")(x)
+        x = keras.layers.ReLU(name="r1")(keras.layers.BatchNormalization(name="b1")(x))
+        x = keras.layers.Conv2D(6, 3, name="c2")(x)
+        return keras.layers.ReLU(name="r2")(keras.layers.BatchNormalization(name="b2")(x))
+
+    keras.utils.set_random_seed(0)
+    flat_in = keras.Input((10, 10, 3))
+    flat = keras.Model(flat_in, keras.layers.Dense(4, name="head")(keras.layers.GlobalAveragePooling2D()(body(flat_in))))
+    inner_in = keras.Input((10, 10, 3))
+    backbone = keras.Model(inner_in, body(inner_in), name="backbone")
+    outer_in = keras.Input((10, 10, 3))
+    nested = keras.Model(outer_in, keras.layers.Dense(4, name="head")(
+        keras.layers.GlobalAveragePooling2D()(backbone(outer_in))))
+    nested.set_weights(flat.get_weights())
+    rng = np.random.default_rng(0)
+    batches = [(rng.normal(size=(16, 10, 10, 3)).astype(np.float32), rng.integers(0, 4, 16)) for _ in range(2)]
+    criteria = [name for name, criterion in REGISTRY.items() if criterion.needs_data]
+    assert {"activation", "apoz", "taylor", "hrank"} <= set(criteria)
+    flat_scores = rank(flat, criteria, batches, graph=build_graph(flat), num_batches=2)
+    nested_scores = rank(nested, criteria, batches, graph=build_graph(nested), num_batches=2)
+    for criterion in criteria:
+        assert set(nested_scores[criterion]) == {f"backbone/{g}" for g in flat_scores[criterion]}
+        for group, values in flat_scores[criterion].items():
+            np.testing.assert_allclose(nested_scores[criterion][f"backbone/{group}"], values, rtol=1e-5, atol=1e-7)
+            assert np.ptp(values) > 0, (criterion, group)  # the channels are told apart, not all tied

@@ -383,3 +383,20 @@ def test_kd_beats_plain_fine_tuning_on_fashion_mnist():
     assert teacher_accuracy > 0.8
     # Measured: teacher 0.861; KD 0.814/0.819/0.820 vs CE 0.813/0.793/0.785 (mean +2.1 points).
     assert np.mean(accuracy[True]) > np.mean(accuracy[False]) + 0.005
+
+
+def test_the_paired_sign_test_counts_only_the_images_the_runs_disagree_on():
+    from mskd_tf.distill import paired_sign_test
+
+    agree = np.ones(1000, bool)  # images both get right (or both wrong) say nothing
+    few = paired_sign_test(np.r_[agree, np.ones(7, bool), np.zeros(5, bool)],
+                           np.r_[agree, np.zeros(7, bool), np.ones(5, bool)])
+    assert (few["kd_only"], few["ce_only"]) == (7, 5)
+    assert few["p_value"] == pytest.approx(0.7744, abs=1e-4)  # 2 * P(Binomial(12, 1/2) <= 5)
+    many = paired_sign_test(np.r_[np.ones(120, bool), np.zeros(60, bool)], np.r_[np.zeros(120, bool), np.ones(60, bool)])
+    assert many["p_value"] < 1e-4
+    swapped = paired_sign_test(np.r_[np.zeros(120, bool), np.ones(60, bool)], np.r_[np.ones(120, bool), np.zeros(60, bool)])
+    assert swapped["p_value"] == many["p_value"] and (swapped["kd_only"], swapped["ce_only"]) == (60, 120)
+    assert paired_sign_test(agree, agree)["p_value"] == 1.0
+    with pytest.raises(MskdError, match="scored on the same images"):
+        paired_sign_test(np.ones(3, bool), np.ones(4, bool))

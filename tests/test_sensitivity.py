@@ -70,3 +70,41 @@ def test_an_unreachable_target_is_refused(setup):
 
     with pytest.raises(MskdError, match="sensitivity allocation: cutting every group as far as its minimum width allows leaves"):
         allocate(graph, scores, sensitivity, target_macs=10, round_to=1)
+
+
+def test_a_cut_measured_on_the_zeroed_copy_is_the_pruned_clones_loss():
+    """measure() zeroes the cut channels in one copy instead of building a clone per cut: through a residual add,
+    a depthwise convolution and BatchNorm re-estimation, the loss it measures is the pruned clone's."""
+    from mskd_tf.pruning import prune
+    from mskd_tf.pruning.sensitivity import kl_divergence
+    from mskd_tf.selection import recalibrate_batchnorm
+
+    keras.utils.set_random_seed(3)
+    inputs = keras.Input((8, 8, 3))
+    stem = L.ReLU(6.0)(L.BatchNormalization(name="bn_stem")(L.Conv2D(16, 3, padding="same", name="stem")(inputs)))
+    x = L.ReLU(6.0)(L.BatchNormalization(name="bn_expand")(L.Conv2D(32, 1, name="expand")(stem)))
+    x = L.ReLU(6.0)(L.BatchNormalization(name="bn_dw")(L.DepthwiseConv2D(3, padding="same", name="dw")(x)))
+    x = L.BatchNormalization(name="bn_project")(L.Conv2D(16, 1, name="project")(x))
+    x = L.Add()([stem, x])
+    model = keras.Model(inputs, L.Dense(5, name="logits")(L.GlobalAveragePooling2D()(x)))
+    rng = np.random.default_rng(0)
+    images = rng.uniform(0, 1, (24, 8, 8, 3)).astype(np.float32)
+    for layer in model.layers:  # BatchNorm statistics far from the identity, so a wrong re-estimation shows
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.moving_mean.assign(rng.normal(0, 0.5, layer.moving_mean.shape))
+            layer.moving_variance.assign(rng.uniform(0.5, 2.0, layer.moving_variance.shape))
+    graph = build_graph(model)
+    scores = rank(model, "l1", graph=graph)["l1"]
+    batches = [(images[:12], None), (images[12:], None)]
+    adapt = lambda m: recalibrate_batchnorm(m, batches, 2)  # noqa: E731
+    sensitivity = measure(model, graph, scores, images, ratios=(0.5,), adapt=adapt, round_to=1)
+    reference = keras.ops.convert_to_numpy(keras.ops.softmax(model(images)))
+    for group in (g for g in graph.groups if g.prunable):
+        plan = plan_keep(graph, scores, keep_ratio={group.id: 0.5}, mode="uniform", round_to=1)
+        clone = prune(model, {group.id: plan.keep[group.id]}, graph)
+        adapt(clone)
+        assert sensitivity[group.id][0.5] == pytest.approx(kl_divergence(reference, clone, images), rel=1e-4,
+                                                           abs=1e-7), group.id
+    assert len(sensitivity) == 2  # the residual stream and the expansion (with its depthwise)
+    assert all(curve[0.5] > 1e-4 for curve in sensitivity.values())
+    np.testing.assert_array_equal(model.get_layer("expand").kernel.numpy() != 0, True)  # the model is not touched

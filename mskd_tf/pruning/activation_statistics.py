@@ -57,14 +57,22 @@ def channel_means(model, graph, groups, criteria, calibration, num_batches, loss
     for group in groups:
         for ref in tap_refs(group):
             taps.setdefault(ref.layer, len(taps))
-    tensors = [_output_tensor(graph, path) for path in taps]
 
     functional = functional_of(model)
     if len(functional.outputs) != 1 and loss is None:
         if any(c.needs_gradient for c in criteria):
             raise MskdError(f"model {model.name!r} has {len(functional.outputs)} outputs; pass loss=... "
                             "for gradient criteria.")
-    probe = keras.Model(functional.inputs, [functional.outputs[0], *tensors], name="criteria_probe")
+    if any("/" in path for path in taps):  # a nested model's layers: tap them in a flat replay of the graph
+        inputs, outputs, found = _flat_replay(functional)
+        missing = [path for path in taps if path not in found]
+        if missing:
+            raise MskdError(f"layer {missing[0]!r} is not reached by the model's graph; cannot read its output.")
+        tensors = [found[path] for path in taps]
+    else:
+        inputs, outputs = functional.inputs, functional.outputs
+        tensors = [_output_tensor(graph, path) for path in taps]
+    probe = keras.Model(inputs, [outputs[0], *tensors], name="criteria_probe")
     need_gradient = any(c.needs_gradient for c in criteria)
     loss_fn = loss if loss is not None else _default_loss(model)
 
@@ -107,10 +115,36 @@ def channel_means(model, graph, groups, criteria, calibration, num_batches, loss
             for i, criterion in enumerate(criteria)}
 
 
+def _flat_replay(functional):
+    """The functional graph replayed on new inputs with every nested model's layers called in place.
+
+    A nested model's inner tensors are not reachable from the outer model's inputs (the outer graph calls
+    the nested model as one layer), so a probe could not return them. Calling the same layer objects (same
+    weights) in one flat graph computes the same outputs and gives every layer's output a tensor. Returns
+    ``(inputs, outputs, {layer path: its first output tensor})``, paths as in the dependency graph.
+    """
+    from keras import tree
+
+    found = {}
+
+    def replay(graph, prefix, inputs):
+        def call(operation, *args, **kwargs):
+            inner = functional_of(operation)
+            if inner is not None:
+                outputs = replay(inner, f"{prefix}{operation.name}/", list(args) if len(args) > 1 else args[0])
+            else:
+                outputs = operation(*args, **kwargs)
+            found.setdefault(prefix + operation.name, tree.flatten(outputs)[0])
+            return outputs
+
+        return graph._run_through_graph(inputs, call_fn=call)  # Keras' own replay; no public equivalent
+
+    inputs = [keras.Input(batch_shape=t.shape, dtype=t.dtype, name=t.name) for t in functional.inputs]
+    outputs = tree.flatten(replay(functional, "", inputs if len(inputs) > 1 else inputs[0]))
+    return inputs, outputs, found
+
+
 def _output_tensor(graph, path):
-    if "/" in path:
-        raise MskdError(f"layer {path!r} is inside a nested model; data-driven criteria read flat models "
-                        "only. Rebuild the model without nesting, or use data-free criteria.")
     nodes = getattr(graph.get_layer(path), "_inbound_nodes", [])
     if not nodes:
         raise MskdError(f"layer {path!r} has never been called; cannot read its output.")

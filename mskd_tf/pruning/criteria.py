@@ -301,7 +301,7 @@ def rank(model, criteria, calibration=None, *, graph=None, num_batches=10, seed=
 
     Raises:
         MskdError: unknown criterion, data-driven criterion without calibration data, no
-            labels for a gradient criterion, or a layer inside a nested model to tap.
+            labels for a gradient criterion.
     """
     names = [criteria] if isinstance(criteria, str) else list(criteria)
     unknown = [n for n in names if n not in REGISTRY]

@@ -1,8 +1,9 @@
 """Measured layer sensitivity: what cutting one channel group alone costs, and the allocation that follows.
 
 ``uniform`` cuts every group alike; ``global`` compares raw scores across groups that are not on one scale. Here
-each prunable group is cut *alone* to a few keep ratios under one criterion's ranking, the clone's BatchNorm
-statistics are re-estimated (``adapt``), and the KL divergence of its predictions from the model's on a few
+each prunable group is cut *alone* to a few keep ratios under one criterion's ranking (in one copy of the model
+whose cut channels' weights are zeroed: the pruned clone's function, traced once), its BatchNorm statistics are
+re-estimated (``adapt``), and the KL divergence of its predictions from the model's on a few
 calibration batches is that group's predicted loss at that ratio: the zero-cost signal that ranked trained
 candidates best on CIFAR-10 ResNet-20 (BENCHMARKS.md). :func:`allocate` then lowers, one step of a 1/8 ladder at a
 time, the group whose next step costs the least predicted loss per MAC saved, until the plan meets the MACs
@@ -14,7 +15,6 @@ from __future__ import annotations
 import numpy as np
 
 from mskd_tf.errors import MskdError
-from mskd_tf.pruning.clone import prune
 from mskd_tf.pruning.plan import plan_keep
 
 RATIOS = (0.25, 0.5, 0.75)  # measured keep ratios; the loss between them is interpolated
@@ -22,9 +22,9 @@ LADDER = tuple(step / 8 for step in range(8, 0, -1))  # 1, 0.875, ..., 0.125: th
 
 
 def _probabilities(model, images):
-    from mskd_tf.training import outputs_probabilities
+    from mskd_tf.training import forward_function, outputs_probabilities
 
-    outputs = np.asarray(model(images, training=False), dtype=np.float64)
+    outputs = np.asarray(forward_function(model)(images), dtype=np.float64)
     if outputs_probabilities(model):
         return np.clip(outputs, 1e-12, 1.0)
     outputs = outputs - outputs.max(axis=-1, keepdims=True)
@@ -38,6 +38,55 @@ def kl_divergence(reference, model, images) -> float:
     return float(np.mean(np.sum(reference * (np.log(np.clip(reference, 1e-12, 1.0)) - np.log(mine)), axis=-1)))
 
 
+class _MaskedCopy:
+    """A copy of the model in which a cut is made by zeroing the cut channels' weights, not by building a clone.
+
+    Every weight slice on an axis of a cut channel is set to zero, in the layers that produce it and in the ones
+    that read it, so no kept channel receives anything from a cut one: the copy computes what the pruned clone
+    computes. One traced forward then serves every cut (a clone per cut is a new model, built and traced anew:
+    about 5 s each on MobileNetV2 here).
+    """
+
+    def __init__(self, model):
+        import keras
+
+        from mskd_tf.pruning.graph import build_graph
+
+        self.model = keras.models.clone_model(model)
+        self.model.set_weights(model.get_weights())
+        self.graph = build_graph(self.model)
+        self.original = {path: [np.asarray(w.numpy()) for w in record.layer.weights]
+                         for path, record in self.graph.records.items() if record.layer.weights}
+        self.zeroed = set()  # paths whose weights hold a cut now
+
+    def cut(self, keep: dict):
+        """Zero the channels ``keep`` ({group id: kept indices}) leaves out; every other weight as in the model."""
+        from mskd_tf.pruning.graph import KeptChannels
+
+        mask = self.graph.keep_mask(keep)
+        touched = {path for group_id in keep for path in self.graph.group(group_id).layers}
+        for path, arrays in self.original.items():
+            record = self.graph.records[path]
+            if path not in touched:
+                if path in self.zeroed:
+                    record.layer.set_weights(arrays)
+                    self.zeroed.discard(path)
+                continue
+            kept, axes, values = KeptChannels(self.graph, record, mask), record.handler.weight_axes(record.layer), []
+            for weight, array in zip(record.layer.weights, arrays):
+                array = array.copy()
+                for axis, map_name in enumerate(axes.get(weight.name, ())):
+                    if map_name is not None:
+                        dropped = np.ones(array.shape[axis], dtype=bool)
+                        dropped[kept.positions(map_name)] = False
+                        index = [slice(None)] * array.ndim
+                        index[axis] = dropped
+                        array[tuple(index)] = 0.0
+                values.append(array)
+            record.layer.set_weights(values)
+            self.zeroed.add(path)
+
+
 def measure(model, graph, scores, images, *, ratios=RATIOS, adapt=None, **plan_options) -> dict:
     """``{group id: {keep ratio: predicted loss}}`` for every prunable group, 1.0 -> 0.
 
@@ -46,10 +95,12 @@ def measure(model, graph, scores, images, *, ratios=RATIOS, adapt=None, **plan_o
         scores: one criterion's ``{group id: channel scores}`` (which channels a cut removes).
         images: a float array of calibration images the KL divergence is measured on.
         ratios: keep ratios each group is cut to alone (rounded like any plan's widths).
-        adapt: ``fn(clone)`` run on each clone first, e.g. BatchNorm re-estimation.
+        adapt: ``fn(model)`` run on each cut model first, e.g. BatchNorm re-estimation (it sees a copy of
+            ``model`` with the cut channels' weights zeroed, which computes what the pruned clone computes).
         **plan_options: ``round_to``, ``min_channels``, ``protect`` ... as for ``plan_keep``.
     """
     reference = _probabilities(model, images)
+    masked = _MaskedCopy(model)
     sensitivity = {}
     for group in graph.groups:
         if not group.prunable:
@@ -60,10 +111,10 @@ def measure(model, graph, scores, images, *, ratios=RATIOS, adapt=None, **plan_o
             kept = len(plan.keep.get(group.id, ()))
             if kept >= group.size:  # protected, or rounding keeps every channel: nothing to measure
                 continue
-            clone = prune(model, plan.keep, graph)
+            masked.cut({group.id: plan.keep[group.id]})
             if adapt is not None:
-                adapt(clone)
-            curve[kept / group.size] = kl_divergence(reference, clone, images)
+                adapt(masked.model)
+            curve[kept / group.size] = kl_divergence(reference, masked.model, images)
         sensitivity[group.id] = curve
     return sensitivity
 

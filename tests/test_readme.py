@@ -1,0 +1,82 @@
+"""The README's Python examples run as written: each ```python block is executed verbatim, in order, in one
+namespace that holds the names the README assumes (training arrays, a trained ``teacher.keras``, ``model``,
+``train_ds``...), on tiny data in a temporary directory."""
+
+import re
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+
+from mskd_tf import data, models
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+SLOW_BLOCKS = ("keras.applications.MobileNetV2",)  # a 96x96 MobileNetV2 trained and compressed: ~10 minutes
+
+
+def python_blocks():
+    return re.findall(r"^```python\n(.*?)^```", README.read_text(), flags=re.S | re.M)
+
+
+def _arrays(n, seed, size=12, classes=3, channels=1):
+    """Images in [0, 1] whose class is where a bright stripe lies: learnable in a few steps."""
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, classes, n)
+    x = rng.uniform(0, 0.2, (n, size, size, channels)).astype(np.float32)
+    for i, label in enumerate(y):
+        rows = slice(label * size // classes, (label + 1) * size // classes)
+        x[i, rows] += 0.7
+    return x, y
+
+
+@pytest.fixture
+def namespace(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    x_train, y_train = _arrays(192, 0)
+    x_test, y_test = _arrays(64, 1)
+    keras.utils.set_random_seed(0)
+    teacher = models.build("small_cnn", (12, 12, 1), 3, width=0.25)
+    teacher.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    teacher.fit(x_train, y_train, epochs=2, batch_size=32, verbose=0)
+    teacher.save("teacher.keras")
+    student = models.build("small_cnn", (12, 12, 1), 3, width=0.125)
+    train_ds = data.train_pipeline(data.Arrays((x_train * 255).astype(np.uint8), y_train), 32, augment=False)
+    val_ds = data.eval_pipeline(data.Arrays((x_test * 255).astype(np.uint8), y_test), 64)
+    from mskd_tf.pruning.criteria import REGISTRY
+
+    registered = set(REGISTRY)
+    yield dict(x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test, teacher=teacher, student=student,
+               model=keras.models.clone_model(teacher), train_ds=train_ds, val_ds=val_ds, keras=keras)
+    for name in set(REGISTRY) - registered:  # a block registers an example criterion: not for the other tests
+        del REGISTRY[name]
+
+
+def test_the_readme_has_the_examples_this_test_runs():
+    blocks = python_blocks()
+    assert len(blocks) >= 5
+    assert any("mskd_tf.compress(teacher" in block for block in blocks)
+    assert sum(any(marker in block for marker in SLOW_BLOCKS) for block in blocks) == 1
+
+
+def test_the_readme_python_examples_run_as_written(namespace, capsys):
+    ran = 0
+    for block in python_blocks():
+        if any(marker in block for marker in SLOW_BLOCKS):
+            continue
+        exec(compile(block, f"README.md block {ran + 1}", "exec"), namespace)  # noqa: S102 - the README's own code
+        ran += 1
+    assert ran >= 5
+    assert Path("student.keras").exists() and Path("slim.keras").exists()
+    assert "max_act" in namespace and namespace["result"].student is not None
+    assert namespace["result"].summary() in capsys.readouterr().out  # the first example prints it
+
+
+@pytest.mark.slow
+def test_the_readme_nested_keras_applications_example_runs_as_written(namespace):
+    x, y = _arrays(256, 2, size=96, classes=4, channels=3)
+    x_val, y_val = _arrays(96, 3, size=96, classes=4, channels=3)
+    namespace.update(x=x, y=y, x_val=x_val, y_val=y_val, mskd_tf=__import__("mskd_tf"))
+    block = next(b for b in python_blocks() if any(marker in b for marker in SLOW_BLOCKS))
+    exec(compile(block, "README.md nested example", "exec"), namespace)  # noqa: S102 - the README's own code
+    assert {"CONV_2D", "DEPTHWISE_CONV_2D", "ADD"} <= set(namespace["result"].exports[0]["micro"]["ops"])
