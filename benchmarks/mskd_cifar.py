@@ -3,6 +3,7 @@
     benchmarks/mskd_cifar.sh                  # the whole table, resumable; -> benchmarks/results/mskd_cifar.{json,md}
     benchmarks/mskd_cifar.sh --max_rows=3     # stop after three newly finished rows (one sitting)
     benchmarks/mskd_cifar.sh --render_only    # print the table of the rows finished so far
+    benchmarks/mskd_cifar.sh --plan_only      # print the plan: every row in order, cached or still to compute
     benchmarks/mskd_cifar.sh --quick          # a ~10-minute smoke version on 5k images (its own files)
     benchmarks/mskd_cifar.sh --model=mobilenet_v2 --width=0.5 --teacher_epochs=80 --teacher_only  # its teacher only
 
@@ -21,23 +22,27 @@ Protocol
   trains what is left. Same optimizer, schedule (cosine to 0) and data for every row; the peak learning rate is
   ``--finetune_lr`` for CE and ``--finetune_lr`` x the library's ``Config.kd_lr_scale`` under the KD loss, as in
   the pipeline (rows of another KD rate say so: ``kd:l1-uniform[lr=0.05]``).
-* Rows, in the order they are computed (a sitting ends after any of them; a rerun resumes):
-  seed 0's decisive rows: ``ce:l1-uniform`` (l1 + CE with a uniform per-layer ratio: Li et al. /
-  Torch-Pruning's default), ``mskd`` (the library's select + distill), ``select+ce`` (MS-KD's selection, then
-  CE: the KD ablation), ``kd:l1-uniform`` (l1 + KD, no selection); seeds 1 and 2 of ``ce:l1-uniform`` and seed
-  1 of ``ce:l2-uniform`` (one row's seed noise); seeds 1 and 2 of the decisive rows; ``zc+kd`` (the capacity
-  pool's zero-cost top + KD for the whole budget: what the selection's training steps buy; also at the
-  ``--zc_kd_seeds``, and at those seeds on every other target); every candidate + CE
-  (the oracle table, seed 0, best zero-cost score first); the ``--other_targets`` (l1 + CE, l1 + KD, MS-KD at
-  seed 0; l1 + KD and MS-KD also at the ``--other_target_seeds``); the oracle-best + CE at seeds 1 and 2; then
-  the ablations: l1 + KD with one ``--kd_ablation`` setting changed each (``kd:l1-uniform[alpha=0.1]``); MS-KD and l1 + KD at every seed under each ``--mskd_kd_ablation``
-  setting (``mskd[alpha=0.1]``: selection and distillation both under it); l1 + CE at the ``--lr_ablation``
-  learning rates (is the baseline tuned fairly?); MS-KD with the ``--pool_ablation`` capacity pools
-  (``mskd[min_params_ratio=0]`` = selection among all candidates, as before the pool existed).
+* Rows: ``experiment_plan`` (below the flags) is the whole experiment, one ``Row`` (kind, candidate, loss, seed,
+  MACs target, overridden settings) per training, in the order they are computed (a sitting ends after any of
+  them; a rerun resumes at the first not cached). In that order: seed 0's decisive rows: ``ce:l1-uniform`` (l1 +
+  CE with a uniform per-layer ratio: Li et al. / Torch-Pruning's default), ``mskd`` (the library's select +
+  distill), ``select+ce`` (MS-KD's selection, then CE: the KD ablation), ``kd:l1-uniform`` (l1 + KD, no
+  selection); seeds 1 and 2 of ``ce:l1-uniform`` and seed 1 of ``ce:l2-uniform`` (one row's seed noise); seeds 1
+  and 2 of the decisive rows; ``zc+kd`` (the capacity pool's zero-cost top + KD for the whole budget: what the
+  selection's training steps buy; also at the ``--zc_kd_seeds``, and at those seeds on every other target);
+  every candidate + CE (the oracle table, seed 0, best zero-cost score first); the ``--other_targets`` (l1 + CE,
+  l1 + KD, MS-KD at seed 0; l1 + KD and MS-KD also at the ``--other_target_seeds``); the oracle-best + CE at
+  seeds 1 and 2; then the ablations (right after seed 0's decisive rows with ``--ablations_first``): l1 + KD with
+  one ``--kd_ablation`` setting changed each (``kd:l1-uniform[alpha=0.1]``); MS-KD and l1 + KD at every seed
+  under each ``--mskd_kd_ablation`` setting (``mskd[alpha=0.1]``: selection and distillation both under it); l1
+  + CE at the ``--lr_ablation`` learning rates (is the baseline tuned fairly?); MS-KD with the
+  ``--pool_ablation`` capacity pools (``mskd[min_params_ratio=0]`` = selection among all candidates, as before
+  the pool existed). A row's name in the results file, its cache key, is ``row_key`` of it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import hashlib
 import json
@@ -111,9 +116,179 @@ flags.DEFINE_bool("keep_artifacts", True, "Mirror the teacher, rankings, candida
 flags.DEFINE_bool("new_teacher", False, "Allow training a new teacher for a table whose rows came from another "
                   "(it empties the table; without this flag such a run stops with an error).")
 flags.DEFINE_bool("render_only", False, "Only print the table of the finished rows (no training).")
+flags.DEFINE_bool("plan_only", False, "Only print the plan: every row in the order it is computed, its name and "
+                  "whether the results file has it (nothing is trained or prepared; a run also checks the digests of "
+                  "the files the rows start from).")
 flags.DEFINE_string("name", None, "Results name under benchmarks/results (default mskd_cifar[_quick]).")
 
+
 BASELINE = "l1-uniform"  # what most users do: L1 filter norms, the same ratio in every layer
+POOL_SETTINGS = ("min_params_ratio", "capacity_reference")  # settings of a selection's capacity pool
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    """One row of the table (one training), cached in the results file under ``row_key(row, s)``.
+
+    kind: "student" (``candidate`` fine-tuned for the budget under ``loss``), "mskd" (the library's selection, then
+    KD on its pick for what the selection left of the budget), "select+ce" (the same selection, then CE: the KD
+    ablation), "zc+kd" (the capacity pool's zero-cost top at the row's target + KD for the whole budget), or
+    "select" (the selection a mskd or select+ce row starts from, cached as a row of its own).
+    candidate: None where the kind picks it. loss: "kd" or "ce". target: the fraction of the teacher's MACs.
+    settings: the row's overrides of the table's settings, sorted by name: the KD loss's (alpha, temperature,
+    feature_kd), the peak learning rate (lr; for the kinds with a selection the rate of its KD runs) and the
+    capacity pool (min_params_ratio, and capacity_reference where it is not the table's).
+    """
+
+    kind: str
+    candidate: str | None
+    loss: str
+    seed: int
+    target: float
+    settings: tuple = ()
+
+
+def kd_overrides(s: dict, **values) -> tuple:
+    """The settings of a row trained or selected under the KD loss. The table's own KD rate and capacity pool are
+    not overrides: a row given them is the default row, whose name never said them."""
+    defaults = {"lr": s["kd_lr"], "min_params_ratio": s["min_params_ratio"]}
+    return tuple(sorted((name, value) for name, value in values.items()
+                        if name not in defaults or not math.isclose(value, defaults[name], rel_tol=0, abs_tol=1e-12)))
+
+
+def experiment_plan(s: dict, candidates: dict, oracle: str | None) -> list[Row]:
+    """The whole experiment: every row of the table, in the order they are computed.
+
+    A sitting ends after any row and a rerun resumes at the first one not cached, so the order puts first what a
+    partial table should already answer. candidates: the decisive target's (criterion -> its record, with the
+    zero-cost score val_acc_before_finetune); oracle: the best candidate + CE at seed 0 once all of those rows are
+    cached (until then None, and its rows at more seeds wait). A row listed twice is computed where it comes first.
+    """
+    decisive_target, seeds = s["target_macs"], s["seeds"]
+    s0, more_seeds = seeds[0], seeds[1:]
+
+    def ce(candidate, seed, target=decisive_target, lr=None):
+        return Row("student", candidate, "ce", seed, target, () if lr is None else (("lr", lr),))
+
+    def kd(candidate, seed, target=decisive_target, **kd_settings):
+        return Row("student", candidate, "kd", seed, target, kd_overrides(s, **kd_settings))
+
+    def mskd(seed, target=decisive_target, **kd_settings):  # selection and distillation both under kd_settings
+        return Row("mskd", None, "kd", seed, target, kd_overrides(s, **kd_settings))
+
+    def select_ce(seed, **kd_settings):  # the selection under kd_settings, then CE
+        return Row("select+ce", None, "ce", seed, decisive_target, kd_overrides(s, **kd_settings))
+
+    def zc_kd(seed, target=decisive_target):
+        return Row("zc+kd", None, "kd", seed, target)
+
+    def decisive(seed):  # at seed 0 also selection + CE, which splits MS-KD's gain
+        return [ce(BASELINE, seed), mskd(seed), *([select_ce(seed)] if seed == s0 else []), kd(BASELINE, seed)]
+
+    zc_kd_seeds = [int(x) for x in FLAGS.zc_kd_seeds]
+
+    def other_target(target):  # l1 + CE at seed 0; l1 + KD and MS-KD also at the --other_target_seeds; zc+kd
+        return [ce(BASELINE, s0, target),
+                *[row for seed in [s0, *map(int, FLAGS.other_target_seeds)]
+                  for row in (kd(BASELINE, seed, target), mskd(seed, target))],
+                *[zc_kd(seed, target) for seed in zc_kd_seeds]]
+
+    # The ablations, most useful first: the KD loss is the one lever left on bar 1 (the oracle best + CE is level
+    # with l1 + CE, so selection cannot add there; KD adds +0.5-0.7); then the baseline's lr; then the pool.
+    ablations = [
+        *[kd(BASELINE, s0, **setting) for setting in _settings_flag(FLAGS.kd_ablation)],  # which settings help l1 + KD
+        *[row for setting in _settings_flag(FLAGS.mskd_kd_ablation) for seed in seeds  # a winning one, at every seed
+          for row in (kd(BASELINE, seed, **setting), mskd(seed, **setting))],
+        *[ce(BASELINE, s0, lr=float(lr)) for lr in FLAGS.lr_ablation],  # is the baseline's learning rate a fair one?
+        *[row for ratio in map(float, FLAGS.pool_ablation)  # what the capacity pool gave
+          for row in (mskd(s0, min_params_ratio=ratio), select_ce(s0, min_params_ratio=ratio))],
+    ]
+    plan = [
+        *first_rows(s, candidates),
+        *decisive(s0),
+        *(ablations if FLAGS.ablations_first else []),
+        # The seed noise of one row, before the rest of the oracle: the candidates end within ~1.3 points of each
+        # other and l2-uniform (l1-uniform's widths; uniform widths no longer depend on the ranking) ended 1.08
+        # below it; whether any selection can beat the default criterion depends on that spread exceeding the
+        # noise. l2-uniform's seed 1 separates kept channels from noise.
+        *[ce(BASELINE, seed) for seed in more_seeds],
+        *([ce("l2-uniform", more_seeds[0])] if more_seeds and "l2-uniform" in candidates else []),
+        # The decisive rows' other seeds before the rest of the oracle: the bars are on 3-seed means, and the
+        # remaining oracle rows then test the capacity pool on candidates it was not derived from.
+        *[row for seed in more_seeds for row in decisive(seed)],
+        # What the selection's training buys: the capacity pool's zero-cost top + KD for the whole budget (no
+        # halving steps). At seed 0 that is MS-KD's own pick, so the row isolates the 528 selection steps.
+        *[zc_kd(seed) for seed in [s0, *zc_kd_seeds]],
+        # The oracle table, in the order a selection meets the candidates (best zero-cost score first), so a
+        # partial table already scores the picks of the selection rules (benchmarks/selection_signals.py).
+        *[ce(c, s0) for c in sorted(candidates, key=lambda c: -candidates[c]["val_acc_before_finetune"])],
+        # The other MACs targets (does KD's gain grow with the teacher-student gap?).
+        *[row for target in s["other_targets"] for row in other_target(target)],
+        *[ce(oracle, seed) for seed in (more_seeds if oracle else [])],
+        *([] if FLAGS.ablations_first else ablations),
+    ]
+    return list(dict.fromkeys(plan))
+
+
+def _settings_flag(entries: list) -> list[dict]:
+    """--kd_ablation's key=value entries as {key: value}."""
+    return [{key: float(value)} for key, value in (entry.split("=") for entry in entries)]
+
+
+def first_rows(s: dict, candidates: dict) -> list[Row]:
+    """The --first rows: single-candidate rows a finished row raised a question about, before the order."""
+    rows = []
+    for name in FLAGS.first:
+        match = re.fullmatch(r"(ce|kd):([\w-]+)(?:\[lr=(\d+(?:\.\d+)?)\])?/s(\d+)", name)
+        if not match or match[2] not in candidates or (match[3] and match[1] == "ce"):
+            raise SystemExit(f"--first={name!r}: expected ce:<candidate>/s<seed> or kd:<candidate>[lr=<rate>]/s<seed> "
+                             f"with a candidate of this table ({', '.join(sorted(candidates))}).")
+        rows.append(Row("student", match[2], match[1], int(match[4]), s["target_macs"],
+                        kd_overrides(s, lr=float(match[3])) if match[3] else ()))
+    return rows
+
+
+def oracle_criterion(res, candidates: dict, s: dict) -> str | None:
+    """The candidate with the best validation accuracy after B steps of CE at seed 0, once every candidate has that
+    row cached (else None, e.g. while --later leaves oracle rows out)."""
+    found = {c: res.row(Row("student", c, "ce", s["seeds"][0], s["target_macs"])) for c in candidates}
+    if not found or None in found.values():
+        return None
+    return max(candidates, key=lambda c: found[c]["val_acc"])
+
+
+def row_key(row: Row, s: dict) -> str:
+    """The row's name in the results file, its cache key: ce:l1-uniform/s0, ce:l1-uniform@lr0.02/s0,
+    kd:l1-uniform[alpha=0.1]/s0, mskd[min_params_ratio=0]/s1, select/s0, select+ce/s0, zc+kd/s2@30, ..."""
+    if row.kind != "student":
+        return f"{row.kind}{bracketed(row.settings)}/{seed_and_target(row, s)}"
+    if row.loss == "ce":  # a CE row's one setting, its learning rate, named so before KD rows had settings
+        lr = dict(row.settings).get("lr")
+        return f"ce:{row.candidate}" + ("" if lr is None else f"@lr{lr:g}") + f"/{seed_and_target(row, s)}"
+    return f"kd:{row.candidate}{bracketed(row.settings)}/{seed_and_target(row, s)}"
+
+
+def seed_and_target(row: Row, s: dict) -> str:
+    """s0, s1@30: the row's seed, and its MACs target unless that is the decisive one."""
+    return f"s{row.seed}" + ("" if row.target == s["target_macs"] else target_tag(row.target))
+
+
+def target_tag(target: float) -> str:
+    return f"@{round(100 * target)}"
+
+
+def setting_tags(settings: tuple) -> list[str]:
+    """Overrides as names write them: the capacity pool first, then the others by name."""
+    values = dict(settings)
+    pool = []
+    if "min_params_ratio" in values:
+        reference = values.pop("capacity_reference", None)
+        pool = [f"min_params_ratio={values.pop('min_params_ratio'):g}" + (f" x {reference}" if reference else "")]
+    return pool + [f"{name}={value:g}" for name, value in values.items()]
+
+
+def bracketed(settings: tuple) -> str:
+    return "".join(f"[{tag}]" for tag in setting_tags(settings))
 
 
 def settings() -> dict:
@@ -176,48 +351,38 @@ class Results:
     """The rows, written through results_io after each one, so a rerun resumes at the next."""
 
     def __init__(self, name: str, s: dict):
-        self.name = name
+        self.name, self.s = name, s
         path = results_io.RESULTS / f"{name}.json"
-        # Rows of another capacity pool carry it in their names, so the table stays valid when it changes.
+        # Rows of another capacity pool or KD rate carry it in their names, so the table stays valid when it changes.
         key = {k: v for k, v in s.items() if k not in ("seeds", "other_targets", "min_params_ratio",
                                                        "capacity_reference", "kd_lr")}
         old = json.loads(path.read_text()).get("figures", {}) if path.exists() else {}
-        self.data = old if old.get("settings_key") == key else {"settings_key": key, "rows": {}, "targets": {}}
-        # MS-KD rows computed before the capacity pool existed selected among all candidates (ratio 0).
-        for name in [n for n, r in self.data["rows"].items()
-                     if n.split("/")[0] in ("select", "mskd", "select+ce") and "min_params_ratio" not in r]:
-            row = self.data["rows"].pop(name)
-            prefix, rest = name.split("/", 1)
-            self.data["rows"][f"{prefix}{pool_variant(0.0, s)}/{rest}"] = {**row, "min_params_ratio": 0.0}
-        # MS-KD rows whose pool was a fraction of the largest candidate's parameters keep that in their names.
-        for name in [n for n, r in self.data["rows"].items()
-                     if n.split("/")[0] in ("select", "mskd", "select+ce") and r.get("min_params_ratio")
-                     and "capacity_reference" not in r]:
-            row = self.data["rows"].pop(name)
-            prefix, rest = name.split("/", 1)
-            variant = pool_variant(row["min_params_ratio"], s, reference="largest")
-            self.data["rows"][f"{prefix}{variant}/{rest}"] = {**row, "capacity_reference": "largest"}
+        if {"width": 1.0, **old.get("settings_key", {})} == key:  # keys written before --width: width 1
+            self.data = {**old, "settings_key": key, "rows": described(old["rows"], s)}
+        else:
+            self.data = {"settings_key": key, "rows": {}, "targets": {}}
         # A KD row's name carries its learning rate unless it is the default KD rate, which was finetune_lr until
         # the library's Config.kd_lr_scale (rows named then say [lr=<finetune_lr>] now) and is s["kd_lr"] since.
         named_default = self.data.get("kd_lr_default", s["finetune_lr"])
         if named_default != s["kd_lr"]:
             renamed = {}
-            for name, row in self.data["rows"].items():
-                prefix, rest = name.split("/", 1)
-                if prefix.startswith(("select", "mskd", "zc+kd")) or (prefix.startswith("kd:") and row.get("kd")):
-                    lr = _tag_value(prefix, "lr")
-                    name = with_kd_lr(name, named_default if lr is None else lr, s)
-                renamed[name] = row
+            for record in self.data["rows"].values():
+                row = row_of(record)
+                if row.kind != "student" or row.loss == "kd":  # select+ce: the rate of its selection
+                    row = dataclasses.replace(row, settings=kd_overrides(s, **{"lr": named_default,
+                                                                               **dict(row.settings)}))
+                renamed[row_key(row, s)] = {**record, "row": dataclasses.asdict(row)}
             self.data["rows"] = renamed
         self.data["kd_lr_default"] = s["kd_lr"]
         self.data["settings"] = s
         self.new_rows = 0
 
-    def row(self, name):
-        return self.data["rows"].get(name)
+    def row(self, row: Row):
+        """The row's cached record, or None."""
+        return self.data["rows"].get(row_key(row, self.s))
 
-    def put(self, name, value):
-        self.data["rows"][name] = value
+    def put(self, row: Row, record: dict):
+        self.data["rows"][row_key(row, self.s)] = {**record, "row": dataclasses.asdict(row)}
         self.new_rows += 1
         self.save()
         if FLAGS.max_rows and self.new_rows >= FLAGS.max_rows:
@@ -228,29 +393,41 @@ class Results:
         results_io.write_results(self.name, self.data)
 
 
-def pool_variant(ratio: float, s: dict, reference: str = "median") -> str:
-    """The row-name suffix of MS-KD rows selected with this capacity pool ('' = the default)."""
-    if ratio and reference != s["capacity_reference"]:
-        return f"[min_params_ratio={ratio:g} x {reference}]"
-    return "" if ratio == s["min_params_ratio"] else f"[min_params_ratio={ratio:g}]"
+def row_of(record: dict) -> Row:
+    """The Row a cached record is the result of."""
+    return Row(**{**record["row"], "settings": tuple(map(tuple, record["row"]["settings"]))})
 
 
-def _tag_value(prefix: str, key: str):
-    found = re.search(rf"\[{key}=([^\]]+)\]", prefix)
-    return float(found[1]) if found else None
+def described(rows: dict, s: dict) -> dict:
+    """The results file's rows (name -> record), each record with its Row. A record cached before records carried
+    their Row gets it from its name: a one-time migration, saved with the table's next row (--render_only describes
+    a file that gets no more rows anew each time)."""
+    return {name: record if "row" in record else {**record, "row": dataclasses.asdict(_row_from_name(name, s))}
+            for name, record in rows.items()}
 
 
-def with_kd_lr(name: str, lr: float, s: dict) -> str:
-    """A KD row's (or selection's) name with its learning rate tag: none at the default KD rate s["kd_lr"].
+def table_of(data: dict) -> dict:
+    """A results file's rows as Row -> record, in the order they were cached."""
+    return {row_of(record): record for record in described(data["rows"], data["settings"]).values()}
 
-    The tags after the capacity pool's stay sorted by key, as mskd_rows writes them."""
-    prefix, slash, rest = name.partition("/")
-    tags = re.findall(r"\[([^\]]+)\]", prefix)
-    base = prefix[:prefix.index("[")] if tags else prefix
-    pool = [t for t in tags if t.startswith("min_params_ratio=")]
-    settings = sorted([t for t in tags if not t.startswith(("min_params_ratio=", "lr="))]
-                      + ([f"lr={lr:g}"] if abs(lr - s["kd_lr"]) > 1e-12 else []), key=lambda t: t.split("=")[0])
-    return base + "".join(f"[{t}]" for t in pool + settings) + slash + rest
+
+_ROW_NAME = re.compile(r"(?:(?P<kind>select\+ce|select|mskd|zc\+kd)|(?P<loss>ce|kd):(?P<candidate>[\w-]+)"
+                       r"(?:@lr(?P<ce_lr>[\d.e+-]+))?)(?P<tags>(?:\[[^\]]+\])*)/s(?P<seed>\d+)(?:@(?P<target>\d+))?")
+
+
+def _row_from_name(name: str, s: dict) -> Row:
+    """The Row of a record cached before records carried their Row, from its name (written by row_key's rules)."""
+    match = _ROW_NAME.fullmatch(name)
+    if not match:
+        raise ValueError(f"cached row {name!r} is named by none of row_key's rules")
+    settings = {"lr": float(match["ce_lr"])} if match["ce_lr"] else {}
+    for tag in re.findall(r"\[([^\]]+)\]", match["tags"]):  # [alpha=0.1], [min_params_ratio=0.9 x largest]
+        setting, value = tag.split("=")
+        value, _, reference = value.partition(" x ")
+        settings.update({setting: float(value), **({"capacity_reference": reference} if reference else {})})
+    kind = match["kind"] or "student"
+    return Row(kind, match["candidate"], match["loss"] or ("ce" if kind == "select+ce" else "kd"), int(match["seed"]),
+               int(match["target"]) / 100 if match["target"] else s["target_macs"], tuple(sorted(settings.items())))
 
 
 def guard_the_table(res, s):
@@ -283,6 +460,24 @@ def run_stages(s, target, teacher_path="", stop_after="candidates") -> Path:
     return wd
 
 
+def stored_candidates(s, target) -> dict:
+    """A target's candidates as its rows read them: its work dir's candidates.json, or the artifacts mirror's that a
+    run restores it from; {} before the candidates stage has run."""
+    wd = Path(pipeline_config(s, target).workdir)
+    for folder in (wd, artifacts.mirror_of(wd)):
+        if (folder / "candidates.json").exists():
+            return {r["criterion"]: r for r in json.loads((folder / "candidates.json").read_text())["candidates"]}
+    return {}
+
+
+def zero_cost_pick(candidates: dict, s: dict) -> str:
+    """zc+kd's candidate: the best zero-cost score in the capacity pool (where MS-KD's selection starts)."""
+    from mskd_tf import selection
+
+    pooled = selection.capacity_pool({c: r["params"] for c, r in candidates.items()}, s["min_params_ratio"])
+    return max(pooled, key=lambda c: candidates[c]["val_acc_before_finetune"])
+
+
 def prepare(s, target, teacher_path=""):
     """teacher, rank, candidates through the pipeline's stages; returns the workdir and its digests."""
     wd = run_stages(s, target, teacher_path)
@@ -302,11 +497,6 @@ def main(_):
         print(text, flush=True)
         return
 
-    import keras
-
-    from mskd_tf import data as data_lib
-    from mskd_tf import distill, flops, selection, training
-
     res = Results(s["name"], s)
     if FLAGS.forget:
         exact = {f[:-1] for f in FLAGS.forget if f.endswith("$")}
@@ -314,6 +504,15 @@ def main(_):
         dropped = [k for k in res.data.get("rows", {}) if k in exact or (prefixes and k.startswith(prefixes))]
         res.data["rows"] = {k: v for k, v in res.data.get("rows", {}).items() if k not in dropped}
         print(f"forgot {len(dropped)} cached rows: {', '.join(dropped) or '-'}", flush=True)
+    if FLAGS.plan_only:
+        print_plan(res, s)
+        return
+
+    import keras
+
+    from mskd_tf import data as data_lib
+    from mskd_tf import distill, flops, selection, training
+
     res.data["machine"] = machine()
     print(json.dumps(s), flush=True)
     splits = data_lib.load(s["dataset"], batch_size=s["batch_size"], train_subset=s["train_subset"] or None, seed=0)
@@ -323,99 +522,6 @@ def main(_):
 
     def train_for(seed):  # seed 0 is the pipeline's own order; other seeds reshuffle / re-augment the same images
         return data_lib.train_pipeline(splits.arrays["train"], s["batch_size"], augment=True, seed=seed)
-
-    def target_rows(target, wd):
-        """The rows of one MACs target, each computed once and cached."""
-        tag = "" if target == s["target_macs"] else f"@{round(100 * target)}"
-        teacher = keras.models.load_model(wd / "teacher.keras")
-        candidates = {r["criterion"]: r for r in json.loads((wd / "candidates.json").read_text())["candidates"]}
-        path = lambda c: wd / "candidates" / f"{c}.keras"  # noqa: E731
-
-        def student_row(name, source, *, kd, seed, steps=budget, extra=None, lr=None, kd_settings=None):
-            kd_settings = dict(kd_settings or {})
-            lr = kd_settings.pop("lr", lr)  # a KD run's learning rate is one of its settings (lr=...)
-            lr = lr or (s["kd_lr"] if kd else s["finetune_lr"])
-            name = (with_kd_lr(name, lr, s) if kd else name) + tag
-            loss = {"temperature": s["temperature"], "alpha": s["alpha"], "feature_kd": 0.0, **kd_settings}
-            if res.row(name) or name in FLAGS.later:
-                return res.row(name)
-            keras.utils.set_random_seed(seed)
-            student = keras.models.load_model(source)
-            start = time.perf_counter()
-            # Validation after every epoch (~3 s each): from the oracle rows, how early a short run ranks the
-            # candidates as B steps do, i.e. which selection horizon could be predictive, at no training cost.
-            student, history = distill.distill(teacher, student, train_for(seed), val, epochs=steps / per_epoch,
-                                         steps=steps, kd=kd, **loss,
-                                         lr=lr, weight_decay=s["weight_decay"], seed=seed,
-                                         verbose=2)
-            cost = flops.count(student)
-            row = {"kd": kd, **({"kd_settings": loss} if kd else {}), "seed": seed, "lr": lr,
-                   "train_steps": steps, "seconds": round(time.perf_counter() - start, 1),
-                   "val_acc": training.accuracy(student, val), "test_acc": training.accuracy(student, test),
-                   "macs": int(cost.macs), "params": int(cost.params),
-                   "val_curve": [round(float(v), 4) for v in history.get("val_accuracy", [])], **(extra or {})}
-            row["total_steps"] = row["train_steps"] + row.get("selection_steps", 0)
-            print(f"row {name}: val {100 * row['val_acc']:.2f}%  test {100 * row['test_acc']:.2f}%  "
-                  f"({row['total_steps']} steps, {row['seconds']:.0f} s)", flush=True)
-            res.put(name, row)
-            return row
-
-        def mskd_rows(seed, with_ce, ratio=s["min_params_ratio"], kd_settings=None):
-            """The library's select stage, then its distill stage's KD run (and its CE run as the ablation)."""
-            kd_settings = {"lr": s["kd_lr"], **(kd_settings or {})}
-            variant = with_kd_lr(pool_variant(ratio, s) + "".join(
-                f"[{k}={v:g}]" for k, v in sorted(kd_settings.items()) if k != "lr"), kd_settings["lr"], s)
-            # Folder names say the rate when it is not finetune_lr (the default KD rate before Config.kd_lr_scale).
-            folder_settings = {k: v for k, v in kd_settings.items() if k != "lr" or v != s["finetune_lr"]}
-            out = wd / (f"select_s{seed}" + (f"_minparams{ratio:g}" if ratio else "")  # ratio 0: the original folders
-                        + (f"_{s['capacity_reference']}" if ratio else "")  # "_minparams0.9": x the largest
-                        + "".join(f"_{k}{v:g}" for k, v in sorted(folder_settings.items())))
-            key = f"select{variant}/s{seed}{tag}"
-            if not res.row(key) or not (out / "selected.keras").exists():
-                start = time.perf_counter()
-                payload = selection.select(
-                    {c: str(path(c)) for c in candidates}, lambda: train_for(seed), val, workdir=str(out),
-                    epochs=s["select_epochs"], zero_cost_keep=s["zero_cost_keep"],
-                    zero_cost_scores={c: r["val_acc_before_finetune"] for c, r in candidates.items()},
-                    candidate_costs=candidates,
-                    min_params_ratio=ratio,
-                    teacher=teacher, temperature=kd_settings.get("temperature", s["temperature"]),
-                    alpha=kd_settings.get("alpha", s["alpha"]), lr=kd_settings["lr"],  # hints: distill only
-                    weight_decay=s["weight_decay"], seed=seed)
-                res.put(key, {"seed": seed, "seconds": round(time.perf_counter() - start, 1), "min_params_ratio": ratio,
-                              "capacity_reference": s["capacity_reference"],
-                              "capacity_kept": (payload["protocol"]["capacity_pool"] or {}).get("kept"),
-                              "selected": payload["selected"], "total_steps": payload["protocol"]["total_steps"],
-                              # None: the capacity pool left no more than the rung keeps, so no zero-cost cut
-                              "zero_cost_kept": (payload["protocol"]["zero_cost"] or {}).get("kept"),
-                              "rungs": payload["protocol"]["rungs"],
-                              # issue 14: where the selection's seconds went, over every candidate and rung
-                              # (the rest of "seconds" is outside the candidates: loading, the pools)
-                              "time_split": {k: round(v, 1) for k, v in
-                                             selection.time_split_total(payload).items()}})
-                if keep_artifacts(s):
-                    artifacts.save(wd)
-            chosen = res.row(key)
-            spent = chosen["total_steps"]
-            extra = {"criterion": chosen["selected"]["criterion"], "selection_steps": spent,
-                     "selection_seconds": chosen["seconds"], "min_params_ratio": ratio,
-                     "capacity_reference": s["capacity_reference"]}
-            student_row(f"mskd{variant}/s{seed}", out / "selected.keras", kd=True, seed=seed, steps=budget - spent,
-                        extra=extra, kd_settings=kd_settings)
-            if with_ce:
-                student_row(f"select+ce{variant}/s{seed}", out / "selected.keras", kd=False, seed=seed, steps=budget - spent,
-                            extra=extra)
-
-        def zc_kd_row(seed):
-            """The capacity pool's zero-cost top + KD for all of B (zero-cost-only selection; no halving steps)."""
-            pooled = selection.capacity_pool({c: candidates[c]["params"] for c in candidates}, s["min_params_ratio"])
-            top = max(pooled, key=lambda c: candidates[c]["val_acc_before_finetune"])
-            same_run = res.row(f"kd:{top}/s{seed}{tag}")
-            if same_run and not res.row(f"zc+kd/s{seed}{tag}"):
-                res.put(f"zc+kd/s{seed}{tag}", same_run)
-            return student_row(f"zc+kd/s{seed}", path(top), kd=True, seed=seed, extra={"criterion": top})
-
-        return student_row, mskd_rows, zc_kd_row, candidates, path
 
     # The decisive target: teacher, rank and candidates by the pipeline (the teacher trains here once).
     guard_the_table(res, s)
@@ -432,102 +538,162 @@ def main(_):
                                ["teacher"]["seconds"], train_images=splits.info.num_train,
                                val_images=splits.info.num_val, test_images=splits.info.num_test)
     res.data["budget_steps"], res.data["steps_per_epoch"] = budget, per_epoch
-    student_row, mskd_rows, zc_kd_row, candidates, path = target_rows(s["target_macs"], wd)
+
+    inputs = {}  # MACs target -> (work dir, teacher, candidates): what that target's rows start from
+
+    def inputs_of(target):
+        """A target's work dir, teacher and candidates; another target's stages run when the plan first reaches
+        it, and if its files changed its cached rows are dropped."""
+        if target not in inputs:
+            wd_t = wd
+            if target != s["target_macs"]:
+                wd_t, digests_t = prepare(s, target, teacher_path=str(wd / "teacher.keras"))
+                if res.data["targets"].get(target_tag(target)) != digests_t:
+                    res.data["rows"] = {k: r for k, r in res.data["rows"].items() if row_of(r).target != target}
+                    res.data["targets"][target_tag(target)] = digests_t
+            inputs[target] = wd_t, keras.models.load_model(wd_t / "teacher.keras"), stored_candidates(s, target)
+        return inputs[target]
+
+    _, _, candidates = inputs_of(s["target_macs"])
     res.data["candidates"] = {c: {k: r.get(k) for k in ("macs", "params", "val_acc_before_finetune", "ranking",
                                                          "allocation")} for c, r in candidates.items()}
     res.save()
 
-    s0 = s["seeds"][0]
+    def train(row, teacher, source, *, extra, steps=budget):
+        """Fine-tune the network in ``source`` for ``steps`` under the row's loss and settings; cache the row."""
+        kd = row.loss == "kd"
+        # A select+ce row's settings are its selection's; its own run is the table's CE run.
+        own = {} if row.kind == "select+ce" else {k: v for k, v in row.settings if k not in POOL_SETTINGS}
+        lr = own.pop("lr", s["kd_lr"] if kd else s["finetune_lr"])
+        loss = {"temperature": s["temperature"], "alpha": s["alpha"], "feature_kd": 0.0, **own}
+        keras.utils.set_random_seed(row.seed)
+        student = keras.models.load_model(source)
+        start = time.perf_counter()
+        # Validation after every epoch (~3 s each): from the oracle rows, how early a short run ranks the
+        # candidates as B steps do, i.e. which selection horizon could be predictive, at no training cost.
+        student, history = distill.distill(teacher, student, train_for(row.seed), val, epochs=steps / per_epoch,
+                                           steps=steps, kd=kd, **loss, lr=lr, weight_decay=s["weight_decay"],
+                                           seed=row.seed, verbose=2)
+        cost = flops.count(student)
+        record = {"kd": kd, **({"kd_settings": loss} if kd else {}), "seed": row.seed, "lr": lr,
+                  "train_steps": steps, "seconds": round(time.perf_counter() - start, 1),
+                  "val_acc": training.accuracy(student, val), "test_acc": training.accuracy(student, test),
+                  "macs": int(cost.macs), "params": int(cost.params),
+                  "val_curve": [round(float(v), 4) for v in history.get("val_accuracy", [])], **extra}
+        record["total_steps"] = record["train_steps"] + record.get("selection_steps", 0)
+        print(f"row {row_key(row, s)}: val {100 * record['val_acc']:.2f}%  test {100 * record['test_acc']:.2f}%  "
+              f"({record['total_steps']} steps, {record['seconds']:.0f} s)", flush=True)
+        res.put(row, record)
 
-    def decisive(seed):
-        """l1 + CE, MS-KD and l1 + KD; at seed 0 also selection + CE, which splits MS-KD's gain."""
-        student_row(f"ce:{BASELINE}/s{seed}", path(BASELINE), kd=False, seed=seed, extra={"criterion": BASELINE})
-        mskd_rows(seed, with_ce=seed == s0)
-        student_row(f"kd:{BASELINE}/s{seed}", path(BASELINE), kd=True, seed=seed, extra={"criterion": BASELINE})
+    def selection_of(row, wd_t, teacher, candidates_t):
+        """The library's select stage for a mskd or select+ce row: its select row, computed unless cached (with
+        its network on disk); returns that row, the selected network's file and the capacity pool's ratio."""
+        ratio = dict(row.settings).get("min_params_ratio", s["min_params_ratio"])
+        kd_settings = {"lr": s["kd_lr"], **{k: v for k, v in row.settings if k not in POOL_SETTINGS}}
+        # Folder names say the rate when it is not finetune_lr (the default KD rate before Config.kd_lr_scale).
+        folder_settings = {k: v for k, v in kd_settings.items() if k != "lr" or v != s["finetune_lr"]}
+        out = wd_t / (f"select_s{row.seed}" + (f"_minparams{ratio:g}" if ratio else "")  # ratio 0: the original folders
+                      + (f"_{s['capacity_reference']}" if ratio else "")  # "_minparams0.9": x the largest
+                      + "".join(f"_{k}{v:g}" for k, v in sorted(folder_settings.items())))
+        select_row = dataclasses.replace(row, kind="select", loss="kd")
+        if not res.row(select_row) or not (out / "selected.keras").exists():
+            start = time.perf_counter()
+            payload = selection.select(
+                {c: str(wd_t / "candidates" / f"{c}.keras") for c in candidates_t}, lambda: train_for(row.seed), val,
+                workdir=str(out), epochs=s["select_epochs"], zero_cost_keep=s["zero_cost_keep"],
+                zero_cost_scores={c: r["val_acc_before_finetune"] for c, r in candidates_t.items()},
+                candidate_costs=candidates_t,
+                min_params_ratio=ratio,
+                teacher=teacher, temperature=kd_settings.get("temperature", s["temperature"]),
+                alpha=kd_settings.get("alpha", s["alpha"]), lr=kd_settings["lr"],  # hints: distill only
+                weight_decay=s["weight_decay"], seed=row.seed)
+            res.put(select_row, {
+                "seed": row.seed, "seconds": round(time.perf_counter() - start, 1), "min_params_ratio": ratio,
+                "capacity_reference": s["capacity_reference"],
+                "capacity_kept": (payload["protocol"]["capacity_pool"] or {}).get("kept"),
+                "selected": payload["selected"], "total_steps": payload["protocol"]["total_steps"],
+                # None: the capacity pool left no more than the rung keeps, so no zero-cost cut
+                "zero_cost_kept": (payload["protocol"]["zero_cost"] or {}).get("kept"),
+                "rungs": payload["protocol"]["rungs"],
+                # issue 14: where the selection's seconds went, over every candidate and rung
+                # (the rest of "seconds" is outside the candidates: loading, the pools)
+                "time_split": {k: round(v, 1) for k, v in selection.time_split_total(payload).items()}})
+            if keep_artifacts(s):
+                artifacts.save(wd_t)
+        return res.row(select_row), out / "selected.keras", ratio
 
-    def other_targets():
-        for target in s["other_targets"]:
-            wd_t, digests_t = prepare(s, target, teacher_path=str(wd / "teacher.keras"))
-            tag = f"@{round(100 * target)}"
-            if res.data["targets"].get(tag) != digests_t:  # rebuilt candidates: that target's rows are stale
-                res.data["rows"] = {k: v for k, v in res.data["rows"].items() if not k.endswith(tag)}
-                res.data["targets"][tag] = digests_t
-            row_t, mskd_t, zc_kd_t, _, path_t = target_rows(target, wd_t)
-            row_t(f"ce:{BASELINE}/s{s0}", path_t(BASELINE), kd=False, seed=s0, extra={"criterion": BASELINE})
-            for seed in [s0, *(int(x) for x in FLAGS.other_target_seeds if int(x) != s0)]:
-                row_t(f"kd:{BASELINE}/s{seed}", path_t(BASELINE), kd=True, seed=seed, extra={"criterion": BASELINE})
-                mskd_t(seed, with_ce=False)
-            for seed in FLAGS.zc_kd_seeds:
-                zc_kd_t(int(seed))
+    def compute(row):
+        """Train the row (a zc+kd row whose pick already has its KD row is that run) and cache it."""
+        wd_t, teacher, candidates_t = inputs_of(row.target)
+        if row.kind == "student":
+            train(row, teacher, wd_t / "candidates" / f"{row.candidate}.keras", extra={"criterion": row.candidate})
+        elif row.kind == "zc+kd":
+            top = zero_cost_pick(candidates_t, s)
+            same_run = res.row(Row("student", top, "kd", row.seed, row.target))
+            if same_run:  # that candidate's own KD row is this very run
+                res.put(row, same_run)
+            else:
+                train(row, teacher, wd_t / "candidates" / f"{top}.keras", extra={"criterion": top})
+        else:  # mskd, select+ce: the selection's pick trains for what the selection left of the budget
+            chosen, network, ratio = selection_of(row, wd_t, teacher, candidates_t)
+            train(row, teacher, network, steps=budget - chosen["total_steps"],
+                  extra={"criterion": chosen["selected"]["criterion"], "selection_steps": chosen["total_steps"],
+                         "selection_seconds": chosen["seconds"], "min_params_ratio": ratio,
+                         "capacity_reference": s["capacity_reference"]})
 
-    def ablations():
-        # The ablations, most useful first: the KD loss is the one lever left on bar 1 (the oracle best + CE is level
-        # with l1 + CE, so selection cannot add there; KD adds +0.5-0.7); then the baseline's lr; then the pool.
-        for variant in FLAGS.kd_ablation:  # the KD loss itself: which settings help l1 + KD
-            key, value = variant.split("=")
-            student_row(f"kd:{BASELINE}[{variant}]/s{s0}", path(BASELINE), kd=True, seed=s0,
-                        kd_settings={key: float(value)}, extra={"criterion": BASELINE})
-        for variant in FLAGS.mskd_kd_ablation:  # a winning KD setting, tested as the decisive rows are: 3 seeds
-            key, value = variant.split("=")
-            for seed in s["seeds"]:
-                student_row(f"kd:{BASELINE}[{variant}]/s{seed}", path(BASELINE), kd=True, seed=seed,
-                            kd_settings={key: float(value)}, extra={"criterion": BASELINE})
-                mskd_rows(seed, with_ce=False, kd_settings={key: float(value)})
-        for lr in FLAGS.lr_ablation:  # is the baseline's learning rate a fair one?
-            student_row(f"ce:{BASELINE}@lr{lr}/s{s0}", path(BASELINE), kd=False, seed=s0, lr=float(lr),
-                        extra={"criterion": BASELINE})
-        for ratio in FLAGS.pool_ablation:  # what the capacity pool gave
-            if float(ratio) != s["min_params_ratio"]:
-                mskd_rows(s0, with_ce=True, ratio=float(ratio))
+    def next_row():
+        """The plan's first row neither cached nor put off by --later (None: the table is done), each target's
+        stages run as the plan reaches it."""
+        res.data["oracle_criterion"] = oracle = oracle_criterion(res, candidates, s)
+        for row in experiment_plan(s, candidates, oracle):
+            inputs_of(row.target)
+            if not res.row(row) and row_key(row, s) not in FLAGS.later:
+                return row
+        return None
 
-    # Order, so that a partial table already answers the most: seed 0's decisive rows; the 18-row oracle
-    # table (seed 0's selection + CE lost 1.12 points to l1 + CE: which candidates win after B steps, and
-    # how early a run ranks them so, the evidence a better selection needs); the other MACs targets (does
-    # KD's gain grow with the teacher-student gap?); then the other seeds; then the ablations.
-    for name in FLAGS.first:
-        match = re.fullmatch(r"(ce|kd):([\w-]+)(?:\[lr=(\d+(?:\.\d+)?)\])?/s(\d+)", name)
-        if not match or match[2] not in candidates or (match[3] and match[1] == "ce"):
-            raise SystemExit(f"--first={name!r}: expected ce:<candidate>/s<seed> or kd:<candidate>[lr=<rate>]/s<seed> "
-                             f"with a candidate of this table ({', '.join(sorted(candidates))}).")
-        student_row(name, path(match[2]), kd=match[1] == "kd", seed=int(match[4]), extra={"criterion": match[2]},
-                    kd_settings={"lr": float(match[3])} if match[3] else None)
-    decisive(s0)
-    if FLAGS.ablations_first:
-        ablations()
-    # The seed noise of one row, before the rest of the oracle: the candidates end within ~1.3 points of each other
-    # and l2-uniform (l1-uniform's widths; uniform widths no longer depend on the ranking) ended 1.08 below it;
-    # whether any selection can beat the default criterion depends on that spread exceeding the noise.
-    # l2-uniform's seed 1 separates kept channels from noise.
-    for seed in s["seeds"][1:]:
-        student_row(f"ce:{BASELINE}/s{seed}", path(BASELINE), kd=False, seed=seed, extra={"criterion": BASELINE})
-    if len(s["seeds"]) > 1 and "l2-uniform" in candidates:
-        seed = s["seeds"][1]
-        student_row(f"ce:l2-uniform/s{seed}", path("l2-uniform"), kd=False, seed=seed, extra={"criterion": "l2-uniform"})
-    # The decisive rows' other seeds before the rest of the oracle: the bars are on 3-seed means, and the
-    # remaining oracle rows then test the capacity pool on candidates it was not derived from.
-    for seed in s["seeds"][1:]:
-        decisive(seed)
-    # What the selection's training buys: the capacity pool's zero-cost top + KD for the whole budget (no halving
-    # steps). At seed 0 that is MS-KD's own pick, so the row isolates the 528 selection steps.
-    for seed in [s0, *(int(x) for x in FLAGS.zc_kd_seeds if int(x) != s0)]:
-        zc_kd_row(seed)
-    # The oracle table, in the order a selection meets the candidates (best zero-cost score first), so a
-    # partial table already scores the picks of the selection rules (benchmarks/selection_signals.py).
-    for c in sorted(candidates, key=lambda c: -candidates[c]["val_acc_before_finetune"]):
-        student_row(f"ce:{c}/s{s0}", path(c), kd=False, seed=s0, extra={"criterion": c})
-    oracle_rows = {c: res.row(f"ce:{c}/s{s0}") for c in candidates}
-    oracle = None if None in oracle_rows.values() else max(candidates, key=lambda c: oracle_rows[c]["val_acc"])
-    res.data["oracle_criterion"] = oracle  # None while --later leaves oracle rows out
-    other_targets()
-    for seed in s["seeds"][1:] if oracle else []:
-        student_row(f"ce:{oracle}/s{seed}", path(oracle), kd=False, seed=seed, extra={"criterion": oracle})
-    if not FLAGS.ablations_first:
-        ablations()
+    while row := next_row():
+        compute(row)
 
     text = render(res.data)
     (results_io.RESULTS / f"{s['name']}.md").write_text(text)
     plot_macs(res.data, results_io.RESULTS / f"{s['name']}_macs.png")
     print("\n" + text, flush=True)
+
+
+def print_plan(res: Results, s: dict):
+    """--plan_only: the plan in order, each row cached, put off (--later), the copy of a cached run or to compute,
+    from the candidates a run would start from (else, at the decisive target, the table's record of them)."""
+    candidates = {s["target_macs"]: stored_candidates(s, s["target_macs"]) or res.data.get("candidates", {})}
+    plan = experiment_plan(s, candidates[s["target_macs"]], oracle_criterion(res, candidates[s["target_macs"]], s))
+    cached = [row for row in plan if res.row(row)]
+    print(f"{s['name']}: {len(plan)} rows planned, {len(cached)} cached" + ("" if candidates[s["target_macs"]] else
+          "; no candidates yet (their stage has not run): the rows of every candidate are not planned yet"))
+    print(f"{'#':>3}  {'status':<11} {'row (its name in the results file)':<46} {'kind':<9} {'candidate':<18} "
+          f"{'loss':<4} {'seed':>4} {'target':>6}  settings")
+    selections = set()  # selections a row to compute runs first (mskd and select+ce rows share theirs)
+    for number, row in enumerate(plan, 1):
+        status = "cached" if row in cached else "later" if row_key(row, s) in FLAGS.later else "to compute"
+        note = ""
+        selection_row = dataclasses.replace(row, kind="select", loss="kd")
+        if status == "to compute" and row.kind in ("mskd", "select+ce") and not res.row(selection_row):
+            note = (f"  ({'after' if selection_row in selections else 'runs first'} the selection "
+                    f"{row_key(selection_row, s)})")
+            selections.add(selection_row)
+        if status == "to compute" and row.kind == "zc+kd":
+            if row.target not in candidates:
+                candidates[row.target] = stored_candidates(s, row.target)
+            pick = candidates[row.target] and Row("student", zero_cost_pick(candidates[row.target], s), "kd",
+                                                  row.seed, row.target)
+            if pick and res.row(pick):
+                status, note = "copy", f"  (of {row_key(pick, s)}, the same run)"
+        print(f"{number:>3}  {status:<11} {row_key(row, s):<46} {row.kind:<9} {row.candidate or '-':<18} "
+              f"{row.loss:<4} {row.seed:>4} {row.target:>6g}  {', '.join(setting_tags(row.settings)) or '-'}{note}")
+
+
+def standard_rows(target: float) -> dict:
+    """The rows every MACs target has, at seed 0, by their short label."""
+    return {"l1 + CE": Row("student", BASELINE, "ce", 0, target), "l1 + KD": Row("student", BASELINE, "kd", 0, target),
+            "MS-KD": Row("mskd", None, "kd", 0, target), "zc+kd": Row("zc+kd", None, "kd", 0, target)}
 
 
 def plot_macs(data: dict, path: Path):
@@ -537,16 +703,14 @@ def plot_macs(data: dict, path: Path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    s, rows, t = data["settings"], data["rows"], data["teacher"]
+    s, table, t = data["settings"], table_of(data), data["teacher"]
     s0 = s["seeds"][0]
     fig, ax = plt.subplots(figsize=(6, 4))
     targets = sorted([s["target_macs"], *s["other_targets"]])
-    for label, prefix, style in (("l1 + CE", f"ce:{BASELINE}", "o-"), ("l1 + KD", f"kd:{BASELINE}", "s-"),
-                                 ("MS-KD", "mskd", "D-")):
+    for label, style in (("l1 + CE", "o-"), ("l1 + KD", "s-"), ("MS-KD", "D-")):
         points = []
         for target in targets:
-            tag = "" if target == s["target_macs"] else f"@{round(100 * target)}"
-            r = rows.get(f"{prefix}/s{s0}{tag}")
+            r = table.get(dataclasses.replace(standard_rows(target)[label], seed=s0))
             if r:
                 points.append((r["macs"] / 1e6, 100 * r["test_acc"]))
         if points:
@@ -575,21 +739,27 @@ def _spread(values):
     return f"{_pct(statistics.mean(values))} ± {_pct(statistics.stdev(values))} (n={len(values)})"
 
 
-def _paired(rows, a, b, tag=""):
-    """'a - b' test accuracy paired by seed over the seeds both prefixes have: mean (s.e. of the mean), or None."""
-    seeds = [m[1] for m in (re.fullmatch(rf"{re.escape(a)}/s(\d+){re.escape(tag)}", k) for k in rows) if m]
-    diffs = [rows[f"{a}/s{sd}{tag}"]["test_acc"] - rows[f"{b}/s{sd}{tag}"]["test_acc"] for sd in seeds
-             if f"{b}/s{sd}{tag}" in rows]
+def _at_seeds(table, row, seeds) -> list[Row]:
+    """The row at each of these seeds that the table has."""
+    return [r for r in (dataclasses.replace(row, seed=sd) for sd in seeds) if r in table]
+
+
+def _paired(table, a, b):
+    """'a - b' test accuracy paired by seed over the seeds both rows have (a, b: at any seed): mean (s.e. of the
+    mean), or None."""
+    diffs = [record["test_acc"] - table[dataclasses.replace(b, seed=row.seed)]["test_acc"]
+             for row, record in table.items()
+             if row == dataclasses.replace(a, seed=row.seed) and dataclasses.replace(b, seed=row.seed) in table]
     if not diffs:
         return None
     error = f", s.e. {100 * statistics.stdev(diffs) / math.sqrt(len(diffs)):.2f}" if len(diffs) > 1 else ""
     return f"{100 * statistics.mean(diffs):+.2f} (n={len(diffs)}{error})"
 
 
-def _zero_cost_pairs(rows, tag="") -> str:
+def _zero_cost_pairs(table, target) -> str:
     """zc+kd against l1 + KD and MS-KD, paired by seed (the test of zero-cost-only selection)."""
-    pairs = [(label, _paired(rows, "zc+kd", prefix, tag)) for label, prefix in
-             (("l1 + KD", f"kd:{BASELINE}"), ("MS-KD", "mskd"))]
+    rows = standard_rows(target)
+    pairs = [(label, _paired(table, rows["zc+kd"], rows[label])) for label in ("l1 + KD", "MS-KD")]
     found = [f"{label} {value}" for label, value in pairs if value]
     return ("Zero-cost pick + KD minus, paired by seed (test points): " + "; ".join(found) + ".") if found else ""
 
@@ -605,23 +775,20 @@ def _select_row_seconds(select_row) -> float:
     return max(select_row.get("seconds", 0.0), sum(select_row.get("time_split", {}).values()))
 
 
-def _selection_seconds(rows, name) -> float:
-    """A MS-KD row's selection time, from its select row (rows cached before the select row existed: their own)."""
-    row = rows[name]
-    if "selection_steps" not in row:
+def _selection_seconds(table, row) -> float:
+    """A MS-KD row's selection time, from its select row (rows cached before the select row existed, and select+ce
+    rows: their own record of it)."""
+    record = table[row]
+    if "selection_steps" not in record:
         return 0.0
-    selection = "select" + name[len("mskd"):] if name.startswith("mskd") else ""
-    if selection in rows:
-        return _select_row_seconds(rows[selection])
-    return row.get("selection_seconds", 0.0)
-
-
-def _rows(rows, prefix, seeds, tag=""):
-    return [rows[f"{prefix}/s{sd}{tag}"] for sd in seeds if f"{prefix}/s{sd}{tag}" in rows]
+    selection = dataclasses.replace(row, kind="select")
+    if row.kind == "mskd" and selection in table:
+        return _select_row_seconds(table[selection])
+    return record.get("selection_seconds", 0.0)
 
 
 def render(data: dict) -> str:
-    s, rows = data["settings"], data["rows"]
+    s, table = data["settings"], table_of(data)
     t, m = data.get("teacher", {}), data.get("machine", {})
     budget, per_epoch = data.get("budget_steps"), data.get("steps_per_epoch")
     lines = [f"Run {'--quick' if s['quick'] else '(full protocol)'} finished rows as of {m.get('date')}: "
@@ -637,61 +804,67 @@ def render(data: dict) -> str:
              f"epochs in all, inside B; capacity pool: candidates with >= "
              f"{s.get('min_params_ratio', 0):g} x the {s.get('capacity_reference', 'largest')} candidate's parameters.",
              ""]
-    seeds = s["seeds"]
+    seeds, decisive = s["seeds"], standard_rows(s["target_macs"])
     lines += ["| row | candidate | MACs (M) | params (k) | steps (selection + training) | wall min | val acc % | "
               "test acc % |",
               "|---|---|---|---|---|---|---|---|",
               f"| teacher | - | {t.get('macs', 0) / 1e6:.2f} | {t.get('params', 0) / 1e3:.1f} | - | "
               f"{(t.get('seconds') or 0) / 60:.0f} | {_pct(t.get('val_acc', 0))} | {_pct(t.get('test_acc', 0))} |"]
     oracle = data.get("oracle_criterion")
-    named = [(f"l1 + CE ({BASELINE})", f"ce:{BASELINE}"),
-             ("MS-KD with fine-tuned selection (halving + KD, within B; --select_epochs > 0)", "mskd"),
-             (f"l1 + KD ({BASELINE}, no selection)", f"kd:{BASELINE}"),
-             ("ablation: MS-KD selection + CE (no KD)", "select+ce"),
-             *[(f"ablation: MS-KD with {v[1:-1].replace('][', ', ')}", f"mskd{v}") for v in sorted(
-                 {k[len("mskd"):k.index("/")] for k in rows if k.startswith("mskd[")})],
-             *[(f"ablation: l1 + KD with {v[1:-1].replace('][', ', ')}", f"kd:{BASELINE}{v}") for v in sorted(
-                 {k[len(f"kd:{BASELINE}"):k.index("/")] for k in rows
-                  if k.startswith(f"kd:{BASELINE}[") and "@" not in k.split("/")[-1]})],
-             *[(f"ablation: MS-KD selection + CE, {v[1:-1].replace('][', ', ')}", f"select+ce{v}") for v in sorted(
-                 {k[len("select+ce"):k.index("/")] for k in rows if k.startswith("select+ce[")})],
+    select_ce = Row("select+ce", None, "ce", 0, s["target_macs"])
+
+    def variants(label, row):  # the table's rows like this one with overrides, in the order of their names
+        return [(label + ", ".join(setting_tags(v)), dataclasses.replace(row, settings=v)) for v in sorted(
+            {r.settings for r in table if r.settings and dataclasses.replace(r, seed=0, settings=()) == row},
+            key=bracketed)]
+
+    named = [(f"l1 + CE ({BASELINE})", decisive["l1 + CE"]),
+             ("MS-KD with fine-tuned selection (halving + KD, within B; --select_epochs > 0)", decisive["MS-KD"]),
+             (f"l1 + KD ({BASELINE}, no selection)", decisive["l1 + KD"]),
+             ("ablation: MS-KD selection + CE (no KD)", select_ce),
+             *variants("ablation: MS-KD with ", decisive["MS-KD"]),
+             *variants("ablation: l1 + KD with ", decisive["l1 + KD"]),
+             *variants("ablation: MS-KD selection + CE, ", select_ce),
              ("capacity pool + zero-cost pick + KD for all of B (no selection training; the method of the library's "
-              "default --select_epochs=0 since 2026-12-05)", "zc+kd")]
+              "default --select_epochs=0 since 2026-12-05)", decisive["zc+kd"])]
     if oracle:
         named.insert(1, (f"oracle best candidate + CE (found with {len(data.get('candidates', {}))} x B steps)",
-                         f"ce:{oracle}"))
-    for label, prefix in named:
-        found = _rows(rows, prefix, seeds)
+                         Row("student", oracle, "ce", 0, s["target_macs"])))
+    for label, row in named:
+        found = _at_seeds(table, row, seeds)
         if found:
-            steps = f"{found[0].get('selection_steps', 0)} + {found[0]['train_steps']}"
-            crit = ", ".join(sorted({r.get("criterion", "") for r in found}))
-            minutes = statistics.mean(r["seconds"] + _selection_seconds(rows, f"{prefix}/s{r['seed']}") for r in found) / 60
-            lines.append(f"| {label} | {crit} | {found[0]['macs'] / 1e6:.2f} | {found[0]['params'] / 1e3:.1f} | "
-                         f"{steps} | {minutes:.0f} | {_spread([r['val_acc'] for r in found])} | "
-                         f"{_spread([r['test_acc'] for r in found])} |")
-    for key, r in rows.items():
-        if key.startswith(f"ce:{BASELINE}@lr"):
+            first = table[found[0]]
+            steps = f"{first.get('selection_steps', 0)} + {first['train_steps']}"
+            crit = ", ".join(sorted({table[r].get("criterion", "") for r in found}))
+            minutes = statistics.mean(table[r]["seconds"] + _selection_seconds(table, r) for r in found) / 60
+            lines.append(f"| {label} | {crit} | {first['macs'] / 1e6:.2f} | {first['params'] / 1e3:.1f} | "
+                         f"{steps} | {minutes:.0f} | {_spread([table[r]['val_acc'] for r in found])} | "
+                         f"{_spread([table[r]['test_acc'] for r in found])} |")
+    for row, r in table.items():
+        if row.kind == "student" and row.loss == "ce" and row.candidate == BASELINE and row.settings:
             lines.append(f"| ablation: l1 + CE at peak lr {r['lr']:g} | {r['criterion']} | {r['macs'] / 1e6:.2f} | "
                          f"{r['params'] / 1e3:.1f} | 0 + {r['train_steps']} | {r['seconds'] / 60:.0f} | "
                          f"{_pct(r['val_acc'])} (n=1) | {_pct(r['test_acc'])} (n=1) |")
-    ms, bl = _rows(rows, "mskd", seeds), _rows(rows, f"ce:{BASELINE}", seeds)
+    ms, bl = (_at_seeds(table, decisive[label], seeds) for label in ("MS-KD", "l1 + CE"))
     if ms and bl:
-        a, b = statistics.mean(r["test_acc"] for r in ms), statistics.mean(r["test_acc"] for r in bl)
+        a, b = statistics.mean(table[r]["test_acc"] for r in ms), statistics.mean(table[r]["test_acc"] for r in bl)
         lines += ["", f"**MS-KD (fine-tuned selection) - l1 + CE: {100 * (a - b):+.2f} points** test accuracy (n = {len(ms)} and {len(bl)} "
                       f"seeds; bar: >= +1.00 at n = 3); MS-KD - teacher: {100 * (a - t.get('test_acc', 0)):+.2f} "
                       "points (bar: >= -1.50)."]
-    if pairs := _zero_cost_pairs(rows):
+    if pairs := _zero_cost_pairs(table, s["target_macs"]):
         lines += ["", pairs]
-    timed = {k: r for k, r in rows.items()
-             if k.startswith("select/") and r.get("time_split") and r.get("seconds") and not _resumed(r)}
+    timed = {seed_and_target(row, s): r for row, r in table.items()
+             if row.kind == "select" and not row.settings and r.get("time_split") and r.get("seconds")
+             and not _resumed(r)}
     if timed:  # issue 14: a selection's share of seconds not spent training (load, pools, setup, trace, score, save)
         lines += ["", "MS-KD's selection, wall seconds and the share not spent training (issue 14; only a run with "
                       "nothing else on the machine is a speed figure): " + "; ".join(
-                          f"{k.split('/', 1)[1]} {r['seconds']:.0f} s, {100 * (1 - r['time_split']['train'] / r['seconds']):.0f}%"
+                          f"{k} {r['seconds']:.0f} s, {100 * (1 - r['time_split']['train'] / r['seconds']):.0f}%"
                           f" (score {r['time_split']['score']:.0f}, trace {r['time_split']['trace']:.0f} s)"
                           for k, r in sorted(timed.items())) + "."]
     cands = data.get("candidates", {})
-    oracle_rows = [(c, rows[f"ce:{c}/s{seeds[0]}"]) for c in cands if f"ce:{c}/s{seeds[0]}" in rows]
+    oracle_rows = [(c, table[r]) for c in cands
+                   if (r := Row("student", c, "ce", seeds[0], s["target_macs"])) in table]
     if oracle_rows:
         lines += ["", f"**Every candidate + CE (seed {seeds[0]}, B steps each)**", "",
                   "| candidate | MACs (M) | params (k) | val acc before fine-tune (BN-recalibrated) % | val acc % | "
@@ -720,21 +893,22 @@ def render(data: dict) -> str:
                 lines.append(f"Validation accuracy after k epochs of the B-step cosine run vs after B steps (Spearman, "
                              f"the {len(with_curves)} rows with curves): " + ", ".join(ranks)
                              + " (how long a selection rung must be to rank them).")
-    selections = [(k, r) for k, r in rows.items() if k.startswith("select") and not k.startswith("select+ce")]
-    for k, r in selections:
+    for row, r in table.items():
+        if row.kind != "select":
+            continue
         pool = f"capacity pool kept {', '.join(r['capacity_kept'])}; " if r.get("capacity_kept") else ""
         zero_cost = (f"zero-cost rung kept {', '.join(r['zero_cost_kept'])}" if r.get("zero_cost_kept")
                      else "no zero-cost cut (the pool left no more than the rung keeps)")
-        lines.append(f"\n{k}: {pool}{zero_cost}; chose "
+        lines.append(f"\n{row_key(row, s)}: {pool}{zero_cost}; chose "
                      f"{r['selected']['criterion']} ({r['selected']['reason']}); {r['total_steps']} steps, "
                      f"{_select_row_seconds(r):.0f} s" + (" (resumed in a later session: its candidates' seconds over "
                                                           "both sittings)" if _resumed(r) else "") + ".")
     for target in s.get("other_targets", []):
-        tag = f"@{round(100 * target)}"
-        all_seeds = sorted({int(k.split("/s")[1][:-len(tag)]) for k in rows if k.endswith(tag) and "/s" in k})
-        found = [(label, [rows[f"{prefix}/s{sd}{tag}"] for sd in all_seeds if f"{prefix}/s{sd}{tag}" in rows])
-                 for label, prefix in (("l1 + CE", f"ce:{BASELINE}"), ("l1 + KD", f"kd:{BASELINE}"), ("MS-KD", "mskd"),
-                                       ("zero-cost pick + KD (no selection training)", "zc+kd"))]
+        all_seeds = sorted({row.seed for row in table if row.target == target})
+        rows_t = standard_rows(target)
+        found = [(label, [table[r] for r in _at_seeds(table, rows_t[short], all_seeds)]) for label, short in
+                 (("l1 + CE", "l1 + CE"), ("l1 + KD", "l1 + KD"), ("MS-KD", "MS-KD"),
+                  ("zero-cost pick + KD (no selection training)", "zc+kd"))]
         found = [(label, rs) for label, rs in found if rs]
         if found:
             lines += ["", f"**{round(100 * target)}% of the teacher's MACs (seeds {', '.join(map(str, all_seeds))})**",
@@ -742,7 +916,7 @@ def render(data: dict) -> str:
             lines += [f"| {label} | {', '.join(sorted({r.get('criterion', '') for r in rs}))} | {rs[0]['macs'] / 1e6:.2f} | "
                       f"{rs[0]['params'] / 1e3:.1f} | {_spread([r['val_acc'] for r in rs])} | "
                       f"{_spread([r['test_acc'] for r in rs])} |" for label, rs in found]
-            if pairs := _zero_cost_pairs(rows, tag):
+            if pairs := _zero_cost_pairs(table, target):
                 lines += ["", pairs]
     return "\n".join(lines) + "\n"
 
