@@ -138,6 +138,9 @@ def compress(
     *,
     test=None,
     target_macs: float = 0.5,
+    target_params: float = 0.0,
+    target_arena_kb: float = 0.0,
+    target_flash_kb: float = 0.0,
     criteria=None,
     selection: dict | None = None,
     distill: dict | None = None,
@@ -161,7 +164,12 @@ def compress(
         [0, 1], float images are passed to the model as they are).
       val: the same for validation; ``None`` carves 10% of ``train`` (numpy only).
       test: optional held-out data for the final and exported accuracies (defaults to ``val``).
-      target_macs: fraction of the model's MACs the student keeps, in (0, 1].
+      target_macs: fraction of the model's MACs the student keeps at most, in (0, 1].
+      target_params: parameters the student keeps at most: a fraction (<= 1) or a count; 0 = no limit.
+      target_arena_kb: the int8 student must run in a TFLite Micro tensor arena of this many KB (measured on
+        each candidate); 0 = no limit. With a device target the candidates keep the largest MACs ratio, up to
+        ``target_macs``, that meets every target: pass ``target_macs=1`` to let the device alone decide.
+      target_flash_kb: the int8 student's .tflite file must be at most this many KB; 0 = no limit.
       criteria: names of pruning criteria (default: all registered).
       selection: overrides for selection settings, e.g. ``{"select_epochs": 2}``.
       distill: overrides for distillation settings, e.g. ``{"distill_epochs": 5, "alpha": 0.5}``.
@@ -180,7 +188,8 @@ def compress(
         result.student.save("student.keras"); print(result.summary())
     """
     try:
-        return _compress(model, train, val, test=test, target_macs=target_macs, criteria=criteria,
+        return _compress(model, train, val, test=test, target_macs=target_macs, target_params=target_params,
+                         target_arena_kb=target_arena_kb, target_flash_kb=target_flash_kb, criteria=criteria,
                          selection=selection, distill=distill, strategy=strategy, export=export, workdir=workdir,
                          seed=seed, class_names=class_names)
     except MskdError as exc:  # the API speaks of arguments (target_macs=2.0), not flags (--target_macs=2.0)
@@ -188,8 +197,8 @@ def compress(
         raise
 
 
-def _compress(model, train, val, *, test, target_macs, criteria, selection, distill, strategy, export, workdir, seed,
-              class_names) -> CompressionResult:
+def _compress(model, train, val, *, test, target_macs, target_params, target_arena_kb, target_flash_kb, criteria,
+              selection, distill, strategy, export, workdir, seed, class_names) -> CompressionResult:
     import tempfile
 
     import keras
@@ -224,6 +233,9 @@ def _compress(model, train, val, *, test, target_macs, criteria, selection, dist
         dataset="user",
         workdir=str(workdir) if workdir else tempfile.mkdtemp(prefix="mskd_tf-"),
         target_macs=target_macs,
+        target_params=target_params,
+        target_arena_kb=target_arena_kb,
+        target_flash_kb=target_flash_kb,
         strategy=strategy or "default",
         export=tuple(export),
         seed=seed,

@@ -60,7 +60,14 @@ class Config:
     weight_decay: float = _field(5e-3, "Decoupled weight decay on kernels (5e-3 here ~ L2 5e-4 through SGD momentum 0.9).")
     # --- rank / candidates
     criteria: tuple = _field(ALL_CRITERIA, "Pruning criteria to rank channels with (comma list).")
-    target_macs: float = _field(0.5, "Candidates keep this fraction of the teacher's MACs.")
+    target_macs: float = _field(0.5, "Candidates keep at most this fraction of the teacher's MACs (with a device "
+                                "target: the largest ratio up to this one that meets it; 1 = no MACs limit).")
+    target_params: float = _field(0.0, "Candidates keep at most this many parameters: a fraction (<= 1) of the "
+                                  "teacher's or a count (> 1); 0 = no limit.")
+    target_arena_kb: float = _field(0.0, "The int8 student must run in a TFLite Micro tensor arena of this many KB "
+                                    "(1024 bytes), measured; 0 = no limit.")
+    target_flash_kb: float = _field(0.0, "The int8 student's .tflite file must be at most this many KB, measured; "
+                                    "0 = no limit.")
     round_to: int = _field(8, "Round kept channel counts to a multiple of this (8: oneDNN / SIMD widths train up to 4.7x "
                                 "faster than odd ones; groups narrower than 2 x this use a finer power of two; 1 = exact).")
     min_channels: int = _field(4, "Never keep fewer channels than this in a layer.")
@@ -166,6 +173,12 @@ class Config:
             bad("val_fraction", "must be in [0, 1).")
         if not 0 < self.target_macs <= 1:
             bad("target_macs", "is a fraction of the teacher's MACs and must be in (0, 1].")
+        for name in ("target_params", "target_arena_kb", "target_flash_kb"):
+            if getattr(self, name) < 0:
+                bad(name, "must be >= 0 (0 = no such target).")
+        if (self.target_arena_kb or self.target_flash_kb or self.target_params) and "sensitivity" in self.allocations:
+            bad("allocations", "sensitivity plans to --target_macs only; with --target_params / --target_arena_kb / "
+                               "--target_flash_kb use global and uniform.")
         if not 0 <= self.alpha <= 1:
             bad("alpha", "must be in [0, 1].")
         if not 0 <= self.min_params_ratio <= 1:

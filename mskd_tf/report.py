@@ -115,9 +115,14 @@ STUDENT_RUNS = {"kd": ("student (KD)", "distillation"), "ce": ("student (CE only
 
 
 def candidates_table(rows) -> str:
-    """Criterion, MACs, params, per-layer widths, accuracy before fine-tuning (from candidates.json rows)."""
-    return _table(("criterion", "MMACs", "Mparams", "MACs ratio", "widths", "val acc before fine-tune %"),
+    """Criterion, MACs, params, the measured int8 arena and flash size when device targets were planned to,
+    per-layer widths, accuracy before fine-tuning (from candidates.json rows)."""
+    device = any("arena_bytes" in r for r in rows)
+    kb = lambda value: f"{value / 1024:.1f}" if value is not None else ""  # noqa: E731
+    return _table(("criterion", "MMACs", "Mparams", "MACs ratio", *(("arena KB", "flash KB") if device else ()),
+                   "widths", "val acc before fine-tune %"),
                   [(r["criterion"], _fmt_m(r["macs"]), _fmt_m(r["params"], 3), f"{r['macs_ratio']:.3f}",
+                    *((kb(r.get("arena_bytes")), kb(r.get("flash_bytes"))) if device else ()),
                     " ".join(str(w) for w in (r.get("widths") or {}).values()), _fmt_pct(r.get("val_acc_before_finetune")))
                    for r in rows])
 

@@ -306,7 +306,7 @@ def preflight(ctx: Context, first_stage: str):
     follow and must contain every ``--protect`` name; a GroupNormalization teacher or a typo in
     ``--protect`` would otherwise surface only after the teacher trained.
     """
-    from mskd_tf import models
+    from mskd_tf import device_targets, models
     from mskd_tf.pruning import build_graph, plan
 
     if first_stage == "report":
@@ -327,12 +327,14 @@ def preflight(ctx: Context, first_stage: str):
     else:  # the architecture alone (built in about a second, nothing trained) takes the data's images or not
         teacher = _architecture_for(cfg, d.info)
         where = f"--model={cfg.model}"
-        if not cfg.protect:
+        if not cfg.protect and not device_targets.Targets.from_config(cfg).beyond_macs:
             return  # a library architecture: prunable by construction
     graph = build_graph(teacher)
     message = plan.unknown_protect_message(graph, cfg.protect) if cfg.protect else None
     if message:
         raise MskdError(f"--protect={','.join(cfg.protect)}: {message} (checked on {where})")
+    device_targets.check_reachable(graph, device_targets.Targets.from_config(cfg), round_to=cfg.round_to,
+                                   min_channels=cfg.min_channels, protect=cfg.protect)
 
 
 def _architecture_for(cfg, info):
@@ -650,8 +652,65 @@ def _sensitivity_planner(ctx: Context, teacher, graph, plan_options):
     return planner
 
 
+class _DeviceCheck:
+    """Plans candidates to the parameter / arena / flash targets and verifies each on the int8 model it becomes."""
+
+    def __init__(self, ctx: Context, teacher, graph, targets):
+        from mskd_tf import device_targets, flops, quantize
+
+        self.targets, self.graph = targets, graph
+        base_params = int(flops.count(teacher).params)
+        self.limits = targets.limits(base_params)
+        self.images = None
+        self.teacher_measured = None
+        points = []
+        if targets.on_device:  # the predictions' anchors: the teacher's int8 model in TFLM, and its uniform half
+            from mskd_tf.pruning import plan_keep, prune
+
+            self.images, _ = quantize.dataset_arrays(ctx.calibration, DEVICE_CALIBRATION_IMAGES)
+            self.teacher_measured = device_targets.measure(teacher, self.images)
+            half = plan_keep(graph, None, keep_ratio=0.5, mode="uniform", round_to=ctx.cfg.round_to,
+                             min_channels=ctx.cfg.min_channels, protect=ctx.cfg.protect)
+            points = [(None, base_params, self.teacher_measured),
+                      (half.keep, half.params, device_targets.measure(prune(teacher, half.keep, graph), self.images))]
+        self.predict = device_targets.Predictor(graph, base_params, points)
+        self._measured = {}  # kept widths -> measured costs: candidates of one shape (the uniform ones) share them
+
+    def planner(self, mode, plan_options, limits=None):
+        from mskd_tf import device_targets
+
+        return lambda scores: device_targets.plan_to_targets(self.graph, scores, self.targets, self.predict,
+                                                             mode=mode, limits=limits or self.limits, **plan_options)
+
+    def verified(self, candidate, rebuild):
+        """``(candidate, its measured costs)``; a candidate that misses a measured target is planned again (by
+        ``rebuild(limits)``) against limits tightened by the miss."""
+        from mskd_tf import device_targets
+
+        limits = self.limits
+        for attempt in range(device_targets.MAX_REPLANS + 1):
+            measured = {"params": candidate.params}
+            if self.targets.on_device:
+                shape = tuple(sorted((group, len(kept)) for group, kept in candidate.keep.items()))
+                if shape not in self._measured:
+                    self._measured[shape] = device_targets.measure(candidate.model, self.images)
+                measured.update(self._measured[shape])
+            if all(measured[k] <= v for k, v in self.limits.items()):
+                return candidate, measured
+            if attempt < device_targets.MAX_REPLANS:
+                limits = device_targets.tightened(limits, measured)
+                candidate = rebuild(limits)
+        missed = {k: measured[k] for k, v in self.limits.items() if measured[k] > v}
+        raise MskdError(f"candidate {candidate.criterion}: still measured {missed} against the limits {self.limits} "
+                        f"after {device_targets.MAX_REPLANS} re-plans; raise the target.")
+
+
+# Calibration images for the int8 conversions that measure the arena and flash size (neither depends on them).
+DEVICE_CALIBRATION_IMAGES = 32
+
+
 def run_candidates(ctx: Context):
-    from mskd_tf import flops, report, selection
+    from mskd_tf import device_targets, flops, report, selection
     from mskd_tf.pruning import build_graph
     from mskd_tf.pruning.candidates import build_candidates, layer_widths, overlap_matrix
 
@@ -663,29 +722,43 @@ def run_candidates(ctx: Context):
     candidates = []
     adapt = lambda clone: selection.recalibrate_batchnorm(clone, ctx.calibration, cfg.bn_recalibration_batches)  # noqa: E731
     plan_options = dict(round_to=cfg.round_to, min_channels=cfg.min_channels, protect=cfg.protect)
+    targets = device_targets.Targets.from_config(cfg)
+    devices = _DeviceCheck(ctx, teacher, graph, targets) if targets.beyond_macs else None
     for allocation in cfg.allocations:
-        planner = None
-        if allocation == "sensitivity":
-            planner = _sensitivity_planner(ctx, teacher, graph, plan_options)
-        built = build_candidates(
-            teacher, rankings, target_macs=cfg.target_macs, graph=graph,
-            mode="uniform" if allocation == "sensitivity" else allocation, planner=planner,
-            evaluate=lambda clone: evaluate(clone, ctx.data.val), adapt=adapt, **plan_options,
-        )
-        for c in built:  # the candidate's name: its criterion, plus the allocation when there are several
-            candidates.append((candidate_name(c.criterion, allocation, cfg.allocations), c.criterion, allocation, c))
+        mode = "uniform" if allocation == "sensitivity" else allocation
+
+        def build(some_rankings, limits=None, mode=mode, allocation=allocation):
+            planner = None
+            if allocation == "sensitivity":
+                planner = _sensitivity_planner(ctx, teacher, graph, plan_options)
+            elif devices is not None:
+                planner = devices.planner(mode, plan_options, limits)
+            return build_candidates(
+                teacher, some_rankings, target_macs=cfg.target_macs, graph=graph, mode=mode, planner=planner,
+                evaluate=lambda clone: evaluate(clone, ctx.data.val), adapt=adapt, **plan_options,
+            )
+
+        for c in build(rankings):  # the candidate's name: its criterion, plus the allocation when there are several
+            measured = devices.verified(c, lambda limits, c=c, build=build: build({c.criterion: rankings[c.criterion]},
+                                                                                 limits)[0]) if devices else (c, {})
+            candidates.append((candidate_name(c.criterion, allocation, cfg.allocations), c.criterion, allocation,
+                               *measured))
     teacher_macs = flops.count(teacher).macs
     teacher_widths = layer_widths(graph, {})
     rows = []
-    for name, criterion, allocation, c in candidates:
+    for name, criterion, allocation, c, measured in candidates:
         ctx.wd.save_model(c.model, f"candidates/{name}.keras")
         row = c.row()
         row["val_acc_before_finetune"] = row.pop("accuracy")
         rows.append(dict(row, criterion=name, ranking=criterion, allocation=allocation, macs_ratio=c.macs / teacher_macs,
-                         teacher_widths=teacher_widths, kept={k: [int(i) for i in v] for k, v in c.keep.items()}))
-    candidates = [dataclasses.replace(c, criterion=name) for name, _, _, c in candidates]
+                         teacher_widths=teacher_widths, kept={k: [int(i) for i in v] for k, v in c.keep.items()},
+                         **measured))
+    candidates = [dataclasses.replace(c, criterion=name) for name, _, _, c, _ in candidates]
     overlap = overlap_matrix({c.criterion: c.keep for c in candidates})
-    ctx.wd.write_json("candidates.json", {"candidates": rows, "jaccard": overlap})
+    record = {"candidates": rows, "jaccard": overlap}
+    if devices is not None:
+        record["targets"] = {"limits": devices.limits, "teacher": devices.teacher_measured}
+    ctx.wd.write_json("candidates.json", record)
     print(report.candidates_table(rows) + "\n\nJaccard overlap of kept channels:\n\n"
           + report.overlap_table(overlap), flush=True)
 
@@ -846,6 +919,30 @@ def run_distill(ctx: Context):
     print(line + f"; {spent} selection + {steps} training steps = {budget} of the budget", flush=True)
 
 
+def _target_checks(ctx: Context, student, rows, micro) -> dict:
+    """Each parameter / arena / flash target against the shipped student and its measured int8 model."""
+    from mskd_tf import device_targets, flops
+
+    targets = device_targets.Targets.from_config(ctx.cfg)
+    int8 = next((r for r in rows if r["kind"] in ("int8_qat", "int8")), None)
+    checks = {}
+    params_limit = targets.limits(ctx.wd.read_json("teacher.json")["params"]).get("params")
+    measured = {"--target_params": (targets.params, params_limit, flops.count(student).params, "parameters"),
+                "--target_arena_kb": (targets.arena_kb, targets.arena_kb,
+                                      micro and micro["arena_bytes"] / device_targets.KB, "KB"),
+                "--target_flash_kb": (targets.flash_kb, targets.flash_kb,
+                                      int8 and int8["bytes"] / device_targets.KB, "KB")}
+    for flag, (given, limit, value, unit) in measured.items():
+        if not given:
+            continue
+        if value is None:  # the export that would measure it was not asked for
+            checks[f"{flag}={given:g}"] = {"measured": None, "unit": unit, "margin": None, "met": None}
+            continue
+        checks[f"{flag}={given:g}"] = {"measured": round(value, 1), "unit": unit, "margin": round(limit - value, 1),
+                                       "met": bool(value <= limit)}
+    return checks
+
+
 def run_export(ctx: Context):
     from mskd_tf import deploy
 
@@ -858,10 +955,18 @@ def run_export(ctx: Context):
         seed=cfg.seed,
     )
     micro = next((r.get("micro") for r in rows if r.get("micro")), None)
-    ctx.wd.write_json("export.json", {"exports": rows, "micro": micro})
+    checks = _target_checks(ctx, student, rows, micro)
+    ctx.wd.write_json("export.json", {"exports": rows, "micro": micro, "targets": checks})
     from mskd_tf import report
 
     print(report.exports_table(rows), flush=True)
+    for flag, check in checks.items():
+        if check["met"] is None:
+            print(f"export: {flag} not checked: it needs --export=int8 (and --micro for the arena)", flush=True)
+            continue
+        verdict = "meets" if check["met"] else "WARNING: misses"
+        print(f"export: the shipped int8 student {verdict} {flag}: {check['measured']} {check['unit']} "
+              f"measured, {abs(check['margin'])} {check['unit']} {'to spare' if check['met'] else 'over'}", flush=True)
 
 
 # ----------------------------------------------------------------------------- report
@@ -902,7 +1007,7 @@ PIPELINE = (
                       "teacher", "width", "epochs", "optimizer", "lr", "schedule", "momentum", "weight_decay"),
           ("teacher.keras", "teacher.json"), run_teacher),
     Stage("rank", ("criteria", "calibration_batches"), ("rankings.json",), run_rank),
-    Stage("candidates", ("target_macs", "allocations", "round_to", "min_channels", "protect",
+    Stage("candidates", ("target_macs", "target_params", "target_arena_kb", "target_flash_kb", "allocations", "round_to", "min_channels", "protect",
                          "bn_recalibration_batches"), ("candidates.json",), run_candidates),
     Stage("select", ("select_epochs", "zero_cost_keep", "min_params_ratio", "select_loss", "successive_halving", "tie_tolerance",
                      "finetune_lr", "kd_lr_scale", "temperature", "alpha"), ("selected.keras", "selection.json"),

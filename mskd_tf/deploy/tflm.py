@@ -2,7 +2,7 @@
 
 * :func:`micro_ops` lists a model's ops, :func:`check_micro_ops` fails on ops TFLM lacks,
   :func:`resolver_method` names the ``MicroMutableOpResolver`` call that registers an op;
-* :func:`find_arena_size` searches the smallest tensor arena, :class:`MicroModel` runs
+* :func:`arena_usage` reads the arena TFLM used, :func:`find_arena_size` the smallest that works, :class:`MicroModel` runs
   images with a fixed arena, :func:`evaluate_micro` scores test images against LiteRT.
 """
 
@@ -201,15 +201,42 @@ class MicroModel:
         return quantize.dequantize(np.stack(outputs), scale, zero_point), 1000.0 * statistics.median(times)
 
 
+_USAGE = _PROBE.replace("    interpreter.invoke()\n", "    interpreter.invoke()\n    interpreter.print_allocations()\n")
+_USAGE_LINE = re.compile(r"Arena allocation (total|head|tail) (\d+) bytes")
+
+
+def arena_usage(tflite_bytes: bytes, *, max_bytes: int = 64 << 20) -> dict | None:
+    """TFLM's own record of the arena the model used: ``{"total", "head", "tail"}`` bytes, or None.
+
+    One child process runs the model in a ``max_bytes`` arena with TFLM's recording allocator and reads
+    its report: ``head`` is the planned (non-persistent) part, the activations; ``tail`` the persistent
+    part (tensor structs, quantization and op data). None when it did not run in ``max_bytes``.
+    """
+    with tempfile.NamedTemporaryFile(suffix=".tflite") as model_file:
+        model_file.write(tflite_bytes)
+        model_file.flush()
+        child = subprocess.run([sys.executable, "-c", _USAGE, model_file.name, str(int(max_bytes))],
+                               capture_output=True, text=True, timeout=600)
+    usage = {key: int(value) for key, value in _USAGE_LINE.findall(child.stderr + child.stdout)}
+    return usage if child.returncode == 0 and "total" in usage else None
+
+
 def find_arena_size(tflite_bytes: bytes, *, max_bytes: int = 64 << 20) -> int:
     """Smallest tensor arena (bytes, a multiple of 16) in which TFLM loads and runs the model.
 
-    Doubles from :data:`MIN_ARENA_BYTES` until one works, then bisects; every
-    size is tried in a child process (:func:`probe_arena`). Sizes are those of
-    this 64-bit host; a 32-bit MCU needs somewhat less, optimised kernels
-    (CMSIS-NN) may need scratch space more, hence the margin in the kit.
+    TFLM's recording allocator says how much the model used (:func:`arena_usage`); that size, rounded up
+    to 16 bytes, is confirmed by a run in exactly that arena. If the record is missing or its size fails,
+    sizes are searched instead: doubled from :data:`MIN_ARENA_BYTES` until one works, then bisected. Every
+    size is tried in a child process (:func:`probe_arena`). Sizes are those of this 64-bit host; a 32-bit
+    MCU needs somewhat less, optimised kernels (CMSIS-NN) may need scratch space more, hence the margin in
+    the kit.
     """
     check_micro_ops(tflite_bytes)
+    usage = arena_usage(tflite_bytes, max_bytes=max_bytes)
+    if usage is not None:
+        recorded = max(MIN_ARENA_BYTES, -(-usage["total"] // ARENA_ALIGN) * ARENA_ALIGN)
+        if probe_arena(tflite_bytes, recorded)[0]:
+            return recorded
     low, high = MIN_ARENA_BYTES, MIN_ARENA_BYTES
     while not probe_arena(tflite_bytes, high)[0]:
         low, high = high, high * 2

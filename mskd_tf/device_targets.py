@@ -1,0 +1,218 @@
+"""Targets in a device's units: TFLite Micro tensor arena and int8 flash size, beside MACs and parameters.
+
+A deployer has a board with so many KB of SRAM and flash; a MACs ratio says neither. Each candidate's plan is
+searched here: the largest MACs ratio (at most ``--target_macs``) whose plan meets every target, the tightest
+winning. MACs and parameters are counted from the plan (:class:`~mskd_tf.pruning.plan.CostModel`); the arena
+and the flash size are predicted from it and then measured on the built candidate: converted to int8 and run in
+TFLite Micro, whose recording allocator reports the arena it used. A candidate whose measurement misses a
+target is planned again against a target tightened by the miss, so the figures in ``candidates.json`` are
+measured ones.
+
+Prediction (:class:`Predictor`): the arena's planned part follows the peak of live int8 activations
+(:mod:`mskd_tf.pruning.memory`, a lower bound: TFLM's greedy planner needed exactly it for small_cnn and for
+MobileNetV2 0.5 at 32x32, 8% more for MobileNetV2 0.35 at 16x16, 33% more for the ResNet-20 teacher and none
+more for its half), its persistent part the kept output channels, the flash size the parameters; each is fitted
+through two measured models, the teacher and its uniform half-MACs cut.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+
+from mskd_tf.errors import MskdError
+
+KB = 1024
+# Plans searched per candidate: the MACs ratio is bisected this many times.
+SEARCH_STEPS = 14
+# Re-plans of one candidate after its measurement missed a target.
+MAX_REPLANS = 3
+
+
+@dataclasses.dataclass(frozen=True)
+class Targets:
+    """What a student must meet; 0 = no such target. ``macs`` and ``params``: a fraction (<= 1) or a count."""
+
+    macs: float = 0.5
+    params: float = 0.0
+    arena_kb: float = 0.0
+    flash_kb: float = 0.0
+
+    @classmethod
+    def from_config(cls, cfg):
+        return cls(macs=cfg.target_macs, params=cfg.target_params, arena_kb=cfg.target_arena_kb,
+                   flash_kb=cfg.target_flash_kb)
+
+    @property
+    def beyond_macs(self) -> bool:
+        """Whether a target other than the MACs ratio is set (the candidates' plans are then searched)."""
+        return bool(self.params or self.arena_kb or self.flash_kb)
+
+    @property
+    def on_device(self) -> bool:
+        """Whether a target needs the int8 model measured (the arena or the flash size)."""
+        return bool(self.arena_kb or self.flash_kb)
+
+    def limits(self, base_params: int) -> dict:
+        """``{what: the largest allowed value}`` in parameters and bytes, for the targets that are set."""
+        limits = {}
+        if self.params:
+            limits["params"] = self.params * base_params if self.params <= 1 else self.params
+        if self.arena_kb:
+            limits["arena_bytes"] = self.arena_kb * KB
+        if self.flash_kb:
+            limits["flash_bytes"] = self.flash_kb * KB
+        return limits
+
+
+def measure(model, calibration_images) -> dict:
+    """The int8 model's measured ``flash_bytes`` (its .tflite size) and TFLM arena (``arena_bytes`` and its
+    planned ``arena_head`` / persistent ``arena_tail`` parts)."""
+    from mskd_tf import quantize
+    from mskd_tf.deploy import tflm
+
+    tflite = quantize.convert(model, "int8", calibration_images=calibration_images)
+    usage = tflm.arena_usage(tflite)
+    if usage is None:
+        raise MskdError(f"model {model.name!r}: TFLite Micro could not run its int8 conversion in a 64 MB arena; "
+                        "device targets need a model TFLM runs.")
+    return {"flash_bytes": len(tflite), "arena_bytes": usage["total"], "arena_head": usage["head"],
+            "arena_tail": usage["tail"]}
+
+
+def _output_channels(graph, mask) -> int:
+    """Kept output channels of every layer with weights (the convolutions and dense layers TFLM quantizes)."""
+    total = 0
+    for path, record in graph.records.items():
+        if getattr(record.layer, "weights", None) and "out" in record.maps and record.handler.weight_axes(record.layer):
+            total += int(np.count_nonzero(mask[graph.channels(path, "out")]))
+    return total
+
+
+class Predictor:
+    """Predicted arena and flash bytes of a plan, from two measured int8 models: the teacher and one cut.
+
+    Each measured part is a line through the two points: the arena's planned part against the predicted peak
+    of live activations (TFLM's planner adds a few KB of fragmentation), its persistent part against the kept
+    output channels (per-channel multipliers, shifts and quantization), the flash size against the parameters
+    (int8 kernels, int32 biases, per-channel scales). ``points``: ``[(plan keep or None, params, measured)]``;
+    none: parameters only.
+    """
+
+    def __init__(self, graph, base_params: int, points=()):
+        from mskd_tf.pruning.memory import activation_peak
+
+        self.graph, self.base_params, self._peak = graph, base_params, activation_peak
+        self.lines = None
+        if points:
+            features = [self._features(keep, params) for keep, params, _ in points]
+            (a, b), (ma, mb) = features, [measured for *_, measured in points]
+            self.lines = {part: _line(a[x], ma[part], b[x], mb[part])
+                          for part, x in (("arena_head", "peak"), ("arena_tail", "channels"), ("flash_bytes", "params"))}
+
+    def _features(self, keep, params) -> dict:
+        mask = self.graph.keep_mask(keep)
+        return {"peak": self._peak(self.graph, keep).bytes, "channels": _output_channels(self.graph, mask),
+                "params": params}
+
+    def __call__(self, plan) -> dict:
+        predicted = {"params": plan.params}
+        if self.lines is not None:
+            x = self._features(plan.keep, plan.params)
+            parts = {part: slope * x[feature] + offset
+                     for (part, (slope, offset)), feature in zip(self.lines.items(), ("peak", "channels", "params"))}
+            predicted["arena_bytes"] = parts["arena_head"] + parts["arena_tail"]
+            predicted["flash_bytes"] = parts["flash_bytes"]
+        return predicted
+
+
+def _line(x0, y0, x1, y1):
+    """``(slope, offset)`` through two points; a flat line through the first when they share x."""
+    slope = (y1 - y0) / (x1 - x0) if x1 != x0 else 0.0
+    return slope, y0 - slope * x0
+
+
+def plan_to_targets(graph, scores, targets: Targets, predict, *, mode: str, limits=None, **plan_options):
+    """The plan of the largest MACs ratio (at most ``targets.macs``) whose predicted costs are within ``limits``.
+
+    ``predict(plan) -> {"params", "arena_bytes", "flash_bytes"}``; ``limits`` default to the targets' own
+    (a re-plan passes tightened ones). Raises :class:`MskdError` when even the narrowest plan misses.
+    """
+    from mskd_tf.pruning.plan import plan_keep
+
+    limits = limits if limits is not None else targets.limits(predict.base_params)
+
+    def meets(plan):
+        predicted = predict(plan)
+        return all(predicted[key] <= limit for key, limit in limits.items())
+
+    widest = plan_keep(graph, scores, target_macs=targets.macs, mode=mode, **plan_options)
+    if meets(widest):
+        return widest
+    narrowest = plan_keep(graph, scores, keep_ratio=1e-9, mode="uniform", **plan_options)
+    if not meets(narrowest):
+        predicted = predict(narrowest)
+        raise MskdError(unreachable_message(targets, limits, predicted))
+    low, high = narrowest.macs_ratio, widest.macs_ratio  # low meets, high does not
+    best = narrowest
+    for _ in range(SEARCH_STEPS):
+        middle = (low + high) / 2
+        try:
+            plan = plan_keep(graph, scores, target_macs=middle, mode=mode, **plan_options)
+        except MskdError:  # below what this allocation reaches: move up
+            low = middle
+            continue
+        if meets(plan):
+            low, best = middle, max(best, plan, key=lambda p: p.macs)
+        else:
+            high = middle
+    return best
+
+
+def unreachable_message(targets: Targets, limits: dict, smallest: dict, lower_bound: bool = False) -> str:
+    """Which target the narrowest plan still misses, with the smallest value reachable (or a lower bound of it)."""
+    flags = {"params": "--target_params", "arena_bytes": "--target_arena_kb", "flash_bytes": "--target_flash_kb"}
+    missed = [key for key, limit in limits.items() if smallest[key] > limit]
+    parts = []
+    for key in missed:
+        if key == "params":
+            parts.append(f"--target_params={targets.params:g}: the narrowest plan keeps {smallest[key]} parameters")
+        else:
+            parts.append(f"{flags[key]}={getattr(targets, key.replace('_bytes', '_kb')):g}: the narrowest plan needs "
+                         f"{'more than' if lower_bound else 'about'} {smallest[key] / KB:.1f} KB")
+    return ("; ".join(parts) + " (every layer at --min_channels, rounded to --round_to). Raise the target, lower "
+            "--min_channels / --round_to, or use smaller input images.")
+
+
+def tightened(limits: dict, measured: dict) -> dict | None:
+    """The limits a re-plan aims at after ``measured`` missed some: each missed one lowered by its miss (and 1%
+    more); None when nothing was missed."""
+    missed = {key: limit for key, limit in limits.items() if key in measured and measured[key] > limit}
+    if not missed:
+        return None
+    return {key: (limit * limit / measured[key] * 0.99 if key in missed else limit) for key, limit in limits.items()}
+
+
+def check_reachable(graph, targets: Targets, **plan_options):
+    """Refuse, before any training, targets that even the narrowest plan cannot meet, by lower bounds that hold
+    for any weights: the input tensor and the narrowest plan's peak of live activations (int8) for the arena,
+    one byte per parameter for the flash size, the parameter count itself."""
+    from mskd_tf import flops
+    from mskd_tf.pruning.memory import activation_peak
+    from mskd_tf.pruning.plan import plan_keep
+
+    base_params = int(flops.count(graph.model).params)
+    limits = targets.limits(base_params)
+    if not limits:
+        return
+    narrowest = plan_keep(graph, None, keep_ratio=1e-9, mode="uniform", **plan_options)
+    inputs = sum(math.prod(int(d) for d in tuple(t.shape)[1:]) for t in graph.model.inputs)
+    if "arena_bytes" in limits and inputs > limits["arena_bytes"]:
+        raise MskdError(f"--target_arena_kb={targets.arena_kb:g}: the int8 input image alone takes {inputs / KB:.1f} KB "
+                        "of the arena; raise the target or use smaller input images.")
+    bounds = {"params": narrowest.params, "flash_bytes": narrowest.params,
+              "arena_bytes": activation_peak(graph, narrowest.keep).bytes}
+    if any(bounds[key] > limit for key, limit in limits.items()):
+        raise MskdError(unreachable_message(targets, limits, bounds, lower_bound=True))

@@ -1,0 +1,91 @@
+"""Targets in a device's units: a TFLite Micro arena and an int8 flash size, planned to and measured."""
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from mskd_tf import device_targets, models
+from mskd_tf.api import run_pipeline
+from mskd_tf.config import Config
+from mskd_tf.deploy import tflm
+from mskd_tf.errors import MskdError
+from mskd_tf.pruning import build_graph, plan_keep, prune
+from mskd_tf.pruning.memory import activation_peak
+from tests.test_pipeline import make_npz
+
+
+@pytest.mark.parametrize("name, shape", [("small_cnn", (16, 16, 1)),
+                                         pytest.param("mobilenet_v2", (16, 16, 3), marks=pytest.mark.slow)])
+def test_the_predicted_activation_peak_bounds_the_arena_tflm_plans(name, shape):
+    """The planned (non-persistent) part of TFLM's arena holds at least the peak of live int8 activations, and its
+    greedy planner's fragmentation adds little, before and after a cut (MobileNetV2: inverted residuals,
+    depthwise convolutions and a residual Add)."""
+    from mskd_tf import quantize
+
+    model = models.build(name, shape, 4, width=0.35 if name == "mobilenet_v2" else 0.5)
+    graph = build_graph(model)
+    images = np.random.default_rng(0).uniform(0, 1, (8, *shape)).astype(np.float32)
+    plan = plan_keep(graph, None, keep_ratio=0.5, mode="uniform", round_to=8, min_channels=4)
+    for keep, built in ((None, model), (plan.keep, prune(model, plan.keep, graph))):
+        usage = tflm.arena_usage(quantize.convert(built, "int8", calibration_images=images))
+        predicted = activation_peak(graph, keep).bytes
+        assert predicted <= usage["head"] <= 1.1 * predicted
+
+
+@pytest.fixture
+def cfg(tmp_path):
+    data = make_npz(tmp_path / "toy.npz", size=16)
+    return Config(dataset=f"npz:{data}", model="small_cnn", width=0.5, epochs=1, batch_size=32, lr=0.05,
+                  workdir=str(tmp_path / "wd"), val_fraction=0.2, criteria=("l1", "random"), target_macs=1.0,
+                  distill_epochs=1.0, export=("int8",))
+
+
+def test_an_arena_target_the_teacher_exceeds_is_met_by_every_candidate_and_the_shipped_kit(cfg, capsys):
+    teacher_arena = _teacher_arena(cfg)
+    cfg.target_arena_kb = round(0.9 * teacher_arena / 1024, 2)
+    run_pipeline(cfg, stop_after="export")
+    record = json.loads(open(f"{cfg.workdir}/candidates.json").read())
+    limit = cfg.target_arena_kb * 1024
+    assert record["targets"]["teacher"]["arena_bytes"] > limit
+    assert all(c["arena_bytes"] <= limit for c in record["candidates"])
+    assert all(c["macs_ratio"] < 1.0 for c in record["candidates"])  # cut for the arena: the MACs target was 1
+    exported = json.loads(open(f"{cfg.workdir}/export.json").read())
+    check = exported["targets"][f"--target_arena_kb={cfg.target_arena_kb:g}"]
+    assert check["met"] and check["measured"] * 1024 <= limit + 52  # rounded to 0.1 KB
+    assert exported["micro"]["arena_bytes"] <= limit  # the kit's own arena search, on the shipped student
+    assert f"export: the shipped int8 student meets --target_arena_kb={cfg.target_arena_kb:g}" in capsys.readouterr().out
+
+
+def _teacher_arena(cfg) -> int:
+    """The arena TFLM needs for the (untrained) architecture: what the trained teacher needs too."""
+    from mskd_tf import data
+
+    splits = data.load(cfg.dataset, batch_size=32, val_fraction=cfg.val_fraction)
+    model = models.build(cfg.model, splits.info.image_shape, splits.info.num_classes, width=cfg.width,
+                         normalization=(splits.info.mean, splits.info.std))
+    images = np.random.default_rng(0).uniform(0, 1, (8, *splits.info.image_shape)).astype(np.float32)
+    return device_targets.measure(model, images)["arena_bytes"]
+
+
+@pytest.mark.slow  # ~1 minute: every candidate converted to int8 and measured
+def test_a_flash_target_is_met_measured(cfg):
+    cfg.target_flash_kb = 12.0
+    run_pipeline(cfg, stop_after="candidates")
+    record = json.loads(open(f"{cfg.workdir}/candidates.json").read())
+    assert record["targets"]["teacher"]["flash_bytes"] > 12 * 1024
+    assert all(c["flash_bytes"] <= 12 * 1024 for c in record["candidates"])
+
+
+@pytest.mark.parametrize("target, message", [
+    ({"target_arena_kb": 0.1}, r"--target_arena_kb=0.1: the int8 input image alone takes 0.2 KB of the arena"),
+    ({"target_arena_kb": 1.0}, r"--target_arena_kb=1: the narrowest plan needs more than [\d.]+ KB"),
+    ({"target_params": 50}, r"--target_params=50: the narrowest plan keeps \d+ parameters"),
+])
+def test_an_unreachable_target_is_refused_before_the_teacher_trains(cfg, target, message):
+    for key, value in target.items():
+        setattr(cfg, key, value)
+    with pytest.raises(MskdError, match=message):
+        run_pipeline(cfg)
+    assert not Path(cfg.workdir, "teacher.keras").exists()
