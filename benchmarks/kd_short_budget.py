@@ -5,7 +5,8 @@ The quickstart ships its cross-entropy student (BENCHMARKS.md): KD 89.47 vs CE 8
 CIFAR-10 rows. Here, on the quickstart and on two small sets cut from Fashion-MNIST, the selected student is
 distilled with the defaults and with one of them changed (``--variants``), against the cross-entropy run of the
 same budget, at ``--seeds`` (the whole pipeline per seed: the split, the teacher, the selection). A longer
-budget (``budget=2``: twice the distill epochs, for both losses) says whether KD only needs more steps.
+budget (``budget=2``: twice the distill epochs, for both losses) says whether KD only needs more steps, a smaller
+student (``target_macs=0.25``) whether it needs a larger teacher-student gap.
 
 Choose on validation only: the table gives validation and test, and the verdict uses validation.
 
@@ -33,8 +34,10 @@ FLAGS = flags.FLAGS
 flags.DEFINE_list("sets", ["quickstart", "small28", "small8"], "Data sets: the quickstart's Fashion-MNIST; 1,500 "
                   "training images of it at 28x28 (small28) or downsampled to 8x8 (small8).")
 flags.DEFINE_list("seeds", ["0", "1", "2"], "Pipeline seeds (split, teacher, selection, data order).")
-flags.DEFINE_list("variants", ["default", "kd_lr_scale=1", "temperature=2", "alpha=0.9", "budget=2"],
-                  "KD settings, one change from the library default each; budget=N multiplies the distill epochs.")
+flags.DEFINE_list("variants", ["default", "kd_lr_scale=1", "temperature=2", "alpha=0.9", "budget=2",
+                               "target_macs=0.25"],
+                  "KD settings, one change from the library default each; budget=N multiplies the distill epochs; "
+                  "target_macs=R distils a smaller student (its own candidates) with the defaults.")
 flags.DEFINE_string("workdir", "/tmp/kd_short_budget", "Where the pipeline runs (per set and seed).")
 
 NAME = "kd_short_budget"
@@ -74,6 +77,8 @@ def variant_config(cfg, variant: str):
     if variant == "default":
         return dataclasses.replace(cfg, distill_baseline=True)
     key, value = variant.split("=")
+    if key == "target_macs":  # a smaller student: its own candidates, KD and CE both
+        return dataclasses.replace(cfg, target_macs=float(value), distill_baseline=True)
     if key == "budget":
         return dataclasses.replace(cfg, distill_epochs=cfg.distill_epochs * float(value), distill_baseline=True)
     return dataclasses.replace(cfg, distill_baseline=False, **{key: type(getattr(cfg, key))(float(value))})
@@ -86,6 +91,13 @@ def run_variant(data_set: str, seed: int, variant: str) -> dict:
     base = Path(FLAGS.workdir) / f"{data_set}_s{seed}"
     cfg = base_config(data_set, seed, str(base))
     run_pipeline(cfg, stop_after="select")  # teacher, rank, candidates, select: shared by every variant
+    if variant.startswith("target_macs="):  # the shared teacher and rankings, its own candidates and selection
+        target = base.with_name(f"{base.name}_{variant}")
+        if not target.exists():
+            shutil.copytree(base, target)
+        cfg = variant_config(dataclasses.replace(cfg, workdir=str(target)), variant)
+        run_pipeline(cfg, stop_after="select")
+        base = target
     wd = Path(FLAGS.workdir) / f"{data_set}_s{seed}_{variant}"
     shutil.rmtree(wd, ignore_errors=True)
     shutil.copytree(base, wd)

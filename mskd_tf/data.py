@@ -462,6 +462,14 @@ def _options():
     return options
 
 
+def without_autotuning():
+    """Options that turn tf.data's autotuning off (see :func:`_options`), for datasets a user passes in: the
+    library reads them in many short passes, and each pass's end waited up to 5 s for the tuning thread."""
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    return options
+
+
 PREFETCH_BATCHES = 2  # see _options: one batch in the step, one ready
 
 

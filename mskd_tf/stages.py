@@ -145,7 +145,7 @@ def user_data(model, train, val, test, *, batch_size: int, seed: int, class_name
 
     def pipeline(name, value, first_epoch=0):
         if isinstance(value, tf.data.Dataset):
-            return value
+            return value.with_options(data_lib.without_autotuning())
         if name == "train":
             return data_lib.train_pipeline(checked[name], batch_size, augment=False, seed=seed, first_epoch=first_epoch)
         return data_lib.eval_pipeline(checked[name], 2 * batch_size)

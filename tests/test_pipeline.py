@@ -200,8 +200,8 @@ def test_default_widths_are_simd_multiples_and_tiny_groups_still_reach_the_targe
 
 
 def test_selection_shares_a_users_dataset_but_gives_numpy_splits_a_fresh_pipeline_per_candidate(tmp_path):
-    """A tf.data dataset handed to compress() cannot be rebuilt: select gets it as is (and records a shared
-    pipeline); numpy splits give select a function whose every call starts the seed's first order again."""
+    """A tf.data dataset handed to compress() cannot be rebuilt: select gets it as is, autotuning off (and records a
+    shared pipeline); numpy splits give select a function whose every call starts the seed's first order again."""
     import keras
     import tensorflow as tf
 
@@ -217,7 +217,10 @@ def test_selection_shares_a_users_dataset_but_gives_numpy_splits_a_fresh_pipelin
         return stages.Context(cfg=cfg, wd=Workdir(cfg.workdir), user_data=data)
 
     given = tf.data.Dataset.from_tensor_slices((x, y)).batch(16)
-    assert context(given).selection_train() is given
+    shared = context(given).selection_train()
+    assert not callable(shared) and [b[1].numpy().tolist() for b in shared] == [b[1].numpy().tolist() for b in given]
+    # Read in many short passes: without autotuning (each pass's end waited for its tuning thread)
+    assert given.options().autotune.enabled is not False and shared.options().autotune.enabled is False
 
     fresh = context((x, y)).selection_train()
     assert callable(fresh)
