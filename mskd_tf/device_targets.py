@@ -25,6 +25,8 @@ import numpy as np
 from mskd_tf.errors import MskdError
 
 KB = 1024
+# Calibration images for the int8 conversions that measure the arena and flash size (neither depends on them).
+CALIBRATION_IMAGES = 32
 # Plans searched per candidate: the MACs ratio is bisected this many times.
 SEARCH_STEPS = 14
 # Re-plans of one candidate after its measurement missed a target.
@@ -216,3 +218,53 @@ def check_reachable(graph, targets: Targets, **plan_options):
               "arena_bytes": activation_peak(graph, narrowest.keep).bytes}
     if any(bounds[key] > limit for key, limit in limits.items()):
         raise MskdError(unreachable_message(targets, limits, bounds, lower_bound=True))
+
+
+class TargetPlanner:
+    """Plans candidates to the parameter / arena / flash targets and verifies each on the int8 model it becomes.
+
+    ``images``: calibration images for the int8 conversions (None without an arena or flash target);
+    ``plan_options``: ``round_to``, ``min_channels``, ``protect`` as for every plan.
+    """
+
+    def __init__(self, teacher, graph, targets: Targets, images, plan_options: dict):
+        from mskd_tf import flops
+        from mskd_tf.pruning import plan_keep, prune
+
+        self.targets, self.graph, self.images, self.plan_options = targets, graph, images, plan_options
+        base_params = int(flops.count(teacher).params)
+        self.limits = targets.limits(base_params)
+        self.teacher_measured = None
+        points = []
+        if targets.on_device:  # the predictions' anchors: the teacher's int8 model in TFLM, and its uniform half
+            self.teacher_measured = measure(teacher, images)
+            half = plan_keep(graph, None, keep_ratio=0.5, mode="uniform", **plan_options)
+            points = [(None, base_params, self.teacher_measured),
+                      (half.keep, half.params, measure(prune(teacher, half.keep, graph), images))]
+        self.predict = Predictor(graph, base_params, points)
+        self._measured = {}  # kept widths -> measured costs: candidates of one shape (the uniform ones) share them
+
+    def planner(self, mode: str, limits=None):
+        """``fn(scores) -> Plan`` for ``build_candidates``: the widest plan of this allocation within the limits."""
+        return lambda scores: plan_to_targets(self.graph, scores, self.targets, self.predict, mode=mode,
+                                              limits=limits or self.limits, **self.plan_options)
+
+    def verified(self, candidate, rebuild):
+        """``(candidate, its measured costs)``; a candidate that misses a measured target is planned again (by
+        ``rebuild(limits)``) against limits tightened by the miss."""
+        limits = self.limits
+        for attempt in range(MAX_REPLANS + 1):
+            measured = {"params": candidate.params}
+            if self.targets.on_device:
+                shape = tuple(sorted((group, len(kept)) for group, kept in candidate.keep.items()))
+                if shape not in self._measured:
+                    self._measured[shape] = measure(candidate.model, self.images)
+                measured.update(self._measured[shape])
+            if all(measured[k] <= v for k, v in self.limits.items()):
+                return candidate, measured
+            if attempt < MAX_REPLANS:
+                limits = tightened(limits, measured)
+                candidate = rebuild(limits)
+        missed = {k: measured[k] for k, v in self.limits.items() if measured[k] > v}
+        raise MskdError(f"candidate {candidate.criterion}: still measured {missed} against the limits {self.limits} "
+                        f"after {MAX_REPLANS} re-plans; raise the target.")

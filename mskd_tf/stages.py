@@ -652,63 +652,6 @@ def _sensitivity_planner(ctx: Context, teacher, graph, plan_options):
     return planner
 
 
-class _DeviceCheck:
-    """Plans candidates to the parameter / arena / flash targets and verifies each on the int8 model it becomes."""
-
-    def __init__(self, ctx: Context, teacher, graph, targets):
-        from mskd_tf import device_targets, flops, quantize
-
-        self.targets, self.graph = targets, graph
-        base_params = int(flops.count(teacher).params)
-        self.limits = targets.limits(base_params)
-        self.images = None
-        self.teacher_measured = None
-        points = []
-        if targets.on_device:  # the predictions' anchors: the teacher's int8 model in TFLM, and its uniform half
-            from mskd_tf.pruning import plan_keep, prune
-
-            self.images, _ = quantize.dataset_arrays(ctx.calibration, DEVICE_CALIBRATION_IMAGES)
-            self.teacher_measured = device_targets.measure(teacher, self.images)
-            half = plan_keep(graph, None, keep_ratio=0.5, mode="uniform", round_to=ctx.cfg.round_to,
-                             min_channels=ctx.cfg.min_channels, protect=ctx.cfg.protect)
-            points = [(None, base_params, self.teacher_measured),
-                      (half.keep, half.params, device_targets.measure(prune(teacher, half.keep, graph), self.images))]
-        self.predict = device_targets.Predictor(graph, base_params, points)
-        self._measured = {}  # kept widths -> measured costs: candidates of one shape (the uniform ones) share them
-
-    def planner(self, mode, plan_options, limits=None):
-        from mskd_tf import device_targets
-
-        return lambda scores: device_targets.plan_to_targets(self.graph, scores, self.targets, self.predict,
-                                                             mode=mode, limits=limits or self.limits, **plan_options)
-
-    def verified(self, candidate, rebuild):
-        """``(candidate, its measured costs)``; a candidate that misses a measured target is planned again (by
-        ``rebuild(limits)``) against limits tightened by the miss."""
-        from mskd_tf import device_targets
-
-        limits = self.limits
-        for attempt in range(device_targets.MAX_REPLANS + 1):
-            measured = {"params": candidate.params}
-            if self.targets.on_device:
-                shape = tuple(sorted((group, len(kept)) for group, kept in candidate.keep.items()))
-                if shape not in self._measured:
-                    self._measured[shape] = device_targets.measure(candidate.model, self.images)
-                measured.update(self._measured[shape])
-            if all(measured[k] <= v for k, v in self.limits.items()):
-                return candidate, measured
-            if attempt < device_targets.MAX_REPLANS:
-                limits = device_targets.tightened(limits, measured)
-                candidate = rebuild(limits)
-        missed = {k: measured[k] for k, v in self.limits.items() if measured[k] > v}
-        raise MskdError(f"candidate {candidate.criterion}: still measured {missed} against the limits {self.limits} "
-                        f"after {device_targets.MAX_REPLANS} re-plans; raise the target.")
-
-
-# Calibration images for the int8 conversions that measure the arena and flash size (neither depends on them).
-DEVICE_CALIBRATION_IMAGES = 32
-
-
 def run_candidates(ctx: Context):
     from mskd_tf import device_targets, flops, report, selection
     from mskd_tf.pruning import build_graph
@@ -723,7 +666,14 @@ def run_candidates(ctx: Context):
     adapt = lambda clone: selection.recalibrate_batchnorm(clone, ctx.calibration, cfg.bn_recalibration_batches)  # noqa: E731
     plan_options = dict(round_to=cfg.round_to, min_channels=cfg.min_channels, protect=cfg.protect)
     targets = device_targets.Targets.from_config(cfg)
-    devices = _DeviceCheck(ctx, teacher, graph, targets) if targets.beyond_macs else None
+    devices = None
+    if targets.beyond_macs:
+        images = None
+        if targets.on_device:  # for the int8 conversions that measure arena and flash (neither depends on them)
+            from mskd_tf import quantize
+
+            images, _ = quantize.dataset_arrays(ctx.calibration, device_targets.CALIBRATION_IMAGES)
+        devices = device_targets.TargetPlanner(teacher, graph, targets, images, plan_options)
     for allocation in cfg.allocations:
         mode = "uniform" if allocation == "sensitivity" else allocation
 
@@ -732,7 +682,7 @@ def run_candidates(ctx: Context):
             if allocation == "sensitivity":
                 planner = _sensitivity_planner(ctx, teacher, graph, plan_options)
             elif devices is not None:
-                planner = devices.planner(mode, plan_options, limits)
+                planner = devices.planner(mode, limits)
             return build_candidates(
                 teacher, some_rankings, target_macs=cfg.target_macs, graph=graph, mode=mode, planner=planner,
                 evaluate=lambda clone: evaluate(clone, ctx.data.val), adapt=adapt, **plan_options,

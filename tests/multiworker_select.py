@@ -75,7 +75,8 @@ def main(mode: str, workdir: str):
     if mode == "distill":
         from mskd_tf.distill import distill
 
-        # No BatchNorm: its moving statistics are per replica under any Mirrored training (see README).
+        # No BatchNorm: its moving statistics are per replica under any Mirrored training
+        # (see docs/selection_and_distillation.md).
         student, history = distill(tiny_candidate(8, "teacher", seed=2, batchnorm=False),
                                    tiny_candidate(4, "student", seed=3, batchnorm=False),
                                    train, val, epochs=2, lr=0.05, strategy=strategy, seed=0)

@@ -191,7 +191,7 @@ def test_kd_per_example_matches_logits_distillation():
 
     teacher, student = np.array([[2.0, 0.0, -1.0]], np.float32), np.array([[0.0, 1.0, 0.0]], np.float32)
     value = float(kd_per_example(teacher, student, 4.0)[0])
-    assert value == pytest.approx(1.088, abs=1e-3)  # the README's worked example
+    assert value == pytest.approx(1.088, abs=1e-3)  # the worked example in docs/selection_and_distillation.md
     reference = keras.distillation.LogitsDistillation(4.0, loss=keras.losses.KLDivergence())
     rng = np.random.default_rng(0)
     t, s = rng.normal(size=(16, 10)).astype(np.float32), rng.normal(size=(16, 10)).astype(np.float32)

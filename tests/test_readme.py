@@ -1,6 +1,6 @@
-"""The README's Python examples run as written: each ```python block is executed verbatim, in order, in one
-namespace that holds the names the README assumes (training arrays, a trained ``teacher.keras``, ``model``,
-``train_ds``...), on tiny data in a temporary directory."""
+"""The documentation's Python examples run as written: each ```python block of README.md, then of the docs/ pages
+in PAGES' order, is executed verbatim, in order, in one namespace that holds the names the pages assume (training
+arrays, a trained ``teacher.keras``, ``model``, ``train_ds``...), on tiny data in a temporary directory."""
 
 import re
 from pathlib import Path
@@ -11,12 +11,21 @@ import pytest
 
 from mskd_tf import data, models
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+REPO = Path(__file__).resolve().parent.parent
+# README first, then the reference pages whose blocks build on it (pruning defines ``scores``; distillation uses
+# ``teacher``, ``student``, ``train_ds``; speed uses ``model``). A docs/ page with Python blocks must be listed here.
+PAGES = ("README.md", "docs/pruning.md", "docs/selection_and_distillation.md", "docs/speed.md")
 SLOW_BLOCKS = ("keras.applications.MobileNetV2",)  # a 96x96 MobileNetV2 trained and compressed: ~10 minutes
+FENCE = r"^```python\n(.*?)^```"
 
 
 def python_blocks():
-    return re.findall(r"^```python\n(.*?)^```", README.read_text(), flags=re.S | re.M)
+    """[(where, code)] for every ```python block of PAGES, in order."""
+    blocks = []
+    for page in PAGES:
+        for i, code in enumerate(re.findall(FENCE, (REPO / page).read_text(), flags=re.S | re.M), 1):
+            blocks.append((f"{page} block {i}", code))
+    return blocks
 
 
 def _arrays(n, seed, size=12, classes=3, channels=1):
@@ -53,18 +62,21 @@ def namespace(tmp_path, monkeypatch):
 
 
 def test_the_readme_has_the_examples_this_test_runs():
-    blocks = python_blocks()
+    blocks = [code for _, code in python_blocks()]
     assert len(blocks) >= 5
-    assert any("mskd_tf.compress(teacher" in block for block in blocks)
+    assert "mskd_tf.compress(teacher" in blocks[0]  # the README's first example
     assert sum(any(marker in block for marker in SLOW_BLOCKS) for block in blocks) == 1
+    unlisted = [str(page.relative_to(REPO)) for page in sorted((REPO / "docs").rglob("*.md"))
+                if str(page.relative_to(REPO)) not in PAGES and re.search(FENCE, page.read_text(), flags=re.S | re.M)]
+    assert unlisted == [], "add these pages to PAGES so their Python blocks run"
 
 
 def test_the_readme_python_examples_run_as_written(namespace, capsys):
     ran = 0
-    for block in python_blocks():
+    for where, block in python_blocks():
         if any(marker in block for marker in SLOW_BLOCKS):
             continue
-        exec(compile(block, f"README.md block {ran + 1}", "exec"), namespace)  # noqa: S102 - the README's own code
+        exec(compile(block, where, "exec"), namespace)  # noqa: S102 - the documentation's own code
         ran += 1
     assert ran >= 5
     assert Path("student.keras").exists() and Path("slim.keras").exists()
@@ -77,6 +89,6 @@ def test_the_readme_nested_keras_applications_example_runs_as_written(namespace)
     x, y = _arrays(256, 2, size=96, classes=4, channels=3)
     x_val, y_val = _arrays(96, 3, size=96, classes=4, channels=3)
     namespace.update(x=x, y=y, x_val=x_val, y_val=y_val, mskd_tf=__import__("mskd_tf"))
-    block = next(b for b in python_blocks() if any(marker in b for marker in SLOW_BLOCKS))
-    exec(compile(block, "README.md nested example", "exec"), namespace)  # noqa: S102 - the README's own code
+    where, block = next((w, b) for w, b in python_blocks() if any(marker in b for marker in SLOW_BLOCKS))
+    exec(compile(block, f"{where} (nested example)", "exec"), namespace)  # noqa: S102 - the documentation's own code
     assert {"CONV_2D", "DEPTHWISE_CONV_2D", "ADD"} <= set(namespace["result"].exports[0]["micro"]["ops"])

@@ -1,12 +1,10 @@
-"""Soft pruning: a same-shape copy of the model whose removed channels output zero.
+"""Soft pruning: a same-shape copy of the model in which removed channels contribute nothing.
 
-Zeroing the removed channels' producer filters and biases, and the gamma, beta and moving mean
-of every per-channel layer on them (BatchNormalization, LayerNormalization, depthwise bias), makes each
-removed channel 0 after its normalisation, and 0 stays 0 through ReLU/swish/pooling/products.
-The masked model then computes what the pruned model computes: ``tests`` use it to prove that
-``prune`` kept the right weights, and a sensitivity criterion can use it to try a removal
-without rebuilding the model. Not exact when a removed channel's only producers end in an
-activation with f(0) != 0 (sigmoid) that feeds a layer other than a product.
+Every weight slice on an axis of a removed channel is zeroed: the producers' filters and biases, the
+per-channel layers' parameters and statistics on it, and the consumers' input slices, so the kept
+channels compute what they compute in the pruned model, whatever an activation makes of zero. ``tests``
+use it to prove that ``prune`` kept the right weights; the measured-sensitivity allocation makes its cuts
+in one :class:`MaskedCopy` (one traced forward for every cut, no clone per cut).
 """
 
 from __future__ import annotations
@@ -14,11 +12,51 @@ from __future__ import annotations
 import numpy as np
 
 from mskd_tf.keras_utils import copy_with_weights
-from mskd_tf.pruning.graph import DependencyGraph, build_graph
+from mskd_tf.pruning.graph import DependencyGraph, KeptChannels, build_graph
 
-# Zeroed too on removed channels: a BN without gamma (scale=False, Inception) maps the zero
-# input of a removed channel to 0 only if its moving mean is 0 as well.
-_KEEP_AS_IS = frozenset({"moving_variance", "variance", "count", "mean"})
+
+class MaskedCopy:
+    """A same-shape copy of a model in which cuts are made by zeroing the cut channels' weights.
+
+    Every weight slice on an axis of a cut channel is set to zero, in the layers that produce it and in the ones
+    that read it, so no kept channel receives anything from a cut one, whatever the activations do with zero:
+    the copy computes what the pruned clone computes. :meth:`cut` may be called again with another ``keep``
+    (only the layers either cut touches are rewritten), so one traced forward serves many cuts (a clone per cut
+    is a new model, built and traced anew: about 5 s each on MobileNetV2 here).
+    """
+
+    def __init__(self, model):
+        self.model = copy_with_weights(model)
+        self.graph = build_graph(self.model)
+        self.original = {path: [np.asarray(w.numpy()) for w in record.layer.weights]
+                         for path, record in self.graph.records.items() if getattr(record.layer, "weights", None)}
+        self.zeroed = set()  # paths whose weights hold a cut now
+
+    def cut(self, keep: dict):
+        """Zero the channels ``keep`` ({group id: kept indices}) leaves out; every other weight as in the model."""
+        mask = self.graph.keep_mask(keep)
+        touched = {path for group_id in keep for path in self.graph.group(group_id).layers}
+        for path, arrays in self.original.items():
+            record = self.graph.records[path]
+            if path not in touched:
+                if path in self.zeroed:
+                    record.layer.set_weights(arrays)
+                    self.zeroed.discard(path)
+                continue
+            kept, axes, values = KeptChannels(self.graph, record, mask), record.handler.weight_axes(record.layer), []
+            for weight, array in zip(record.layer.weights, arrays):
+                array = array.copy()
+                for axis, map_name in enumerate(axes.get(weight.name, ())):
+                    if map_name is not None:
+                        dropped = np.ones(array.shape[axis], dtype=bool)
+                        dropped[kept.positions(map_name)] = False
+                        index = [slice(None)] * array.ndim
+                        index[axis] = dropped
+                        array[tuple(index)] = 0.0
+                values.append(array)
+            record.layer.set_weights(values)
+            self.zeroed.add(path)
+
 
 
 def mask_channels(model, keep, graph: DependencyGraph | None = None):
@@ -27,40 +65,15 @@ def mask_channels(model, keep, graph: DependencyGraph | None = None):
     Args:
         model: functional model (not modified).
         keep: ``{group_id: kept indices}`` as for :func:`mskd_tf.pruning.prune`.
-        graph: its dependency graph, if already built.
+        graph: unused (the copy's own graph is built); accepted so calls mirror ``prune``.
 
     Returns:
-        A cloned ``keras.Model`` with the original weights, removed channels zeroed.
+        A copy of the ``keras.Model`` with the original weights, cut channels zeroed (:class:`MaskedCopy`).
     """
-    graph = graph if graph is not None else build_graph(model)
-    mask = graph.keep_mask(keep)
-    masked = copy_with_weights(model)
-    for record in graph.records.values():
-        if record.handler.role(record.layer) not in ("producer", "channelwise"):
-            continue
-        axes = record.handler.weight_axes(record.layer)
-        removed = np.flatnonzero(~mask[graph.channel_of_atom[record.maps["out"].atoms]])
-        if not removed.size:
-            continue
-        layer = _find(masked, record.path)
-        arrays = []
-        for weight in layer.weights:
-            array = np.array(weight.numpy())
-            for axis, map_name in enumerate(axes.get(weight.name, ())):
-                if map_name == "out" and weight.name not in _KEEP_AS_IS:
-                    index = [slice(None)] * array.ndim
-                    index[axis] = removed
-                    array[tuple(index)] = 0.0
-            arrays.append(array)
-        layer.set_weights(arrays)
-    return masked
+    del graph
+    masked = MaskedCopy(model)
+    masked.cut(keep or {})
+    return masked.model
 
 
-def _find(model, path):
-    layer = model
-    for name in path.split("/"):
-        layer = layer.get_layer(name)
-    return layer
-
-
-__all__ = ["mask_channels"]
+__all__ = ["MaskedCopy", "mask_channels"]

@@ -15,6 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from mskd_tf.errors import MskdError
+from mskd_tf.pruning.masking import MaskedCopy
 from mskd_tf.pruning.plan import plan_keep
 
 RATIOS = (0.25, 0.5, 0.75)  # measured keep ratios; the loss between them is interpolated
@@ -38,55 +39,6 @@ def kl_divergence(reference, model, images) -> float:
     return float(np.mean(np.sum(reference * (np.log(np.clip(reference, 1e-12, 1.0)) - np.log(mine)), axis=-1)))
 
 
-class _MaskedCopy:
-    """A copy of the model in which a cut is made by zeroing the cut channels' weights, not by building a clone.
-
-    Every weight slice on an axis of a cut channel is set to zero, in the layers that produce it and in the ones
-    that read it, so no kept channel receives anything from a cut one: the copy computes what the pruned clone
-    computes. One traced forward then serves every cut (a clone per cut is a new model, built and traced anew:
-    about 5 s each on MobileNetV2 here).
-    """
-
-    def __init__(self, model):
-        import keras
-
-        from mskd_tf.pruning.graph import build_graph
-
-        self.model = keras.models.clone_model(model)
-        self.model.set_weights(model.get_weights())
-        self.graph = build_graph(self.model)
-        self.original = {path: [np.asarray(w.numpy()) for w in record.layer.weights]
-                         for path, record in self.graph.records.items() if record.layer.weights}
-        self.zeroed = set()  # paths whose weights hold a cut now
-
-    def cut(self, keep: dict):
-        """Zero the channels ``keep`` ({group id: kept indices}) leaves out; every other weight as in the model."""
-        from mskd_tf.pruning.graph import KeptChannels
-
-        mask = self.graph.keep_mask(keep)
-        touched = {path for group_id in keep for path in self.graph.group(group_id).layers}
-        for path, arrays in self.original.items():
-            record = self.graph.records[path]
-            if path not in touched:
-                if path in self.zeroed:
-                    record.layer.set_weights(arrays)
-                    self.zeroed.discard(path)
-                continue
-            kept, axes, values = KeptChannels(self.graph, record, mask), record.handler.weight_axes(record.layer), []
-            for weight, array in zip(record.layer.weights, arrays):
-                array = array.copy()
-                for axis, map_name in enumerate(axes.get(weight.name, ())):
-                    if map_name is not None:
-                        dropped = np.ones(array.shape[axis], dtype=bool)
-                        dropped[kept.positions(map_name)] = False
-                        index = [slice(None)] * array.ndim
-                        index[axis] = dropped
-                        array[tuple(index)] = 0.0
-                values.append(array)
-            record.layer.set_weights(values)
-            self.zeroed.add(path)
-
-
 def measure(model, graph, scores, images, *, ratios=RATIOS, adapt=None, **plan_options) -> dict:
     """``{group id: {keep ratio: predicted loss}}`` for every prunable group, 1.0 -> 0.
 
@@ -100,7 +52,7 @@ def measure(model, graph, scores, images, *, ratios=RATIOS, adapt=None, **plan_o
         **plan_options: ``round_to``, ``min_channels``, ``protect`` ... as for ``plan_keep``.
     """
     reference = _probabilities(model, images)
-    masked = _MaskedCopy(model)
+    masked = MaskedCopy(model)
     sensitivity = {}
     for group in graph.groups:
         if not group.prunable:
