@@ -103,7 +103,7 @@ def summary_table(rep: dict) -> str:
             name, training = STUDENT_RUNS[run]
             note = f"{steps}, {training}"
             if paired and s.get("shipped") == run:  # why this run ships: the paired comparison on validation
-                note += f"; vs the other run on validation: {paired['verdict']} (p = {paired['p_value']:.2g})"
+                note += f"; vs the other run on validation: {paired['verdict']} (p = {paired['p_value']:.3g})"
             rows.append((name + (" (shipped)" if s.get("shipped") == run else ""), _fmt_m(s.get("macs")),
                          _fmt_m(s.get("params"), 3), _fmt_pct(values.get("val_acc")), _fmt_pct(values.get("test_acc")),
                          note))

@@ -862,7 +862,7 @@ def run_distill(ctx: Context):
         paired = out.get("kd_vs_ce")
         if paired is not None:
             line += (f"; {paired['kd_only']} images only KD and {paired['ce_only']} only cross-entropy got right, "
-                     f"p = {paired['p_value']:.2g}: {paired['verdict']}")
+                     f"p = {paired['p_value']:.3g}: {paired['verdict']}")
             if paired["verdict"] == "within noise":
                 line += ", so the distilled student ships"
         line += ")"

@@ -74,7 +74,7 @@ def test_an_interrupted_teacher_resumes_to_the_uninterrupted_weights(cfg, tmp_pa
     _assert_same_weights(f"{cfg.workdir}/teacher.keras", f"{resumed.workdir}/teacher.keras")
 
 
-@pytest.mark.parametrize("stop_in", ["kd", "ce"])
+@pytest.mark.parametrize("stop_in", [pytest.param("kd", marks=pytest.mark.slow), "ce"])
 def test_an_interrupted_distillation_resumes_to_the_uninterrupted_students(cfg, tmp_path, monkeypatch, capsys,
                                                                            stop_in):
     """Stopped after the first epoch of the KD run, or of the cross-entropy run (the KD run then is kept)."""
