@@ -15,8 +15,10 @@ Python arguments (``target_macs=``) rather than flags (``--target_macs=``).
 
 from __future__ import annotations
 
+import difflib
 import json
 import time
+import warnings
 from pathlib import Path
 
 from mskd_tf import multiworker, stages, training
@@ -131,6 +133,37 @@ def _follow_chief(ctx, stop_after) -> CompressionResult:
     return stages.result(ctx, timings)
 
 
+# compress()'s own arguments: a settings dict or keyword naming one of them would set it twice.
+_OWN_ARGUMENTS = ("target_macs", "target_params", "target_arena_kb", "target_flash_kb", "criteria", "strategy", "export",
+                  "workdir", "seed")
+# Settings of a run that trains its own teacher on a named data source; compress() takes a trained model and data.
+_NOT_FOR_A_TRAINED_MODEL = {
+    **dict.fromkeys(("dataset", "data_dir", "download", "train_subset"),
+                    "compress() takes the data as arguments (train, val, test); slice your arrays to use fewer"),
+    "val_fraction": "pass val=(x_val, y_val) (with val=None, 10% of numpy train data is held out)",
+    "augment": "numpy input is not augmented; pass a tf.data dataset that augments, as train",
+    **dict.fromkeys(("model", "teacher", "width"), "the model is compress()'s first argument"),
+    **dict.fromkeys(("epochs", "lr", "schedule", "momentum"),
+                    "it trains a teacher, and compress() starts from yours (the student's training: "
+                    "distill_epochs, finetune_lr, kd_lr_scale)"),
+}
+
+
+def _settings(values: dict, *, where: str) -> dict:
+    """Config settings given to compress() by name, each checked to be one that applies to a trained model."""
+    names = {f.name for f in Config.fields()}
+    for key in values:
+        if key in _OWN_ARGUMENTS:
+            raise MskdError(f"{where}{key}: pass it as compress()'s own argument, compress(..., {key}=...).")
+        if key in _NOT_FOR_A_TRAINED_MODEL:
+            raise MskdError(f"{where}{key}={values[key]!r} does not apply to compress(): {_NOT_FOR_A_TRAINED_MODEL[key]}.")
+        if key not in names:
+            close = difflib.get_close_matches(key, sorted(names - set(_NOT_FOR_A_TRAINED_MODEL)), n=1)
+            raise MskdError(f"{where}{key}: not a setting" + (f"; did you mean {close[0]}?" if close else "")
+                            + " (the fields of mskd_tf.Config are the settings).")
+    return dict(values)
+
+
 def compress(
     model,
     train,
@@ -149,6 +182,7 @@ def compress(
     workdir: str | None = None,
     seed: int = 0,
     class_names=None,
+    **settings,
 ) -> CompressionResult:
     """Compress a trained Keras functional model with MS-KD.
 
@@ -171,13 +205,17 @@ def compress(
         ``target_macs``, that meets every target: pass ``target_macs=1`` to let the device alone decide.
       target_flash_kb: the int8 student's .tflite file must be at most this many KB; 0 = no limit.
       criteria: names of pruning criteria (default: all registered).
-      selection: overrides for selection settings, e.g. ``{"select_epochs": 2}``.
-      distill: overrides for distillation settings, e.g. ``{"distill_epochs": 5, "alpha": 0.5}``.
+      selection, distill: deprecated dicts of settings; pass them as keyword arguments instead.
       strategy: ``"default"``, ``"one_device"``, ``"mirrored"``, ``"multi_worker"`` or ``"tpu"``.
       export: TFLite variants among ``float32``, ``dynamic``, ``float16``, ``int8``.
       workdir: where artifacts go (a temporary folder when ``None``); rerunning with the same
         workdir resumes.
       seed: seeds every stage.
+      **settings: any other setting of :class:`mskd_tf.Config` that applies to a model you trained, by its
+        name and type: ``select_epochs=2``, ``distill_epochs=5``, ``alpha=0.5``, ``allocations=("uniform",)``,
+        ``round_to=1``, ``batch_size=64`` ... (the fields of :class:`mskd_tf.Config`). A name that is
+        not a setting, or a teacher-training or data-source setting (``epochs``, ``lr``, ``dataset``,
+        ``val_fraction`` ...), raises :class:`MskdError` saying what to do instead.
 
     Example::
 
@@ -191,14 +229,14 @@ def compress(
         return _compress(model, train, val, test=test, target_macs=target_macs, target_params=target_params,
                          target_arena_kb=target_arena_kb, target_flash_kb=target_flash_kb, criteria=criteria,
                          selection=selection, distill=distill, strategy=strategy, export=export, workdir=workdir,
-                         seed=seed, class_names=class_names)
+                         seed=seed, class_names=class_names, settings=settings)
     except MskdError as exc:  # the API speaks of arguments (target_macs=2.0), not flags (--target_macs=2.0)
         exc.args = (as_arguments(str(exc)),)
         raise
 
 
 def _compress(model, train, val, *, test, target_macs, target_params, target_arena_kb, target_flash_kb, criteria,
-              selection, distill, strategy, export, workdir, seed, class_names) -> CompressionResult:
+              selection, distill, strategy, export, workdir, seed, class_names, settings) -> CompressionResult:
     import tempfile
 
     import keras
@@ -215,10 +253,12 @@ def _compress(model, train, val, *, test, target_macs, target_params, target_are
     for name, group in (("selection", selection), ("distill", distill)):
         if group is not None and not isinstance(group, dict):
             raise MskdError(f"{name}: expected a dict of settings, e.g. {{'select_epochs': 2}}; got {type(group).__name__}.")
-        for key, value in (group or {}).items():
-            if key not in {f.name for f in Config.fields()}:
-                raise MskdError(f"{name}: unknown setting {key!r}; see mskd_tf.Config for the names.")
-            overrides[key] = value
+        overrides.update(_settings(group or {}, where=f"{name}: "))
+        if group:
+            warnings.warn(f"compress({name}={{...}}) is deprecated: pass the settings as keyword arguments, e.g. "
+                          f"compress(..., {', '.join(f'{k}={v!r}' for k, v in group.items())}).", DeprecationWarning,
+                          stacklevel=3)
+    overrides.update(_settings(settings, where=""))
     export = (export,) if isinstance(export, str) else export
     criteria = (criteria,) if isinstance(criteria, str) else criteria
     for name, value in (("export", export), ("criteria", criteria), ("class_names", class_names)):

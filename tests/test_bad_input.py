@@ -259,14 +259,21 @@ API_CASES = {
     "seed_text": (lambda: {"seed": "x"}, "^seed='x': must be a whole number"),
     "criteria_number": (lambda: {"criteria": 5}, "^criteria: expected a list of names, got int 5"),
     "selection_not_dict": (lambda: {"selection": 3}, "^selection: expected a dict of settings"),
-    "distill_epochs_text": (lambda: {"distill": {"distill_epochs": "many"}}, "^distill_epochs='many': must be a number"),
-    "micro_without_int8": (lambda: {"export": ("float32",), "distill": {"micro": True}},
+    "distill_epochs_text": (lambda: {"distill_epochs": "many"}, "^distill_epochs='many': must be a number"),
+    "micro_without_int8": (lambda: {"export": ("float32",), "micro": True},
                            "^micro runs the int8 model in TFLite Micro, but export=float32 has no int8: add int8 to "
                            "export or drop micro"),
-    "protect_unknown": (lambda: {"selection": {"protect": ("no_such_layer",)}},
+    "protect_unknown": (lambda: {"protect": ("no_such_layer",)},
                         "^protect=no_such_layer: 'no_such_layer' is neither .*prunable layers: .*\\(checked on model\\)"),
     "workdir_unwritable": (lambda: {"workdir": "/proc/mskd_forbidden"}, "^workdir=/proc/mskd_forbidden: cannot write"),
     "class_names_count": (lambda: {"class_names": ("a", "b")}, "^class_names: 2 names for a model with 3 outputs"),
+    "teacher_training_setting": (lambda: {"epochs": 5}, "^epochs=5 does not apply to compress\\(\\): it trains a "
+                                                        "teacher, and compress\\(\\) starts from yours"),
+    "data_source_setting": (lambda: {"val_fraction": 0.2}, "^val_fraction=0.2 does not apply to compress\\(\\): pass "
+                                                           "val=\\(x_val, y_val\\)"),
+    "misspelled_setting": (lambda: {"select_epoch": 2}, "^select_epoch: not a setting; did you mean select_epochs\\?"),
+    "own_argument_in_a_dict": (lambda: {"selection": {"target_macs": 0.3}},
+                               "^selection: target_macs: pass it as compress\\(\\)'s own argument"),
 }
 
 
@@ -419,3 +426,13 @@ def test_fuzz_data_loaders_raise_mskderror_or_succeed(tmp_path):
         except Exception as exc:  # noqa: BLE001
             pytest.fail(f"case {case} (check_splits): {type(exc).__name__}: {exc}")
     assert outcomes["ok"] >= 5 and outcomes["error"] >= 10, outcomes  # both outcomes were exercised
+
+
+def test_the_old_settings_dicts_still_work_with_a_deprecation_warning(tmp_path):
+    """compress(selection={...}, distill={...}) keeps working for users' code, warning once each; the keyword
+    spelling is the one documented."""
+    with pytest.warns(DeprecationWarning, match=r"compress\(selection=\{...\}\) is deprecated: pass the settings as "
+                                                r"keyword arguments, e.g. compress\(..., distill_epochs='many'\)"):
+        with pytest.raises(MskdError, match="^distill_epochs='many': must be a number"):  # reached: the dict was read
+            mskd_tf.compress(_teacher(), _scaled(_toy()), selection={"distill_epochs": "many"},
+                             workdir=str(tmp_path / "wd"), export=("float32",))

@@ -39,8 +39,8 @@ def test_compress_end_to_end_and_resume(tmp_path, capsys):
     teacher.fit(x, y, epochs=3, batch_size=32, verbose=0)
     result = mskd_tf.compress(
         teacher, (x, y), test=(xt, yt), criteria=("l1", "taylor", "random"), target_macs=0.5,
-        selection={"select_epochs": 0.5, "calibration_batches": 2},
-        distill={"distill_epochs": 1, "distill_baseline": True}, export=("float32",),
+        select_epochs=0.5, calibration_batches=2,
+        distill_epochs=1, distill_baseline=True, export=("float32",),
         workdir=str(tmp_path / "wd"), seed=0,
     )
     names = [f"{c}-{a}" for a in ("global", "uniform") for c in ("l1", "taylor", "random")]
@@ -63,8 +63,8 @@ def test_compress_end_to_end_and_resume(tmp_path, capsys):
     capsys.readouterr()
     again = mskd_tf.compress(
         teacher, (x, y), test=(xt, yt), criteria=("l1", "taylor", "random"), target_macs=0.5,
-        selection={"select_epochs": 0.5, "calibration_batches": 2},
-        distill={"distill_epochs": 1, "distill_baseline": True}, export=("float32",),
+        select_epochs=0.5, calibration_batches=2,
+        distill_epochs=1, distill_baseline=True, export=("float32",),
         workdir=str(tmp_path / "wd"), seed=0,
     )
     out = capsys.readouterr().out
@@ -196,7 +196,7 @@ def test_stale_batchnorm_teacher_is_repaired_and_the_student_never_worse_than_ce
     val = (x[:48], y[:48])
     result = mskd_tf.compress(
         teacher, (x[48:], y[48:]), val, test=(xt, yt), criteria=("l1", "random"), target_macs=0.5,
-        selection={"select_epochs": 0.5, "calibration_batches": 2}, distill={"distill_epochs": 1.5},
+        select_epochs=0.5, calibration_batches=2, distill_epochs=1.5,
         export=("float32",), workdir=str(tmp_path / "wd"), seed=0,
     )
     repair = result.teacher["batchnorm_repair"]
@@ -219,9 +219,8 @@ def test_a_misleading_teacher_loses_to_cross_entropy_and_is_not_shipped(tmp_path
     val = (x[:48], y[:48])
     result = mskd_tf.compress(
         teacher, (x[48:], y[48:]), val, test=(xt, yt), criteria=("l1", "random"), target_macs=0.5,
-        selection={"select_epochs": 0.5, "calibration_batches": 2, "select_loss": "ce", "batch_size": 16,
-                   "finetune_lr": 0.05},
-        distill={"distill_epochs": 4}, export=("float32",), workdir=str(tmp_path / "wd"), seed=0,
+        select_epochs=0.5, calibration_batches=2, select_loss="ce", batch_size=16, finetune_lr=0.05,
+        distill_epochs=4, export=("float32",), workdir=str(tmp_path / "wd"), seed=0,
     )
     m = result.student_metrics
     assert m["shipped"] == "ce" and m["runs"]["ce"]["val_acc"] > m["runs"]["kd"]["val_acc"]
