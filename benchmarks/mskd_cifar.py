@@ -6,6 +6,8 @@
     benchmarks/mskd_cifar.sh --plan_only      # print the plan: every row in order, cached or still to compute
     benchmarks/mskd_cifar.sh --quick          # a ~10-minute smoke version on 5k images (its own files)
     benchmarks/mskd_cifar.sh --model=mobilenet_v2 --width=0.5 --teacher_epochs=80 --teacher_only  # its teacher only
+    benchmarks/mskd_cifar.sh --model=mobilenet_v2 --width=0.5 --teacher_epochs=80  # the MobileNetV2 0.5 study
+        # -> benchmarks/results/mskd_cifar_mobilenet_v2_w0.5.{json,md}; add --plan_only to see its rows first
 
 Protocol
 --------
@@ -38,6 +40,16 @@ Protocol
   + CE at the ``--lr_ablation`` learning rates (is the baseline tuned fairly?); MS-KD with the
   ``--pool_ablation`` capacity pools (``mskd[min_params_ratio=0]`` = selection among all candidates, as before
   the pool existed). A row's name in the results file, its cache key, is ``row_key`` of it.
+* MobileNetV2 (``--model=mobilenet_v2``): the protocol committed before any of its rows (BENCHMARKS.md, "MS-KD on
+  MobileNetV2 0.5 (CIFAR-10): protocol and decision rules, written before any row") instead, in its order: at
+  each seed (0, then 1 and 2) ``ce:l1-uniform``, ``kd:l1-uniform``, ``zc+kd`` (the library's default: what
+  ``python -m mskd_tf.run`` does with no selection flags) and ``mskd`` (fine-tuned selection for the table's
+  ``--select_epochs``, 1.5); for decision rule R2, ``zc+kd[allocations=global+uniform+sensitivity]`` at every
+  seed (the default on candidates built with the opt-in ``sensitivity`` allocation too, in the work dir
+  ``..._global+uniform+sensitivity``, digest-checked as the other targets' are); the oracle (every distinct
+  candidate + CE at seed 0, candidates keeping the same channels merged, best zero-cost score first; if more
+  than 12, the best two of each allocation plus ``l1`` of each; ``--plan_only`` says which rule applied); l1 + CE,
+  l1 + KD and ``zc+kd`` at the ``--other_targets``. No ablations unless their flags are given.
 """
 
 from __future__ import annotations
@@ -70,7 +82,8 @@ flags.DEFINE_integer("zero_cost_keep", 4, "Candidates kept by the zero-cost rung
 flags.DEFINE_float("min_params_ratio", None, "MS-KD's capacity pool (default: the library's, Config.min_params_ratio); "
                    "the rows of other values are named mskd[min_params_ratio=R].")
 flags.DEFINE_list("pool_ablation", ["0"], "min_params_ratio values of the MS-KD ablation rows (seed 0); 0 is the "
-                  "selection before the capacity pool existed.")
+                  "selection before the capacity pool existed. Like --kd_ablation and --lr_ablation: none in the "
+                  "MobileNetV2 protocol unless given.")
 flags.DEFINE_float("weight_decay", 5e-3, "Decoupled weight decay of the teacher and every student row (Keras "
                    "applies lr x wd per step: 5e-3 equals the usual SGD-momentum-0.9 L2 of 5e-4).")
 flags.DEFINE_float("finetune_lr", 0.05, "Peak learning rate of every CE student row (cosine to 0); runs under the KD "
@@ -84,8 +97,9 @@ flags.DEFINE_integer("round_to", 8, "Kept widths are multiples of this. Measured
 flags.DEFINE_float("target_macs", 0.5, "Fraction of the teacher's MACs of the decisive rows.")
 flags.DEFINE_list("other_targets", ["0.3", "0.7"], "Further MACs fractions (l1 + CE, l1 + KD, MS-KD, seed 0).")
 flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds of the decisive rows.")
-flags.DEFINE_list("other_target_seeds", [], "Seeds beyond the first for l1 + KD and MS-KD at the --other_targets "
-                  "(after their seed-0 rows): is a difference between them there more than one row's noise?")
+flags.DEFINE_list("other_target_seeds", [], "Seeds beyond the first for l1 + KD and MS-KD (MobileNetV2 protocol: "
+                  "zc+kd) at the --other_targets (after their seed-0 rows): is a difference between them there more "
+                  "than one row's noise?")
 flags.DEFINE_list("lr_ablation", ["0.02", "0.1"], "Other peak learning rates for l1 + CE (seed 0): is the "
                   "baseline's learning rate a fair one?")
 flags.DEFINE_list("kd_ablation", ["alpha=0.1", "temperature=2", "feature_kd=1"],
@@ -124,6 +138,9 @@ flags.DEFINE_string("name", None, "Results name under benchmarks/results (defaul
 
 BASELINE = "l1-uniform"  # what most users do: L1 filter norms, the same ratio in every layer
 POOL_SETTINGS = ("min_params_ratio", "capacity_reference")  # settings of a selection's capacity pool
+# The allocations of the MobileNetV2 protocol's R2 rows: the library's default ones plus the opt-in sensitivity one
+# (Config.allocations); their candidates are built in a work dir of their own.
+WITH_SENSITIVITY = "global+uniform+sensitivity"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -136,8 +153,9 @@ class Row:
     "select" (the selection a mskd or select+ce row starts from, cached as a row of its own).
     candidate: None where the kind picks it. loss: "kd" or "ce". target: the fraction of the teacher's MACs.
     settings: the row's overrides of the table's settings, sorted by name: the KD loss's (alpha, temperature,
-    feature_kd), the peak learning rate (lr; for the kinds with a selection the rate of its KD runs) and the
-    capacity pool (min_params_ratio, and capacity_reference where it is not the table's).
+    feature_kd), the peak learning rate (lr; for the kinds with a selection the rate of its KD runs), the
+    capacity pool (min_params_ratio, and capacity_reference where it is not the table's) and the allocations its
+    candidates were built with ("+"-joined, where not the library's default ones: another candidate set).
     """
 
     kind: str
@@ -163,9 +181,11 @@ def experiment_plan(s: dict, candidates: dict, oracle: str | None) -> list[Row]:
     partial table should already answer. candidates: the decisive target's (criterion -> its record, with the
     zero-cost score val_acc_before_finetune); oracle: the best candidate + CE at seed 0 once all of those rows are
     cached (until then None, and its rows at more seeds wait). A row listed twice is computed where it comes first.
+    Two plans: issue 13's (ResNet-20) and, for --model=mobilenet_v2, the MobileNetV2 study's protocol.
     """
     decisive_target, seeds = s["target_macs"], s["seeds"]
     s0, more_seeds = seeds[0], seeds[1:]
+    mobilenet = follows_mobilenet_protocol(s)
 
     def ce(candidate, seed, target=decisive_target, lr=None):
         return Row("student", candidate, "ce", seed, target, () if lr is None else (("lr", lr),))
@@ -179,30 +199,58 @@ def experiment_plan(s: dict, candidates: dict, oracle: str | None) -> list[Row]:
     def select_ce(seed, **kd_settings):  # the selection under kd_settings, then CE
         return Row("select+ce", None, "ce", seed, decisive_target, kd_overrides(s, **kd_settings))
 
-    def zc_kd(seed, target=decisive_target):
-        return Row("zc+kd", None, "kd", seed, target)
+    def zc_kd(seed, target=decisive_target, allocations=None):  # allocations: another candidate set's (see Row)
+        return Row("zc+kd", None, "kd", seed, target, () if allocations is None else (("allocations", allocations),))
 
     def decisive(seed):  # at seed 0 also selection + CE, which splits MS-KD's gain
         return [ce(BASELINE, seed), mskd(seed), *([select_ce(seed)] if seed == s0 else []), kd(BASELINE, seed)]
 
     zc_kd_seeds = [int(x) for x in FLAGS.zc_kd_seeds]
 
-    def other_target(target):  # l1 + CE at seed 0; l1 + KD and MS-KD also at the --other_target_seeds; zc+kd
+    def other_target(target, method):  # l1 + CE at seed 0; l1 + KD and method also at the --other_target_seeds; zc+kd
         return [ce(BASELINE, s0, target),
                 *[row for seed in [s0, *map(int, FLAGS.other_target_seeds)]
-                  for row in (kd(BASELINE, seed, target), mskd(seed, target))],
+                  for row in (kd(BASELINE, seed, target), method(seed, target))],
                 *[zc_kd(seed, target) for seed in zc_kd_seeds]]
+
+    def ablation_flag(name):  # the MobileNetV2 protocol has none unless their flags are given
+        return FLAGS[name].value if FLAGS[name].present or not mobilenet else []
 
     # The ablations, most useful first: the KD loss is the one lever left on bar 1 (the oracle best + CE is level
     # with l1 + CE, so selection cannot add there; KD adds +0.5-0.7); then the baseline's lr; then the pool.
     ablations = [
-        *[kd(BASELINE, s0, **setting) for setting in _settings_flag(FLAGS.kd_ablation)],  # which settings help l1 + KD
+        *[kd(BASELINE, s0, **setting)  # which settings help l1 + KD
+          for setting in _settings_flag(ablation_flag("kd_ablation"))],
         *[row for setting in _settings_flag(FLAGS.mskd_kd_ablation) for seed in seeds  # a winning one, at every seed
           for row in (kd(BASELINE, seed, **setting), mskd(seed, **setting))],
-        *[ce(BASELINE, s0, lr=float(lr)) for lr in FLAGS.lr_ablation],  # is the baseline's learning rate a fair one?
-        *[row for ratio in map(float, FLAGS.pool_ablation)  # what the capacity pool gave
+        *[ce(BASELINE, s0, lr=float(lr))  # is the baseline's learning rate a fair one?
+          for lr in ablation_flag("lr_ablation")],
+        *[row for ratio in map(float, ablation_flag("pool_ablation"))  # what the capacity pool gave
           for row in (mskd(s0, min_params_ratio=ratio), select_ce(s0, min_params_ratio=ratio))],
     ]
+    if mobilenet:  # BENCHMARKS.md, "MS-KD on MobileNetV2 0.5 (CIFAR-10)": its rows (1)-(4) and R2's, in its order
+
+        def compared(seed):  # the rows the decision rules compare, paired by seed
+            return [ce(BASELINE, seed), kd(BASELINE, seed), zc_kd(seed), mskd(seed)]
+
+        plan = [
+            *first_rows(s, candidates),
+            # (1) seed 0: l1 + CE, l1 + KD, the library's default (what `python -m mskd_tf.run` does with no
+            # selection flags: the capacity pool's zero-cost pick + KD for all of B), MS-KD with fine-tuned selection
+            # (the table's --select_epochs, 1.5, inside B).
+            *compared(s0),
+            *(ablations if FLAGS.ablations_first else []),
+            *[row for seed in more_seeds for row in compared(seed)],  # (2) the same at seeds 1 and 2
+            # R2 (does the opt-in sensitivity allocation join the default ones?): the default again, on candidates
+            # built with it too (a work dir of their own), paired by seed with the default rows above.
+            *[zc_kd(seed, allocations=WITH_SENSITIVITY) for seed in seeds],
+            # (3) the oracle: every distinct candidate + CE, best zero-cost score first (or the protocol's subset).
+            *[ce(c, s0) for c in oracle_candidates(s, candidates)],
+            # (4) l1 + CE, l1 + KD and the default at the other MACs targets.
+            *[row for target in s["other_targets"] for row in other_target(target, zc_kd)],
+            *([] if FLAGS.ablations_first else ablations),
+        ]
+        return list(dict.fromkeys(plan))
     plan = [
         *first_rows(s, candidates),
         *decisive(s0),
@@ -221,9 +269,9 @@ def experiment_plan(s: dict, candidates: dict, oracle: str | None) -> list[Row]:
         *[zc_kd(seed) for seed in [s0, *zc_kd_seeds]],
         # The oracle table, in the order a selection meets the candidates (best zero-cost score first), so a
         # partial table already scores the picks of the selection rules (benchmarks/selection_signals.py).
-        *[ce(c, s0) for c in sorted(candidates, key=lambda c: -candidates[c]["val_acc_before_finetune"])],
+        *[ce(c, s0) for c in oracle_candidates(s, candidates)],
         # The other MACs targets (does KD's gain grow with the teacher-student gap?).
-        *[row for target in s["other_targets"] for row in other_target(target)],
+        *[row for target in s["other_targets"] for row in other_target(target, mskd)],
         *[ce(oracle, seed) for seed in (more_seeds if oracle else [])],
         *([] if FLAGS.ablations_first else ablations),
     ]
@@ -248,13 +296,62 @@ def first_rows(s: dict, candidates: dict) -> list[Row]:
     return rows
 
 
+def follows_mobilenet_protocol(s: dict) -> bool:
+    """Whether the table follows the MobileNetV2 study's protocol (BENCHMARKS.md, "MS-KD on MobileNetV2 0.5
+    (CIFAR-10): protocol and decision rules, written before any row"): derived from --model, so the driver command
+    committed there computes it as written; every other table follows issue 13's ResNet-20 plan."""
+    return s["model"] == "mobilenet_v2"
+
+
+ORACLE_MAX_NETWORKS = 12  # the MobileNetV2 protocol's oracle trains every distinct candidate up to this many
+
+
+def by_zero_cost(names, candidates: dict) -> list[str]:
+    """The names, best zero-cost score first (ties in the order given)."""
+    return sorted(names, key=lambda c: -candidates[c]["val_acc_before_finetune"])
+
+
+def oracle_candidates(s: dict, candidates: dict) -> list[str]:
+    """The candidates of the oracle table (each + CE at seed 0), best zero-cost score first: every one (issue 13),
+    or the MobileNetV2 protocol's choice (mobilenet_oracle)."""
+    if follows_mobilenet_protocol(s):
+        return mobilenet_oracle(candidates)[0]
+    return by_zero_cost(candidates, candidates)
+
+
+def mobilenet_oracle(candidates: dict) -> tuple[list[str], str]:
+    """The MobileNetV2 protocol's oracle candidates, best zero-cost score first, and the rule that chose them: every
+    distinct network (candidates keeping the same channels are one), or, if there are more than 12, the best two by
+    zero-cost score of each allocation plus l1 of each allocation."""
+    networks = {}  # kept channels -> the candidates keeping them (a results file's summary has none: each its own)
+    for c, record in candidates.items():
+        networks.setdefault(json.dumps(record.get("kept", c), sort_keys=True), []).append(c)
+    # A network's name: l1's where l1 keeps it (its CE row is the baseline's, planned anyway), else the first name.
+    named = {min(group, key=lambda c: (candidates[c]["ranking"] != "l1", c)): group for group in networks.values()}
+    ranked = by_zero_cost(named, candidates)
+    merged = "; ".join(" = ".join(group) for group in networks.values() if len(group) > 1)
+    found = f"{len(named)} distinct networks among {len(candidates)} candidates" + (f" ({merged})" if merged else "")
+    if len(named) <= ORACLE_MAX_NETWORKS:
+        return ranked, f"every one of the {found}"
+    chosen = set()
+    for allocation in sorted({record["allocation"] for record in candidates.values()}):
+        of_allocation = [n for n in ranked if any(candidates[c]["allocation"] == allocation for c in named[n])]
+        chosen.update(of_allocation[:2])
+        chosen.update(n for n in of_allocation if any(candidates[c]["ranking"] == "l1" for c in named[n]))
+    return [n for n in ranked if n in chosen], (
+        f"{found}, more than {ORACLE_MAX_NETWORKS}: the best two by zero-cost score of each allocation plus l1 of "
+        f"each allocation, {len(chosen)} candidates")
+
+
 def oracle_criterion(res, candidates: dict, s: dict) -> str | None:
-    """The candidate with the best validation accuracy after B steps of CE at seed 0, once every candidate has that
-    row cached (else None, e.g. while --later leaves oracle rows out)."""
-    found = {c: res.row(Row("student", c, "ce", s["seeds"][0], s["target_macs"])) for c in candidates}
+    """The oracle candidate with the best validation accuracy after B steps of CE at seed 0, once every oracle
+    candidate has that row cached (else None, e.g. while --later leaves oracle rows out)."""
+    trained = set(oracle_candidates(s, candidates))
+    # In the candidates' own order, so that a tie goes to the same candidate whatever the plan's order.
+    found = {c: res.row(Row("student", c, "ce", s["seeds"][0], s["target_macs"])) for c in candidates if c in trained}
     if not found or None in found.values():
         return None
-    return max(candidates, key=lambda c: found[c]["val_acc"])
+    return max(found, key=lambda c: found[c]["val_acc"])
 
 
 def row_key(row: Row, s: dict) -> str:
@@ -277,6 +374,16 @@ def target_tag(target: float) -> str:
     return f"@{round(100 * target)}"
 
 
+def candidate_set(row: Row) -> tuple:
+    """What the row's candidates were built for: its MACs target and its allocations (None: the library's default)."""
+    return row.target, dict(row.settings).get("allocations")
+
+
+def candidate_set_tag(target: float, allocations: str | None) -> str:
+    """A candidate set's name among the results file's digests: @30, @50[allocations=global+uniform+sensitivity]."""
+    return target_tag(target) + ("" if allocations is None else f"[allocations={allocations}]")
+
+
 def setting_tags(settings: tuple) -> list[str]:
     """Overrides as names write them: the capacity pool first, then the others by name."""
     values = dict(settings)
@@ -284,7 +391,8 @@ def setting_tags(settings: tuple) -> list[str]:
     if "min_params_ratio" in values:
         reference = values.pop("capacity_reference", None)
         pool = [f"min_params_ratio={values.pop('min_params_ratio'):g}" + (f" x {reference}" if reference else "")]
-    return pool + [f"{name}={value:g}" for name, value in values.items()]
+    return pool + [f"{name}={value}" if isinstance(value, str) else f"{name}={value:g}"
+                   for name, value in values.items()]
 
 
 def bracketed(settings: tuple) -> str:
@@ -322,16 +430,19 @@ def network_name(s) -> str:
     return {"mobilenet_v2": "MobileNetV2"}.get(model, model) + (f" {width:g}" if width != 1.0 else "")
 
 
-def pipeline_config(s, target, teacher_path=""):
+def pipeline_config(s, target, teacher_path="", allocations=None):
+    """The pipeline's settings for a candidate set: a MACs target and allocations (None: the library's default)."""
     from mskd_tf.config import Config
 
-    suffix = "" if target == s["target_macs"] else f"_t{round(100 * target)}"
+    suffix = (("" if target == s["target_macs"] else f"_t{round(100 * target)}")
+              + (f"_{allocations}" if allocations else ""))
     return Config(dataset=s["dataset"], model=s["model"], width=s.get("width", 1.0), train_subset=s["train_subset"], batch_size=s["batch_size"],
                   epochs=s["teacher_epochs"], lr=s["teacher_lr"], schedule="cosine", weight_decay=s["weight_decay"],
                   teacher=teacher_path,
                   target_macs=target, round_to=s["round_to"], calibration_batches=10, select_epochs=s["select_epochs"],
                   zero_cost_keep=s["zero_cost_keep"], finetune_lr=s["finetune_lr"], distill_epochs=s["budget"],
-                  temperature=s["temperature"], alpha=s["alpha"], workdir=s["workdir"] + suffix, seed=0)
+                  temperature=s["temperature"], alpha=s["alpha"], workdir=s["workdir"] + suffix, seed=0,
+                  **({"allocations": tuple(allocations.split("+"))} if allocations else {}))
 
 
 def machine() -> dict:
@@ -446,11 +557,12 @@ def keep_artifacts(s) -> bool:
     return FLAGS.keep_artifacts and not s["quick"]
 
 
-def run_stages(s, target, teacher_path="", stop_after="candidates") -> Path:
-    """The pipeline's stages up to ``stop_after`` in the target's work dir, restored from and mirrored to artifacts."""
+def run_stages(s, target, teacher_path="", stop_after="candidates", allocations=None) -> Path:
+    """The pipeline's stages up to ``stop_after`` in the candidate set's work dir, restored from and mirrored to
+    artifacts."""
     from mskd_tf.api import run_pipeline
 
-    cfg = pipeline_config(s, target, teacher_path)
+    cfg = pipeline_config(s, target, teacher_path, allocations)
     wd = Path(cfg.workdir)
     if keep_artifacts(s):
         artifacts.restore(wd)
@@ -460,10 +572,10 @@ def run_stages(s, target, teacher_path="", stop_after="candidates") -> Path:
     return wd
 
 
-def stored_candidates(s, target) -> dict:
-    """A target's candidates as its rows read them: its work dir's candidates.json, or the artifacts mirror's that a
-    run restores it from; {} before the candidates stage has run."""
-    wd = Path(pipeline_config(s, target).workdir)
+def stored_candidates(s, target, allocations=None) -> dict:
+    """A candidate set's candidates as its rows read them: its work dir's candidates.json, or the artifacts mirror's
+    that a run restores it from; {} before the candidates stage has run."""
+    wd = Path(pipeline_config(s, target, allocations=allocations).workdir)
     for folder in (wd, artifacts.mirror_of(wd)):
         if (folder / "candidates.json").exists():
             return {r["criterion"]: r for r in json.loads((folder / "candidates.json").read_text())["candidates"]}
@@ -471,16 +583,36 @@ def stored_candidates(s, target) -> dict:
 
 
 def zero_cost_pick(candidates: dict, s: dict) -> str:
-    """zc+kd's candidate: the best zero-cost score in the capacity pool (where MS-KD's selection starts)."""
+    """zc+kd's candidate: the best zero-cost score in the capacity pool (where MS-KD's selection starts), a tie going
+    to fewer MACs, then to the first name, as in the library's select stage at --select_epochs=0."""
     from mskd_tf import selection
 
     pooled = selection.capacity_pool({c: r["params"] for c, r in candidates.items()}, s["min_params_ratio"])
-    return max(pooled, key=lambda c: candidates[c]["val_acc_before_finetune"])
+    return min(pooled, key=lambda c: (-candidates[c]["val_acc_before_finetune"], candidates[c]["macs"], c))
 
 
-def prepare(s, target, teacher_path=""):
+def zero_cost_twins(row: Row, s: dict, candidates_of) -> list[Row]:
+    """The rows that are this zc+kd row's very run, so that a cached one is copied, not trained again: its pick's KD
+    row; on another candidate set (other allocations), the KD rows of the table's candidates keeping the pick's
+    channels (the same network: same teacher, rankings and builder), and the table's zc+kd row if its pick is one
+    of them. candidates_of(target, allocations): a candidate set's candidates ({} before they exist: no twins)."""
+    target, allocations = candidate_set(row)
+    candidates = candidates_of(target, allocations)
+    if not candidates:
+        return []
+    pick = zero_cost_pick(candidates, s)
+    if allocations is None:
+        return [Row("student", pick, "kd", row.seed, target)]
+    table_candidates = candidates_of(target, None)  # a results file's summary of them has no kept channels: none same
+    same = [c for c, record in table_candidates.items() if record.get("kept", False) == candidates[pick]["kept"]]
+    return [*(Row("student", c, "kd", row.seed, target) for c in same),
+            *([Row("zc+kd", None, "kd", row.seed, target)] if same and zero_cost_pick(table_candidates, s) in same
+              else [])]
+
+
+def prepare(s, target, teacher_path="", allocations=None):
     """teacher, rank, candidates through the pipeline's stages; returns the workdir and its digests."""
-    wd = run_stages(s, target, teacher_path)
+    wd = run_stages(s, target, teacher_path, allocations=allocations)
     # The files every row starts from, by content: a rebuilt teacher or candidate invalidates the rows.
     files = ["teacher.keras", "rankings.json", "candidates.json", *sorted(
         str(p.relative_to(wd)) for p in (wd / "candidates").glob("*.keras"))]
@@ -539,20 +671,23 @@ def main(_):
                                val_images=splits.info.num_val, test_images=splits.info.num_test)
     res.data["budget_steps"], res.data["steps_per_epoch"] = budget, per_epoch
 
-    inputs = {}  # MACs target -> (work dir, teacher, candidates): what that target's rows start from
+    inputs = {}  # candidate set -> (work dir, teacher, candidates): what that set's rows start from
 
-    def inputs_of(target):
-        """A target's work dir, teacher and candidates; another target's stages run when the plan first reaches
-        it, and if its files changed its cached rows are dropped."""
-        if target not in inputs:
+    def inputs_of(target, allocations=None):
+        """A candidate set's work dir, teacher and candidates; the stages of another set (another MACs target or
+        other allocations) run when the plan first reaches it, and if its files changed its cached rows are dropped."""
+        key = target, allocations
+        if key not in inputs:
             wd_t = wd
-            if target != s["target_macs"]:
-                wd_t, digests_t = prepare(s, target, teacher_path=str(wd / "teacher.keras"))
-                if res.data["targets"].get(target_tag(target)) != digests_t:
-                    res.data["rows"] = {k: r for k, r in res.data["rows"].items() if row_of(r).target != target}
-                    res.data["targets"][target_tag(target)] = digests_t
-            inputs[target] = wd_t, keras.models.load_model(wd_t / "teacher.keras"), stored_candidates(s, target)
-        return inputs[target]
+            if key != (s["target_macs"], None):
+                wd_t, digests_t = prepare(s, target, teacher_path=str(wd / "teacher.keras"), allocations=allocations)
+                tag = candidate_set_tag(target, allocations)
+                if res.data["targets"].get(tag) != digests_t:
+                    res.data["rows"] = {k: r for k, r in res.data["rows"].items() if candidate_set(row_of(r)) != key}
+                    res.data["targets"][tag] = digests_t
+            inputs[key] = (wd_t, keras.models.load_model(wd_t / "teacher.keras"),
+                           stored_candidates(s, target, allocations))
+        return inputs[key]
 
     _, _, candidates = inputs_of(s["target_macs"])
     res.data["candidates"] = {c: {k: r.get(k) for k in ("macs", "params", "val_acc_before_finetune", "ranking",
@@ -562,8 +697,10 @@ def main(_):
     def train(row, teacher, source, *, extra, steps=budget):
         """Fine-tune the network in ``source`` for ``steps`` under the row's loss and settings; cache the row."""
         kd = row.loss == "kd"
-        # A select+ce row's settings are its selection's; its own run is the table's CE run.
-        own = {} if row.kind == "select+ce" else {k: v for k, v in row.settings if k not in POOL_SETTINGS}
+        # A select+ce row's settings are its selection's; its own run is the table's CE run. A candidate set's
+        # allocations chose the network, not how it trains.
+        own = {} if row.kind == "select+ce" else {k: v for k, v in row.settings
+                                                  if k not in (*POOL_SETTINGS, "allocations")}
         lr = own.pop("lr", s["kd_lr"] if kd else s["finetune_lr"])
         loss = {"temperature": s["temperature"], "alpha": s["alpha"], "feature_kd": 0.0, **own}
         keras.utils.set_random_seed(row.seed)
@@ -623,14 +760,15 @@ def main(_):
         return res.row(select_row), out / "selected.keras", ratio
 
     def compute(row):
-        """Train the row (a zc+kd row whose pick already has its KD row is that run) and cache it."""
-        wd_t, teacher, candidates_t = inputs_of(row.target)
+        """Train the row (a zc+kd row whose very run is cached already: a copy of it) and cache it."""
+        wd_t, teacher, candidates_t = inputs_of(*candidate_set(row))
         if row.kind == "student":
             train(row, teacher, wd_t / "candidates" / f"{row.candidate}.keras", extra={"criterion": row.candidate})
         elif row.kind == "zc+kd":
             top = zero_cost_pick(candidates_t, s)
-            same_run = res.row(Row("student", top, "kd", row.seed, row.target))
-            if same_run:  # that candidate's own KD row is this very run
+            twins = zero_cost_twins(row, s, lambda *key: inputs_of(*key)[2])
+            same_run = next((res.row(twin) for twin in twins if res.row(twin)), None)
+            if same_run:
                 res.put(row, same_run)
             else:
                 train(row, teacher, wd_t / "candidates" / f"{top}.keras", extra={"criterion": top})
@@ -646,7 +784,7 @@ def main(_):
         stages run as the plan reaches it."""
         res.data["oracle_criterion"] = oracle = oracle_criterion(res, candidates, s)
         for row in experiment_plan(s, candidates, oracle):
-            inputs_of(row.target)
+            inputs_of(*candidate_set(row))
             if not res.row(row) and row_key(row, s) not in FLAGS.later:
                 return row
         return None
@@ -663,12 +801,28 @@ def main(_):
 def print_plan(res: Results, s: dict):
     """--plan_only: the plan in order, each row cached, put off (--later), the copy of a cached run or to compute,
     from the candidates a run would start from (else, at the decisive target, the table's record of them)."""
-    candidates = {s["target_macs"]: stored_candidates(s, s["target_macs"]) or res.data.get("candidates", {})}
-    plan = experiment_plan(s, candidates[s["target_macs"]], oracle_criterion(res, candidates[s["target_macs"]], s))
+    table_set = s["target_macs"], None
+    candidates = {table_set: stored_candidates(s, s["target_macs"]) or res.data.get("candidates", {})}
+
+    def candidates_of(target, allocations):
+        if (target, allocations) not in candidates:
+            candidates[target, allocations] = stored_candidates(s, target, allocations)
+        return candidates[target, allocations]
+
+    plan = experiment_plan(s, candidates[table_set], oracle_criterion(res, candidates[table_set], s))
     cached = [row for row in plan if res.row(row)]
-    print(f"{s['name']}: {len(plan)} rows planned, {len(cached)} cached" + ("" if candidates[s["target_macs"]] else
+    print(f"{s['name']}: {len(plan)} rows planned, {len(cached)} cached" + ("" if candidates[table_set] else
           "; no candidates yet (their stage has not run): the rows of every candidate are not planned yet"))
-    print(f"{'#':>3}  {'status':<11} {'row (its name in the results file)':<46} {'kind':<9} {'candidate':<18} "
+    if follows_mobilenet_protocol(s):
+        oracle_rule = (mobilenet_oracle(candidates[table_set])[1] if candidates[table_set] else
+                       f"its rows wait for the candidates (every distinct network, candidates keeping the same "
+                       f"channels being one; if more than {ORACLE_MAX_NETWORKS}, the best two by zero-cost score of "
+                       "each allocation plus l1 of each allocation)")
+        print(f"MobileNetV2 protocol (BENCHMARKS.md, written before any row): mskd selects for --select_epochs="
+              f"{s['select_epochs']:g} of B = {s['budget']:g} epochs (the table's, so its names carry no override); "
+              f"zc+kd is the library default; oracle: {oracle_rule}")
+    names = max([46, *(len(row_key(row, s)) for row in plan)])  # the column of the rows' names
+    print(f"{'#':>3}  {'status':<11} {'row (its name in the results file)':<{names}} {'kind':<9} {'candidate':<18} "
           f"{'loss':<4} {'seed':>4} {'target':>6}  settings")
     selections = set()  # selections a row to compute runs first (mskd and select+ce rows share theirs)
     for number, row in enumerate(plan, 1):
@@ -680,13 +834,10 @@ def print_plan(res: Results, s: dict):
                     f"{row_key(selection_row, s)})")
             selections.add(selection_row)
         if status == "to compute" and row.kind == "zc+kd":
-            if row.target not in candidates:
-                candidates[row.target] = stored_candidates(s, row.target)
-            pick = candidates[row.target] and Row("student", zero_cost_pick(candidates[row.target], s), "kd",
-                                                  row.seed, row.target)
-            if pick and res.row(pick):
-                status, note = "copy", f"  (of {row_key(pick, s)}, the same run)"
-        print(f"{number:>3}  {status:<11} {row_key(row, s):<46} {row.kind:<9} {row.candidate or '-':<18} "
+            twin = next((twin for twin in zero_cost_twins(row, s, candidates_of) if res.row(twin)), None)
+            if twin:
+                status, note = "copy", f"  (of {row_key(twin, s)}, the same run)"
+        print(f"{number:>3}  {status:<11} {row_key(row, s):<{names}} {row.kind:<9} {row.candidate or '-':<18} "
               f"{row.loss:<4} {row.seed:>4} {row.target:>6g}  {', '.join(setting_tags(row.settings)) or '-'}{note}")
 
 
@@ -826,9 +977,13 @@ def render(data: dict) -> str:
              *variants("ablation: l1 + KD with ", decisive["l1 + KD"]),
              *variants("ablation: MS-KD selection + CE, ", select_ce),
              ("capacity pool + zero-cost pick + KD for all of B (no selection training; the method of the library's "
-              "default --select_epochs=0 since 2026-12-05)", decisive["zc+kd"])]
+              "default --select_epochs=0 since 2026-12-05)", decisive["zc+kd"]),
+             *variants("the same on candidates of ", decisive["zc+kd"])]  # the MobileNetV2 protocol's R2 rows
+    cands = data.get("candidates", {})
+    oracle_rows = [(c, table[r]) for c in cands
+                   if (r := Row("student", c, "ce", seeds[0], s["target_macs"])) in table]
     if oracle:
-        named.insert(1, (f"oracle best candidate + CE (found with {len(data.get('candidates', {}))} x B steps)",
+        named.insert(1, (f"oracle best candidate + CE (found with {len(oracle_rows)} x B steps)",
                          Row("student", oracle, "ce", 0, s["target_macs"])))
     for label, row in named:
         found = _at_seeds(table, row, seeds)
@@ -853,6 +1008,10 @@ def render(data: dict) -> str:
                       "points (bar: >= -1.50)."]
     if pairs := _zero_cost_pairs(table, s["target_macs"]):
         lines += ["", pairs]
+    with_sensitivity = dataclasses.replace(decisive["zc+kd"], settings=(("allocations", WITH_SENSITIVITY),))
+    if gain := _paired(table, with_sensitivity, decisive["zc+kd"]):
+        lines += ["", f"Zero-cost pick + KD on candidates with the sensitivity allocation minus without it, paired by "
+                      f"seed (test points): {gain}."]
     timed = {seed_and_target(row, s): r for row, r in table.items()
              if row.kind == "select" and not row.settings and r.get("time_split") and r.get("seconds")
              and not _resumed(r)}
@@ -862,9 +1021,6 @@ def render(data: dict) -> str:
                           f"{k} {r['seconds']:.0f} s, {100 * (1 - r['time_split']['train'] / r['seconds']):.0f}%"
                           f" (score {r['time_split']['score']:.0f}, trace {r['time_split']['trace']:.0f} s)"
                           for k, r in sorted(timed.items())) + "."]
-    cands = data.get("candidates", {})
-    oracle_rows = [(c, table[r]) for c in cands
-                   if (r := Row("student", c, "ce", seeds[0], s["target_macs"])) in table]
     if oracle_rows:
         lines += ["", f"**Every candidate + CE (seed {seeds[0]}, B steps each)**", "",
                   "| candidate | MACs (M) | params (k) | val acc before fine-tune (BN-recalibrated) % | val acc % | "
