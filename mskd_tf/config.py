@@ -68,6 +68,9 @@ class Config:
                                     "(1024 bytes), measured; 0 = no limit.")
     target_flash_kb: float = _field(0.0, "The int8 student's .tflite file must be at most this many KB, measured; "
                                     "0 = no limit.")
+    target_latency_ms: float = _field(0.0, "The int8 student must run one image in at most this many ms in LiteRT on "
+                                      "the machine that runs the pipeline (median of 50), measured; 0 = no limit.")
+    latency_threads: int = _field(1, "LiteRT threads for --target_latency_ms.")
     round_to: int = _field(8, "Round kept channel counts to a multiple of this (8: oneDNN / SIMD widths train up to 4.7x "
                                 "faster than odd ones; groups narrower than 2 x this use a finer power of two; 1 = exact).")
     min_channels: int = _field(4, "Never keep fewer channels than this in a layer.")
@@ -160,7 +163,8 @@ class Config:
                 bad(f.name, f"must be one of {', '.join(c for c in choices if c) or choices}.")
             if isinstance(value, float) and not math.isfinite(value):
                 bad(f.name, "must be a finite number.")
-        for name in ("batch_size", "epochs", "num_replicas", "calibration_batches", "calibration_samples", "round_to", "min_channels"):
+        for name in ("batch_size", "epochs", "num_replicas", "calibration_batches", "calibration_samples", "round_to", "min_channels",
+                     "latency_threads"):
             if getattr(self, name) < 1:
                 bad(name, "must be >= 1.")
         for name in ("train_subset", "bn_recalibration_batches", "zero_cost_keep"):
@@ -173,12 +177,13 @@ class Config:
             bad("val_fraction", "must be in [0, 1).")
         if not 0 < self.target_macs <= 1:
             bad("target_macs", "is a fraction of the teacher's MACs and must be in (0, 1].")
-        for name in ("target_params", "target_arena_kb", "target_flash_kb"):
+        for name in ("target_params", "target_arena_kb", "target_flash_kb", "target_latency_ms"):
             if getattr(self, name) < 0:
                 bad(name, "must be >= 0 (0 = no such target).")
-        if (self.target_arena_kb or self.target_flash_kb or self.target_params) and "sensitivity" in self.allocations:
+        if ((self.target_arena_kb or self.target_flash_kb or self.target_params or self.target_latency_ms)
+                and "sensitivity" in self.allocations):
             bad("allocations", "sensitivity plans to --target_macs only; with --target_params / --target_arena_kb / "
-                               "--target_flash_kb use global and uniform.")
+                               "--target_flash_kb / --target_latency_ms use global and uniform.")
         if not 0 <= self.alpha <= 1:
             bad("alpha", "must be in [0, 1].")
         if not 0 <= self.min_params_ratio <= 1:

@@ -5,7 +5,7 @@ searched here: the largest MACs ratio (at most ``--target_macs``) whose plan mee
 winning. MACs and parameters are counted from the plan (:class:`~mskd_tf.pruning.plan.CostModel`); the arena
 and the flash size are predicted from it and then measured on the built candidate: converted to int8 and run in
 TFLite Micro, whose recording allocator reports the arena it used. A candidate whose measurement misses a
-target is planned again against a target tightened by the miss, so the figures in ``candidates.json`` are
+target is planned again under MACs caps searched with measurements, so the figures in ``candidates.json`` are
 measured ones.
 
 Prediction (:class:`Predictor`): the arena's planned part follows the peak of live int8 activations
@@ -29,8 +29,8 @@ KB = 1024
 CALIBRATION_IMAGES = 32
 # Plans searched per candidate: the MACs ratio is bisected this many times.
 SEARCH_STEPS = 14
-# Re-plans of one candidate after its measurement missed a target.
-MAX_REPLANS = 3
+# Measured re-plans of one candidate after its predicted plan missed a target.
+MAX_REPLANS = 5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,21 +41,23 @@ class Targets:
     params: float = 0.0
     arena_kb: float = 0.0
     flash_kb: float = 0.0
+    latency_ms: float = 0.0
+    latency_threads: int = 1
 
     @classmethod
     def from_config(cls, cfg):
         return cls(macs=cfg.target_macs, params=cfg.target_params, arena_kb=cfg.target_arena_kb,
-                   flash_kb=cfg.target_flash_kb)
+                   flash_kb=cfg.target_flash_kb, latency_ms=cfg.target_latency_ms, latency_threads=cfg.latency_threads)
 
     @property
     def beyond_macs(self) -> bool:
         """Whether a target other than the MACs ratio is set (the candidates' plans are then searched)."""
-        return bool(self.params or self.arena_kb or self.flash_kb)
+        return bool(self.params or self.on_device)
 
     @property
     def on_device(self) -> bool:
-        """Whether a target needs the int8 model measured (the arena or the flash size)."""
-        return bool(self.arena_kb or self.flash_kb)
+        """Whether a target needs the int8 model measured (the arena, the flash size or the latency)."""
+        return bool(self.arena_kb or self.flash_kb or self.latency_ms)
 
     def limits(self, base_params: int) -> dict:
         """``{what: the largest allowed value}`` in parameters and bytes, for the targets that are set."""
@@ -66,12 +68,15 @@ class Targets:
             limits["arena_bytes"] = self.arena_kb * KB
         if self.flash_kb:
             limits["flash_bytes"] = self.flash_kb * KB
+        if self.latency_ms:
+            limits["latency_ms"] = self.latency_ms
         return limits
 
 
-def measure(model, calibration_images) -> dict:
-    """The int8 model's measured ``flash_bytes`` (its .tflite size) and TFLM arena (``arena_bytes`` and its
-    planned ``arena_head`` / persistent ``arena_tail`` parts)."""
+def measure(model, calibration_images, *, latency_threads: int = 1) -> dict:
+    """The int8 model's measured ``flash_bytes`` (its .tflite size), TFLM arena (``arena_bytes`` and its planned
+    ``arena_head`` / persistent ``arena_tail`` parts) and LiteRT ``latency_ms`` (median of 50 single-image runs
+    on ``latency_threads`` threads, on this machine)."""
     from mskd_tf import quantize
     from mskd_tf.deploy import tflm
 
@@ -80,8 +85,9 @@ def measure(model, calibration_images) -> dict:
     if usage is None:
         raise MskdError(f"model {model.name!r}: TFLite Micro could not run its int8 conversion in a 64 MB arena; "
                         "device targets need a model TFLM runs.")
+    latency = quantize.LiteRTModel(tflite, threads=latency_threads).latency_ms(calibration_images)
     return {"flash_bytes": len(tflite), "arena_bytes": usage["total"], "arena_head": usage["head"],
-            "arena_tail": usage["tail"]}
+            "arena_tail": usage["tail"], "latency_ms": latency}
 
 
 def _output_channels(graph, mask) -> int:
@@ -99,8 +105,9 @@ class Predictor:
     Each measured part is a line through the two points: the arena's planned part against the predicted peak
     of live activations (TFLM's planner adds a few KB of fragmentation), its persistent part against the kept
     output channels (per-channel multipliers, shifts and quantization), the flash size against the parameters
-    (int8 kernels, int32 biases, per-channel scales). ``points``: ``[(plan keep or None, params, measured)]``;
-    none: parameters only.
+    (int8 kernels, int32 biases, per-channel scales). ``points``: ``[(plan keep or None, params, macs, measured)]``;
+    none: parameters only. Latency follows the MACs on a line through the two (LiteRT's kernels run some widths
+    no faster than wider ones: the measurement of each candidate decides).
     """
 
     def __init__(self, graph, base_params: int, points=()):
@@ -109,24 +116,27 @@ class Predictor:
         self.graph, self.base_params, self._peak = graph, base_params, activation_peak
         self.lines = None
         if points:
-            features = [self._features(keep, params) for keep, params, _ in points]
+            features = [self._features(keep, params, macs) for keep, params, macs, _ in points]
             (a, b), (ma, mb) = features, [measured for *_, measured in points]
             self.lines = {part: _line(a[x], ma[part], b[x], mb[part])
-                          for part, x in (("arena_head", "peak"), ("arena_tail", "channels"), ("flash_bytes", "params"))}
+                          for part, x in (("arena_head", "peak"), ("arena_tail", "channels"), ("flash_bytes", "params"),
+                                          ("latency_ms", "macs"))}
 
-    def _features(self, keep, params) -> dict:
+    def _features(self, keep, params, macs) -> dict:
         mask = self.graph.keep_mask(keep)
         return {"peak": self._peak(self.graph, keep).bytes, "channels": _output_channels(self.graph, mask),
-                "params": params}
+                "params": params, "macs": macs}
 
     def __call__(self, plan) -> dict:
         predicted = {"params": plan.params}
         if self.lines is not None:
-            x = self._features(plan.keep, plan.params)
+            x = self._features(plan.keep, plan.params, plan.macs)
             parts = {part: slope * x[feature] + offset
-                     for (part, (slope, offset)), feature in zip(self.lines.items(), ("peak", "channels", "params"))}
+                     for (part, (slope, offset)), feature in zip(self.lines.items(),
+                                                                 ("peak", "channels", "params", "macs"))}
             predicted["arena_bytes"] = parts["arena_head"] + parts["arena_tail"]
             predicted["flash_bytes"] = parts["flash_bytes"]
+            predicted["latency_ms"] = parts["latency_ms"]
         return predicted
 
 
@@ -136,21 +146,23 @@ def _line(x0, y0, x1, y1):
     return slope, y0 - slope * x0
 
 
-def plan_to_targets(graph, scores, targets: Targets, predict, *, mode: str, limits=None, **plan_options):
-    """The plan of the largest MACs ratio (at most ``targets.macs``) whose predicted costs are within ``limits``.
+def plan_to_targets(graph, scores, targets: Targets, predict, *, mode: str, max_macs: float | None = None,
+                    **plan_options):
+    """The plan of the largest MACs ratio (at most ``targets.macs`` and ``max_macs``) whose predicted costs meet
+    the targets.
 
-    ``predict(plan) -> {"params", "arena_bytes", "flash_bytes"}``; ``limits`` default to the targets' own
-    (a re-plan passes tightened ones). Raises :class:`MskdError` when even the narrowest plan misses.
+    ``predict(plan) -> {"params", "arena_bytes", "flash_bytes", "latency_ms"}``; a re-plan after a measured miss
+    passes a ``max_macs`` below the missed plan's. Raises :class:`MskdError` when even the narrowest plan misses.
     """
     from mskd_tf.pruning.plan import plan_keep
 
-    limits = limits if limits is not None else targets.limits(predict.base_params)
+    limits = targets.limits(predict.base_params)
 
     def meets(plan):
         predicted = predict(plan)
         return all(predicted[key] <= limit for key, limit in limits.items())
 
-    widest = plan_keep(graph, scores, target_macs=targets.macs, mode=mode, **plan_options)
+    widest = plan_keep(graph, scores, target_macs=min(targets.macs, max_macs or 1.0), mode=mode, **plan_options)
     if meets(widest):
         return widest
     narrowest = plan_keep(graph, scores, keep_ratio=1e-9, mode="uniform", **plan_options)
@@ -176,11 +188,14 @@ def plan_to_targets(graph, scores, targets: Targets, predict, *, mode: str, limi
 def unreachable_message(targets: Targets, limits: dict, smallest: dict, lower_bound: bool = False) -> str:
     """Which target the narrowest plan still misses, with the smallest value reachable (or a lower bound of it)."""
     flags = {"params": "--target_params", "arena_bytes": "--target_arena_kb", "flash_bytes": "--target_flash_kb"}
-    missed = [key for key, limit in limits.items() if smallest[key] > limit]
+    missed = [key for key, limit in limits.items() if key in smallest and smallest[key] > limit]
     parts = []
     for key in missed:
         if key == "params":
             parts.append(f"--target_params={targets.params:g}: the narrowest plan keeps {smallest[key]} parameters")
+        elif key == "latency_ms":
+            parts.append(f"--target_latency_ms={targets.latency_ms:g}: the narrowest plan runs in about "
+                         f"{smallest[key]:.3g} ms here ({targets.latency_threads} LiteRT thread(s))")
         else:
             parts.append(f"{flags[key]}={getattr(targets, key.replace('_bytes', '_kb')):g}: the narrowest plan needs "
                          f"{'more than' if lower_bound else 'about'} {smallest[key] / KB:.1f} KB")
@@ -188,19 +203,16 @@ def unreachable_message(targets: Targets, limits: dict, smallest: dict, lower_bo
             "--min_channels / --round_to, or use smaller input images.")
 
 
-def tightened(limits: dict, measured: dict) -> dict | None:
-    """The limits a re-plan aims at after ``measured`` missed some: each missed one lowered by its miss (and 1%
-    more); None when nothing was missed."""
-    missed = {key: limit for key, limit in limits.items() if key in measured and measured[key] > limit}
-    if not missed:
-        return None
-    return {key: (limit * limit / measured[key] * 0.99 if key in missed else limit) for key, limit in limits.items()}
+def _shortfall(limits: dict, measured: dict) -> float:
+    """The largest miss as a ratio below 1 (limit / measured of the worst target)."""
+    return min(limit / measured[key] for key, limit in limits.items() if key in measured)
 
 
 def check_reachable(graph, targets: Targets, **plan_options):
     """Refuse, before any training, targets that even the narrowest plan cannot meet, by lower bounds that hold
     for any weights: the input tensor and the narrowest plan's peak of live activations (int8) for the arena,
-    one byte per parameter for the flash size, the parameter count itself."""
+    one byte per parameter for the flash size, the parameter count itself; for a latency target the narrowest
+    architecture's int8 model is timed in LiteRT (a few seconds)."""
     from mskd_tf import flops
     from mskd_tf.pruning.memory import activation_peak
     from mskd_tf.pruning.plan import plan_keep
@@ -216,6 +228,14 @@ def check_reachable(graph, targets: Targets, **plan_options):
                         "of the arena; raise the target or use smaller input images.")
     bounds = {"params": narrowest.params, "flash_bytes": narrowest.params,
               "arena_bytes": activation_peak(graph, narrowest.keep).bytes}
+    if "latency_ms" in limits:  # measured: the narrowest architecture in LiteRT (its speed does not depend on weights)
+        from mskd_tf import quantize
+        from mskd_tf.pruning import prune
+
+        shape = tuple(int(d) for d in graph.model.inputs[0].shape[1:])
+        images = np.random.default_rng(0).uniform(0, 1, (8, *shape)).astype(np.float32)
+        tflite = quantize.convert(prune(graph.model, narrowest.keep, graph), "int8", calibration_images=images)
+        bounds["latency_ms"] = quantize.LiteRTModel(tflite, threads=targets.latency_threads).latency_ms(images)
     if any(bounds[key] > limit for key, limit in limits.items()):
         raise MskdError(unreachable_message(targets, limits, bounds, lower_bound=True))
 
@@ -237,34 +257,57 @@ class TargetPlanner:
         self.teacher_measured = None
         points = []
         if targets.on_device:  # the predictions' anchors: the teacher's int8 model in TFLM, and its uniform half
-            self.teacher_measured = measure(teacher, images)
+            self.teacher_measured = self._measure(teacher)
             half = plan_keep(graph, None, keep_ratio=0.5, mode="uniform", **plan_options)
-            points = [(None, base_params, self.teacher_measured),
-                      (half.keep, half.params, measure(prune(teacher, half.keep, graph), images))]
+            points = [(None, base_params, int(flops.count(teacher).macs), self.teacher_measured),
+                      (half.keep, half.params, half.macs, self._measure(prune(teacher, half.keep, graph)))]
         self.predict = Predictor(graph, base_params, points)
         self._measured = {}  # kept widths -> measured costs: candidates of one shape (the uniform ones) share them
 
-    def planner(self, mode: str, limits=None):
-        """``fn(scores) -> Plan`` for ``build_candidates``: the widest plan of this allocation within the limits."""
-        return lambda scores: plan_to_targets(self.graph, scores, self.targets, self.predict, mode=mode,
-                                              limits=limits or self.limits, **self.plan_options)
+    def _measure(self, model) -> dict:
+        return measure(model, self.images, latency_threads=self.targets.latency_threads)
 
-    def verified(self, candidate, rebuild):
-        """``(candidate, its measured costs)``; a candidate that misses a measured target is planned again (by
-        ``rebuild(limits)``) against limits tightened by the miss."""
-        limits = self.limits
-        for attempt in range(MAX_REPLANS + 1):
-            measured = {"params": candidate.params}
+    def planner(self, mode: str, max_macs: float | None = None):
+        """``fn(scores) -> Plan`` for ``build_candidates``: the widest plan of this allocation that meets the targets
+        (at most ``max_macs`` of the teacher's MACs)."""
+        return lambda scores: plan_to_targets(self.graph, scores, self.targets, self.predict, mode=mode,
+                                              max_macs=max_macs, **self.plan_options)
+
+    def verified(self, candidate, rebuild, teacher_macs: int):
+        """``(candidate, its measured costs)``. A candidate whose measurement misses a target is planned again
+        (``rebuild(max_macs)``) under lower MACs caps, searched with measurements: down by the miss until a plan
+        meets every target, then back up between it and the nearest miss; the widest measured plan that meets
+        them is kept."""
+        def costs(model_candidate):
+            measured = {"params": model_candidate.params}
             if self.targets.on_device:
-                shape = tuple(sorted((group, len(kept)) for group, kept in candidate.keep.items()))
+                shape = tuple(sorted((group, len(kept)) for group, kept in model_candidate.keep.items()))
                 if shape not in self._measured:
-                    self._measured[shape] = measure(candidate.model, self.images)
+                    self._measured[shape] = self._measure(model_candidate.model)
                 measured.update(self._measured[shape])
-            if all(measured[k] <= v for k, v in self.limits.items()):
-                return candidate, measured
-            if attempt < MAX_REPLANS:
-                limits = tightened(limits, measured)
-                candidate = rebuild(limits)
+            return measured
+
+        def meets(measured):
+            return all(measured[k] <= v for k, v in self.limits.items())
+
+        measured = costs(candidate)
+        if meets(measured):
+            return candidate, measured
+        missed_ratio, hit = candidate.macs / teacher_macs, None
+        cap = missed_ratio * min(0.9, _shortfall(self.limits, measured))
+        for _ in range(MAX_REPLANS):
+            trial = rebuild(cap)
+            trial_costs, ratio = costs(trial), trial.macs / teacher_macs
+            if meets(trial_costs):
+                if hit is None or trial.macs > hit[0].macs:
+                    hit = (trial, trial_costs)
+                cap = (ratio + missed_ratio) / 2
+            else:
+                missed_ratio = min(missed_ratio, ratio)
+                cap = ((hit[0].macs / teacher_macs + missed_ratio) / 2 if hit is not None
+                       else missed_ratio * min(0.9, _shortfall(self.limits, trial_costs)) ** 2)
+        if hit is not None:
+            return hit
         missed = {k: measured[k] for k, v in self.limits.items() if measured[k] > v}
         raise MskdError(f"candidate {candidate.criterion}: still measured {missed} against the limits {self.limits} "
                         f"after {MAX_REPLANS} re-plans; raise the target.")

@@ -119,10 +119,11 @@ def candidates_table(rows) -> str:
     per-layer widths, accuracy before fine-tuning (from candidates.json rows)."""
     device = any("arena_bytes" in r for r in rows)
     kb = lambda value: f"{value / 1024:.1f}" if value is not None else ""  # noqa: E731
-    return _table(("criterion", "MMACs", "Mparams", "MACs ratio", *(("arena KB", "flash KB") if device else ()),
-                   "widths", "val acc before fine-tune %"),
+    return _table(("criterion", "MMACs", "Mparams", "MACs ratio",
+                   *(("arena KB", "flash KB", "LiteRT ms") if device else ()), "widths", "val acc before fine-tune %"),
                   [(r["criterion"], _fmt_m(r["macs"]), _fmt_m(r["params"], 3), f"{r['macs_ratio']:.3f}",
-                    *((kb(r.get("arena_bytes")), kb(r.get("flash_bytes"))) if device else ()),
+                    *((kb(r.get("arena_bytes")), kb(r.get("flash_bytes")), f"{r['latency_ms']:.3f}")
+                      if device else ()),
                     " ".join(str(w) for w in (r.get("widths") or {}).values()), _fmt_pct(r.get("val_acc_before_finetune")))
                    for r in rows])
 

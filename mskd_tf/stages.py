@@ -666,6 +666,7 @@ def run_candidates(ctx: Context):
     adapt = lambda clone: selection.recalibrate_batchnorm(clone, ctx.calibration, cfg.bn_recalibration_batches)  # noqa: E731
     plan_options = dict(round_to=cfg.round_to, min_channels=cfg.min_channels, protect=cfg.protect)
     targets = device_targets.Targets.from_config(cfg)
+    teacher_macs = flops.count(teacher).macs
     devices = None
     if targets.beyond_macs:
         images = None
@@ -677,23 +678,23 @@ def run_candidates(ctx: Context):
     for allocation in cfg.allocations:
         mode = "uniform" if allocation == "sensitivity" else allocation
 
-        def build(some_rankings, limits=None, mode=mode, allocation=allocation):
+        def build(some_rankings, max_macs=None, mode=mode, allocation=allocation):
             planner = None
             if allocation == "sensitivity":
                 planner = _sensitivity_planner(ctx, teacher, graph, plan_options)
             elif devices is not None:
-                planner = devices.planner(mode, limits)
+                planner = devices.planner(mode, max_macs)
             return build_candidates(
                 teacher, some_rankings, target_macs=cfg.target_macs, graph=graph, mode=mode, planner=planner,
                 evaluate=lambda clone: evaluate(clone, ctx.data.val), adapt=adapt, **plan_options,
             )
 
         for c in build(rankings):  # the candidate's name: its criterion, plus the allocation when there are several
-            measured = devices.verified(c, lambda limits, c=c, build=build: build({c.criterion: rankings[c.criterion]},
-                                                                                 limits)[0]) if devices else (c, {})
+            measured = devices.verified(
+                c, lambda max_macs, c=c, build=build: build({c.criterion: rankings[c.criterion]}, max_macs)[0],
+                teacher_macs) if devices else (c, {})
             candidates.append((candidate_name(c.criterion, allocation, cfg.allocations), c.criterion, allocation,
                                *measured))
-    teacher_macs = flops.count(teacher).macs
     teacher_widths = layer_widths(graph, {})
     rows = []
     for name, criterion, allocation, c, measured in candidates:
@@ -881,15 +882,18 @@ def _target_checks(ctx: Context, student, rows, micro) -> dict:
                 "--target_arena_kb": (targets.arena_kb, targets.arena_kb,
                                       micro and micro["arena_bytes"] / device_targets.KB, "KB"),
                 "--target_flash_kb": (targets.flash_kb, targets.flash_kb,
-                                      int8 and int8["bytes"] / device_targets.KB, "KB")}
+                                      int8 and int8["bytes"] / device_targets.KB, "KB"),
+                "--target_latency_ms": (targets.latency_ms, targets.latency_ms,
+                                        int8 and int8["latency_ms"].get(targets.latency_threads), "ms")}
     for flag, (given, limit, value, unit) in measured.items():
         if not given:
             continue
         if value is None:  # the export that would measure it was not asked for
             checks[f"{flag}={given:g}"] = {"measured": None, "unit": unit, "margin": None, "met": None}
             continue
-        checks[f"{flag}={given:g}"] = {"measured": round(value, 1), "unit": unit, "margin": round(limit - value, 1),
-                                       "met": bool(value <= limit)}
+        digits = 3 if unit == "ms" else 1
+        checks[f"{flag}={given:g}"] = {"measured": round(value, digits), "unit": unit,
+                                       "margin": round(limit - value, digits), "met": bool(value <= limit)}
     return checks
 
 
@@ -912,7 +916,8 @@ def run_export(ctx: Context):
     print(report.exports_table(rows), flush=True)
     for flag, check in checks.items():
         if check["met"] is None:
-            print(f"export: {flag} not checked: it needs --export=int8 (and --micro for the arena)", flush=True)
+            print(f"export: {flag} not checked: it needs --export=int8 (and --micro for the arena, --latency_threads "
+                  "of 1 or 2 for the latency)", flush=True)
             continue
         verdict = "meets" if check["met"] else "WARNING: misses"
         print(f"export: the shipped int8 student {verdict} {flag}: {check['measured']} {check['unit']} "
@@ -957,7 +962,8 @@ PIPELINE = (
                       "teacher", "width", "epochs", "optimizer", "lr", "schedule", "momentum", "weight_decay"),
           ("teacher.keras", "teacher.json"), run_teacher),
     Stage("rank", ("criteria", "calibration_batches"), ("rankings.json",), run_rank),
-    Stage("candidates", ("target_macs", "target_params", "target_arena_kb", "target_flash_kb", "allocations", "round_to", "min_channels", "protect",
+    Stage("candidates", ("target_macs", "target_params", "target_arena_kb", "target_flash_kb", "target_latency_ms",
+                         "latency_threads", "allocations", "round_to", "min_channels", "protect",
                          "bn_recalibration_batches"), ("candidates.json",), run_candidates),
     Stage("select", ("select_epochs", "zero_cost_keep", "min_params_ratio", "select_loss", "successive_halving", "tie_tolerance",
                      "finetune_lr", "kd_lr_scale", "temperature", "alpha"), ("selected.keras", "selection.json"),

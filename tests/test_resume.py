@@ -78,7 +78,7 @@ def test_an_interrupted_teacher_resumes_to_the_uninterrupted_weights(cfg, tmp_pa
 def test_an_interrupted_distillation_resumes_to_the_uninterrupted_students(cfg, tmp_path, monkeypatch, capsys,
                                                                            stop_in):
     """Stopped after the first epoch of the KD run, or of the cross-entropy run (the KD run then is kept)."""
-    cfg.epochs, cfg.select_epochs, cfg.distill_epochs, cfg.criteria = 1, 0.0, 3.0, ("l1",)
+    cfg.epochs, cfg.select_epochs, cfg.distill_epochs, cfg.criteria = 1, 0.0, 2.0, ("l1",)
     run_pipeline(cfg, stop_after="distill")
     resumed = dataclasses.replace(cfg, workdir=str(tmp_path / "resumed"))
     run_pipeline(resumed, stop_after="select")
