@@ -92,7 +92,7 @@ def run_variant(data_set: str, seed: int, variant: str) -> dict:
     cfg = base_config(data_set, seed, str(base))
     run_pipeline(cfg, stop_after="select")  # teacher, rank, candidates, select: shared by every variant
     if variant.startswith("target_macs="):  # the shared teacher and rankings, its own candidates and selection
-        target = base.with_name(f"{base.name}_{variant}")
+        target = base.with_name(f"{base.name}_macs{variant.split('=')[1]}")  # not the variant's own (removed) dir
         if not target.exists():
             shutil.copytree(base, target)
         cfg = variant_config(dataclasses.replace(cfg, workdir=str(target)), variant)
