@@ -62,9 +62,10 @@ import keras
 import tensorflow as tf
 
 from mskd_tf import flops, training
+from mskd_tf.batchnorm import batchnorms, recalibrate_batchnorm
 from mskd_tf.distribute import chief_values, is_chief, make_strategy
 from mskd_tf.errors import MskdError
-from mskd_tf.keras_utils import all_layers, copy_with_weights, weights_digest, with_synchronized_batchnorm
+from mskd_tf.keras_utils import copy_with_weights, weights_digest, with_synchronized_batchnorm
 from mskd_tf.training import make_optimizer
 from mskd_tf.workdir import atomic_path
 
@@ -324,41 +325,6 @@ def _load_teacher(teacher, strategy):
     return teacher
 
 
-def recalibrate_batchnorm(model, dataset, num_batches: int) -> int:
-    """Re-estimate every BatchNormalization's moving mean/variance on ``num_batches`` batches.
-
-    Pruning removes channels that later layers summed over, so the teacher's BN
-    statistics no longer describe the clone's activations, and an un-tuned clone
-    scores near chance. Averaging fresh batch statistics (no gradient step: the
-    "adaptive BN" of EagleEye, Li et al. 2020) restores a meaningful accuracy
-    before any fine-tuning, which makes the candidates' early comparison fair.
-    ``dataset``: a dataset of ``(images, labels)`` batches or a list of them.
-    Returns the number of batches used.
-    """
-    layers = _batchnorms(model)
-    if not layers or num_batches < 1:
-        return 0
-    saved = [layer.momentum for layer in layers]
-    sums, used = None, 0
-    try:
-        for layer in layers:  # momentum 0: each forward pass leaves exactly its batch's statistics
-            layer.momentum = 0.0
-        # Traced with momentum 0 (set above on every call), so one trace serves every recalibration of this model.
-        forward = training.forward_function(model, training=True)
-        for images, _ in dataset[:num_batches] if isinstance(dataset, list) else dataset.take(num_batches):
-            forward(images)
-            stats = [(layer.moving_mean.numpy(), layer.moving_variance.numpy()) for layer in layers]
-            sums = stats if sums is None else [(m + dm, v + dv) for (m, v), (dm, dv) in zip(sums, stats)]
-            used += 1
-        for layer, (mean, variance) in zip(layers, sums or []):  # the average over the batches
-            layer.moving_mean.assign(mean / used)
-            layer.moving_variance.assign(variance / used)
-    finally:
-        for layer, momentum in zip(layers, saved):
-            layer.momentum = momentum
-    return used
-
-
 def time_split_total(payload: dict) -> dict:
     """Seconds per part (setup, train, trace, score, save) summed over every candidate and rung of a
     selection payload (``select``'s return value / selection.json); the rest of its wall time was outside
@@ -426,7 +392,7 @@ def write_selection(workdir, payload: dict, selected) -> None:
     workdir = Path(workdir)
     model = keras.models.load_model(selected, compile=False) if isinstance(selected, (str, Path)) else selected
     # Checkpoints trained on several replicas carry synchronized BatchNorm (a training aid); the artifact is plain.
-    plain = _with_batchnorm_sync(model, False) if any(bn.synchronized for bn in _batchnorms(model)) else model
+    plain = _with_batchnorm_sync(model, False) if any(bn.synchronized for bn in batchnorms(model)) else model
     _atomic(workdir / "selected.keras", plain.save)
     _atomic(workdir / "selection.json", lambda tmp: Path(tmp).write_text(json.dumps(payload, indent=2)))
 
@@ -616,7 +582,7 @@ class _CandidateTrainer:
             start = keras.models.load_model(self.checkpoint(name), compile=resumed) if resumed else self._source(name)
         keras.utils.set_random_seed(self.settings["seed"])  # inside select's seeded block: restored on exit
         with self.strategy.scope():
-            as_loaded = own and not self.sync_bn and not any(bn.synchronized for bn in _batchnorms(start))
+            as_loaded = own and not self.sync_bn and not any(bn.synchronized for bn in batchnorms(start))
             model = start if as_loaded else _with_batchnorm_sync(start, self.sync_bn)
             optimizer = make_optimizer(self.settings["optimizer"], self.settings["lr"], total_steps=1,
                                        schedule="constant", weight_decay=self.settings["weight_decay"])
@@ -715,7 +681,7 @@ class _CandidateTrainer:
         if not self.sync_bn:
             # One replica: re-estimate on the trained model itself and put training's statistics back after the
             # validation pass; the same numbers as on a copy, without the copy (~0.2 s a candidate, issue 14).
-            layers = _batchnorms(tuner.model)
+            layers = batchnorms(tuner.model)
             kept = [(bn.moving_mean.numpy(), bn.moving_variance.numpy()) for bn in layers]
             try:
                 recalibrate_batchnorm(tuner.model, self._recalibration_batches, batches)
@@ -818,10 +784,6 @@ def _worker_rank() -> tuple[int, int]:
         raise MskdError(f"TF_CONFIG: task {me[0]}:{me[1]} is not a chief or worker of the cluster {cluster}; "
                         "candidate-parallel selection runs on chief and worker tasks.")
     return members.index(me), len(members)
-
-
-def _batchnorms(model) -> list:
-    return [layer for layer in all_layers(model) if isinstance(layer, keras.layers.BatchNormalization)]
 
 
 def _with_batchnorm_sync(model, synchronized: bool) -> keras.Model:

@@ -386,7 +386,7 @@ def run_teacher(ctx: Context):
 
     import keras
 
-    from mskd_tf import models, training
+    from mskd_tf import batchnorm, models, training
     from mskd_tf.keras_utils import with_synchronized_batchnorm
 
     cfg, d = ctx.cfg, ctx.data
@@ -444,7 +444,7 @@ def run_teacher(ctx: Context):
         shutil.rmtree(backup, ignore_errors=True)
         if best.exists():  # restore the best-on-validation weights (saved with the training-time BatchNorm)
             teacher = with_synchronized_batchnorm(keras.models.load_model(best), False)
-    teacher, repair = repair_batchnorm(teacher, ctx.calibration, d.val)
+    teacher, repair = batchnorm.repair_batchnorm(teacher, ctx.calibration, d.val)
     metrics = {"val_acc": evaluate(teacher, d.val) if d.val is not None else None,
                "test_acc": evaluate(teacher, d.test), "batchnorm_repair": repair}
     metrics.update(_cost(teacher))
@@ -497,41 +497,6 @@ def _csv_history(path: Path) -> dict:
     except OSError:
         return {}
     return {key: [float(row[key]) for row in rows] for key in (rows[0] if rows else {}) if key != "epoch"}
-
-
-# Batches of un-augmented training data for re-estimating the teacher's BatchNorm statistics.
-# A constant, not a flag: the teacher stage's inputs (and so every trained teacher) stay valid.
-TEACHER_BN_BATCHES = 20
-# The recalibrated teacher replaces the trained one only when it is this much better on validation.
-TEACHER_BN_MARGIN = 0.005
-
-
-def repair_batchnorm(teacher, calibration, val):
-    """The teacher, or a copy with re-estimated BatchNorm statistics when that copy is clearly better.
-
-    With few steps per epoch the moving statistics lag the weights, and a teacher that fits its
-    training set can score near chance in inference mode; distilling from it would teach the student
-    its mistakes. Candidates are scored after the same recalibration, so teacher and candidates are
-    compared alike. The caller's model is never modified. Returns ``(model, record)``.
-    """
-    import keras
-
-    from mskd_tf import selection
-    from mskd_tf.keras_utils import all_layers, copy_with_weights
-
-    has_bn = any(isinstance(layer, keras.layers.BatchNormalization) for layer in all_layers(teacher))
-    if val is None or not has_bn:
-        return teacher, None
-    before = evaluate(teacher, val)
-    copy = copy_with_weights(teacher)
-    used = selection.recalibrate_batchnorm(copy, calibration, TEACHER_BN_BATCHES)
-    after = evaluate(copy, val)
-    applied = after > before + TEACHER_BN_MARGIN
-    record = {"val_acc_before": before, "val_acc_recalibrated": after, "batches": used, "applied": applied}
-    if applied:
-        print(f"teacher: BatchNorm statistics re-estimated on {used} training batches: validation accuracy "
-              f"{_pct(before)} -> {_pct(after)} (the moving statistics lagged the weights)", flush=True)
-    return (copy if applied else teacher), record
 
 
 def _cost(model) -> dict:
@@ -636,14 +601,14 @@ SENSITIVITY_BN_BATCHES = 2
 
 def _sensitivity_planner(ctx: Context, teacher, graph, plan_options):
     """``fn(scores) -> Plan``: measure every group's sensitivity under these scores, then allocate to the target."""
-    from mskd_tf import quantize, selection
+    from mskd_tf import batchnorm, quantize
     from mskd_tf.pruning import sensitivity
 
     images, _ = quantize.dataset_arrays(ctx.calibration, SENSITIVITY_IMAGES)  # as the model takes them
     batches = min(ctx.cfg.bn_recalibration_batches, SENSITIVITY_BN_BATCHES)
 
     def adapt(model):
-        selection.recalibrate_batchnorm(model, ctx.calibration, batches)
+        batchnorm.recalibrate_batchnorm(model, ctx.calibration, batches)
 
     def planner(scores):
         measured = sensitivity.measure(teacher, graph, scores, images, adapt=adapt, **plan_options)
@@ -653,7 +618,7 @@ def _sensitivity_planner(ctx: Context, teacher, graph, plan_options):
 
 
 def run_candidates(ctx: Context):
-    from mskd_tf import device_targets, flops, report, selection
+    from mskd_tf import batchnorm, device_targets, flops, report
     from mskd_tf.pruning import build_graph
     from mskd_tf.pruning.candidates import build_candidates, layer_widths, overlap_matrix
 
@@ -663,7 +628,7 @@ def run_candidates(ctx: Context):
     rankings = load_rankings(str(ctx.wd / "rankings.json"), graph=graph)
     rankings = {name: rankings[name] for name in cfg.criteria}
     candidates = []
-    adapt = lambda clone: selection.recalibrate_batchnorm(clone, ctx.calibration, cfg.bn_recalibration_batches)  # noqa: E731
+    adapt = lambda clone: batchnorm.recalibrate_batchnorm(clone, ctx.calibration, cfg.bn_recalibration_batches)  # noqa: E731
     plan_options = dict(round_to=cfg.round_to, min_channels=cfg.min_channels, protect=cfg.protect)
     targets = device_targets.Targets.from_config(cfg)
     teacher_macs = flops.count(teacher).macs

@@ -327,7 +327,7 @@ def forward_function(model, *, training: bool = False):
     """``model(images, training=training)`` traced once per model and mode (see :func:`per_instance_function`).
 
     Python attributes the layers read while tracing (a BatchNormalization's ``momentum``) are frozen at the
-    first call: ``selection.recalibrate_batchnorm`` sets momentum 0 before every call of the training mode.
+    first call: ``batchnorm.recalibrate_batchnorm`` sets momentum 0 before every call of the training mode.
     """
     per_mode = _FORWARD_FUNCTIONS.setdefault(model, {})
     if training not in per_mode:
