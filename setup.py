@@ -8,7 +8,7 @@ from setuptools import find_packages, setup
 
 VERSION = re.search(r'__version__ = "([^"]+)"', Path("mskd_tf/__init__.py").read_text()).group(1)
 
-# The working set pinned and tested together on the project's machine (see DESIGN.md):
+# The working set pinned and tested together on the project's machine:
 # tf-keras needs the full tensorflow wheel; tfmot 0.8.1 needs absl-py 1.x;
 # tensorflow-datasets 4.9.10 on Python 3.11 needs importlib_resources.
 INSTALL_REQUIRES = [

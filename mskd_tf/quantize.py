@@ -2,7 +2,7 @@
 
 Conversion goes through ``model.export(..., format="tf_saved_model")`` and
 ``tf.lite.TFLiteConverter.from_saved_model``: converting an ad-hoc ``tf.function``
-keeps resource variables and int8 calibration then fails (DESIGN.md pitfalls).
+keeps resource variables, and int8 calibration then fails.
 
 Nothing here is assumed to work because the converter returned bytes: every
 file is run with the LiteRT interpreter (``ai_edge_litert``) on test images and
