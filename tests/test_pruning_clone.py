@@ -7,7 +7,7 @@ import tensorflow as tf
 
 from mskd_tf import models
 from mskd_tf.pruning import build_graph, mask_channels, plan_keep, prune
-from test_pruning_helpers import L, check_pruning, randomize_batchnorm, toy_model
+from pruning_helpers import L, check_pruning, randomize_batchnorm, toy_model
 
 
 def _assert_correct(result, target=0.5):

@@ -6,7 +6,7 @@ import pytest
 
 from mskd_tf.errors import MskdError
 from mskd_tf.pruning import build_graph, prune
-from test_pruning_helpers import L, toy_model
+from pruning_helpers import L, toy_model
 
 
 @pytest.fixture(scope="module")

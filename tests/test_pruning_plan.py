@@ -7,7 +7,7 @@ import pytest
 from mskd_tf import flops, models
 from mskd_tf.errors import MskdError
 from mskd_tf.pruning import build_graph, plan_keep, prune
-from test_pruning_helpers import L, random_scores
+from pruning_helpers import L, random_scores
 
 
 def _chain(widths=(16, 24, 32)):

@@ -7,7 +7,7 @@ import pytest
 from mskd_tf.pruning import build_graph, plan_keep
 from mskd_tf.pruning.criteria import rank
 from mskd_tf.pruning.sensitivity import allocate, measure, predicted_loss
-from test_pruning_helpers import L
+from pruning_helpers import L
 
 
 def _model_with_dead_channels():
