@@ -107,6 +107,9 @@ flags.DEFINE_list("kd_ablation", ["alpha=0.1", "temperature=2", "feature_kd=1"],
 flags.DEFINE_list("mskd_kd_ablation", [],
                   "KD settings (key=value, as --kd_ablation) under which MS-KD (selection and distillation) and l1 + KD "
                   "are recomputed at every seed: the 3-seed test of a KD setting that won its --kd_ablation row.")
+flags.DEFINE_bool("sensitivity_rows", False, "ResNet-20 plan: add decision rule R2's rows (the zero-cost pick + KD on "
+                  "candidates built with the sensitivity allocation too, at every seed) after the other targets; the "
+                  "MobileNetV2 protocol has them always.")
 flags.DEFINE_bool("ablations_first", False, "Compute the ablation rows right after seed 0's decisive rows instead of "
                   "last (when seed 0 already raises the question they answer); the table is the same.")
 flags.DEFINE_list("first", [], "Rows of one candidate to compute before the script's order, each "
@@ -273,6 +276,8 @@ def experiment_plan(s: dict, candidates: dict, oracle: str | None) -> list[Row]:
         # The other MACs targets (does KD's gain grow with the teacher-student gap?).
         *[row for target in s["other_targets"] for row in other_target(target, mskd)],
         *[ce(oracle, seed) for seed in (more_seeds if oracle else [])],
+        # R2's ResNet-20 half: does the default lose more than 0.1 when the sensitivity allocation joins its candidates?
+        *([zc_kd(seed, allocations=WITH_SENSITIVITY) for seed in seeds] if FLAGS.sensitivity_rows else []),
         *([] if FLAGS.ablations_first else ablations),
     ]
     return list(dict.fromkeys(plan))
