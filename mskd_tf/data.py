@@ -450,21 +450,21 @@ def augment_batch(images, seed):
 
 
 def _options():
-    options = tf.data.Options()
+    options = without_autotuning()
     options.deterministic = True
     # Input work must not pre-empt the training step on 2 cores: keep it on one thread.
     options.threading.max_intra_op_parallelism = 1
-    # No autotuning: with it every pass over a pipeline ended 0.2-0.4 s after its last batch (the iterator's
-    # teardown waits for the tuning thread; a 12-step fit of ResNet-20's clone took 2.56 s, 2.2 s without, the
-    # steps equal: BENCHMARKS.md, issue 14). The library runs many short passes (selection rungs, BatchNorm
-    # re-estimation, scores), and batches are made ~100x faster than trained on: a fixed prefetch is enough.
-    options.autotune.enabled = False
     return options
 
 
 def without_autotuning():
-    """Options that turn tf.data's autotuning off (see :func:`_options`), for datasets a user passes in: the
-    library reads them in many short passes, and each pass's end waited up to 5 s for the tuning thread."""
+    """Options that turn tf.data's autotuning off, for the library's pipelines and the datasets a user passes in.
+
+    With it every pass over a pipeline ended late, waiting for the tuning thread (0.2-0.4 s, up to 5 s:
+    docs/benchmarks/quiet_machine_2026-12-03.md, "The bimodal TF blocks"). The library runs many short passes
+    (selection rungs, BatchNorm re-estimation, scores), and batches are made ~100x faster than trained on: a
+    fixed prefetch is enough.
+    """
     options = tf.data.Options()
     options.autotune.enabled = False
     return options

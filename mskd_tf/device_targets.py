@@ -9,9 +9,8 @@ target is planned again under MACs caps searched with measurements, so the figur
 measured ones.
 
 Prediction (:class:`Predictor`): the arena's planned part follows the peak of live int8 activations
-(:mod:`mskd_tf.pruning.memory`, a lower bound: TFLM's greedy planner needed exactly it for small_cnn and for
-MobileNetV2 0.5 at 32x32, 8% more for MobileNetV2 0.35 at 16x16, 33% more for the ResNet-20 teacher and none
-more for its half), its persistent part the kept output channels, the flash size the parameters; each is fitted
+(:mod:`mskd_tf.pruning.memory`, a lower bound TFLM's greedy planner may exceed by its fragmentation), its
+persistent part the kept output channels, the flash size the parameters, the latency the MACs; each is fitted
 through two measured models, the teacher and its uniform half-MACs cut.
 """
 
@@ -308,6 +307,9 @@ class TargetPlanner:
                        else missed_ratio * min(0.9, _shortfall(self.limits, trial_costs)) ** 2)
         if hit is not None:
             return hit
-        missed = {k: measured[k] for k, v in self.limits.items() if measured[k] > v}
-        raise MskdError(f"candidate {candidate.criterion}: still measured {missed} against the limits {self.limits} "
-                        f"after {MAX_REPLANS} re-plans; raise the target.")
+        flags = {"params": "--target_params", "arena_bytes": "--target_arena_kb", "flash_bytes": "--target_flash_kb",
+                 "latency_ms": "--target_latency_ms"}
+        missed = ", ".join(f"{flags[k]} (measured {measured[k]:.4g} against {v:.4g} {'ms' if k == 'latency_ms' else ''})"
+                           for k, v in self.limits.items() if measured[k] > v)
+        raise MskdError(f"candidate {candidate.criterion}: no plan measured within {missed} after {MAX_REPLANS} "
+                        "re-plans; raise that target (or lower --min_channels / --round_to).")

@@ -122,7 +122,8 @@ def candidates_table(rows) -> str:
     return _table(("criterion", "MMACs", "Mparams", "MACs ratio",
                    *(("arena KB", "flash KB", "LiteRT ms") if device else ()), "widths", "val acc before fine-tune %"),
                   [(r["criterion"], _fmt_m(r["macs"]), _fmt_m(r["params"], 3), f"{r['macs_ratio']:.3f}",
-                    *((kb(r.get("arena_bytes")), kb(r.get("flash_bytes")), f"{r['latency_ms']:.3f}")
+                    *((kb(r.get("arena_bytes")), kb(r.get("flash_bytes")),
+                       f"{r['latency_ms']:.3f}" if r.get("latency_ms") is not None else "")
                       if device else ()),
                     " ".join(str(w) for w in (r.get("widths") or {}).values()), _fmt_pct(r.get("val_acc_before_finetune")))
                    for r in rows])

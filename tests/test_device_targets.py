@@ -93,8 +93,8 @@ def test_an_unreachable_target_is_refused_before_the_teacher_trains(cfg, target,
 
 @pytest.mark.slow  # ~1 minute: every candidate shape converted to int8
 def test_a_latency_target_is_planned_by_the_measured_time_not_the_macs_ratio(cfg, monkeypatch):
-    """LiteRT's time is far from proportional to MACs (small_cnn x2 at 32x32 here: a quarter of the MACs took 70%
-    of the time, 1% of them 64%: fixed per-op costs, 16-channel kernel tiles). The planner predicts from two timed
+    """LiteRT's time is far from proportional to MACs (fixed per-op costs, 16-channel kernel tiles). The planner
+    predicts from two timed
     anchors and keeps only what the measurement of each candidate confirms. Timing on a shared machine is noise,
     so the "measurement" here is a fixed cost model of that shape: a constant per invoke plus one per channel
     tile of 16, whatever the MACs."""

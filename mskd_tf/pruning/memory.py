@@ -7,9 +7,9 @@ branch's tensor waiting for its Add). This module replays the model's graph in e
 tensor's width under a plan (kept channels x its spatial size, one byte per int8 value) and returns that
 peak and where it is. Layers an int8 converter fuses into the operation before them (BatchNormalization,
 activations, Dropout) write no tensor of their own. Every planner needs at least this peak; TFLM's greedy
-one needed exactly it on small_cnn and MobileNetV2 0.5 (32x32) and up to a third more on ResNet-20 (its
-placement fragments). A prediction, not a measurement: the candidates' TFLM runs are what a target is checked
-against; the planner uses this to search.
+one can need more where its placement fragments (``tests/test_device_targets.py`` bounds the gap). A
+prediction, not a measurement: the candidates' TFLM runs are what a target is checked against; the planner
+uses this to search.
 """
 
 from __future__ import annotations
