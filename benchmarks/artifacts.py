@@ -1,13 +1,18 @@
 """A long benchmark's resumable files, kept in the repository so that a fresh clone resumes it.
 
 A benchmark's work dir (``runs/``, ignored by git) holds hours of training: the teacher's epoch backup,
-then the teacher, rankings and candidates every row starts from, and MS-KD's selected networks. A working
-session ends without warning and the next one may start from a fresh clone, where ``runs/`` is empty: the
-teacher would train again, come out different, and empty a half-built table (its rows are keyed by the
-input files' digests). So the script mirrors those files into ``benchmarks/artifacts/<work dir name>/``
-as they appear, the session commits that folder with the rows, and the next run copies them back into an
-empty work dir before any stage looks. Per-row folders that rows do not reuse (selection checkpoints,
-TensorBoard logs) are left out.
+then the teacher, rankings and candidates every row starts from. A working session ends without warning and
+the next one may start from a fresh clone, where ``runs/`` is empty: the teacher would train again, come out
+different, and empty a half-built table (its rows are keyed by the teacher's weights and the candidates' kept
+channels). So the script mirrors what a rerun cannot rebuild in minutes into
+``benchmarks/artifacts/<work dir name>/`` as it appears, the session commits that folder with the rows, and
+the next run copies it back into an empty work dir before any stage looks.
+
+Kept: the teacher (its epoch backup while it trains), the stage records and the small JSON files (rankings,
+the candidates' record). Not kept: the candidates' networks (the candidates stage rebuilds them from the
+teacher and rankings in a minute, the same channels), selected networks (the benchmark reselects when one is
+missing), logs, and a teacher that was itself copied from another file (``--teacher``: the benchmark copies
+it again). Trained networks stay out of git otherwise (``.gitignore``).
 
     python benchmarks/artifacts.py save runs/bench_mskd_cifar_t120   # mid-teacher: the latest epoch backup
 """
@@ -23,12 +28,22 @@ from pathlib import Path
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
 # Relative to a work dir; see the module docstring for why these and no others.
 KEPT = ("teacher_backup/*", "logs/teacher/history.csv", "teacher_best.keras", "teacher.keras", "teacher.json",
-        "stages.json", "records/*.json", "rankings.json", "candidates.json", "candidates/*.keras",
-        "select_*/selected.keras", "select_*/selection.json")
+        "stages.json", "records/*.json", "rankings.json", "candidates.json")
 
 
 def kept_files(workdir: Path) -> list[Path]:
-    return sorted({p for pattern in KEPT for p in workdir.glob(pattern) if p.is_file()})
+    files = {p for pattern in KEPT for p in workdir.glob(pattern) if p.is_file()}
+    if given_teacher(workdir):
+        files.discard(workdir / "teacher.keras")
+    return sorted(files)
+
+
+def given_teacher(workdir: Path) -> str:
+    """The file the work dir's teacher stage copied its teacher from ("" when it trained one)."""
+    try:
+        return json.loads((Path(workdir) / "records" / "teacher.json").read_text())["inputs"].get("teacher") or ""
+    except (OSError, ValueError, KeyError):
+        return ""
 
 
 def mirror_of(workdir) -> Path:

@@ -15,9 +15,10 @@ Protocol
 * Teacher: ``--model`` at ``--width`` (ResNet-20 by default) trained once by the pipeline's own teacher stage (``--teacher_epochs``, SGD, cosine);
   ranks and candidates by the pipeline's own rank and candidates stages (every criterion x the global and
   uniform allocations, BatchNorm-recalibrated, at ``--target_macs``). Every row starts from these files;
-  their digests are stored with the rows, and a changed file empties the table. They are mirrored into
-  ``benchmarks/artifacts/`` (committed with the rows) and restored from there into a fresh clone, so a table
-  is built over several sessions against the same files (``benchmarks/artifacts.py``).
+  their content (the teacher's weights, the candidates' kept channels) is stored with the rows, and a change
+  empties the table. The teacher and the rankings are mirrored into ``benchmarks/artifacts/`` (committed with the
+  rows) and restored from there into a fresh clone, which rebuilds the candidates from them, so a table is built
+  over several sessions against the same networks (``benchmarks/artifacts.py``).
 * Budget: every student row gets the same ``--budget`` epochs of optimizer steps (batch 128), counted in
   steps and printed per row. **MS-KD's selection steps are inside the budget**: selection spends
   ``--select_epochs`` over all candidates, the winner keeps its fine-tuned weights, and distillation
@@ -61,6 +62,7 @@ import json
 import math
 import os
 import re
+import shutil
 import statistics
 import subprocess
 import time
@@ -127,7 +129,7 @@ flags.DEFINE_list("forget", [], "Drop the cached rows whose names start with the
                   "--forget=select/,mskd/,select+ce/ after a change to selection (rows are cached by name and by the "
                   "digests of their input files, not by library commit); a name ending in $ drops that row only "
                   "(mskd/s0$ keeps mskd/s0@30).")
-flags.DEFINE_bool("keep_artifacts", True, "Mirror the teacher, rankings, candidates and selected networks into "
+flags.DEFINE_bool("keep_artifacts", True, "Mirror the teacher, its epoch backup, the stage records and rankings into "
                   "benchmarks/artifacts/ as they are made and restore them into an empty work dir (a fresh clone): "
                   "commit that folder with the rows and the next session resumes the same table. Off with --quick.")
 flags.DEFINE_bool("new_teacher", False, "Allow training a new teacher for a table whose rows came from another "
@@ -571,6 +573,8 @@ def run_stages(s, target, teacher_path="", stop_after="candidates", allocations=
     wd = Path(cfg.workdir)
     if keep_artifacts(s):
         artifacts.restore(wd)
+        if teacher_path and artifacts.given_teacher(wd) and not (wd / "teacher.keras").exists():
+            shutil.copy2(teacher_path, wd / "teacher.keras")  # the mirror keeps no copy of a given teacher
     run_pipeline(cfg, stop_after=stop_after)
     if keep_artifacts(s):
         artifacts.save(wd)
@@ -618,10 +622,25 @@ def zero_cost_twins(row: Row, s: dict, candidates_of) -> list[Row]:
 def prepare(s, target, teacher_path="", allocations=None):
     """teacher, rank, candidates through the pipeline's stages; returns the workdir and its digests."""
     wd = run_stages(s, target, teacher_path, allocations=allocations)
-    # The files every row starts from, by content: a rebuilt teacher or candidate invalidates the rows.
-    files = ["teacher.keras", "rankings.json", "candidates.json", *sorted(
-        str(p.relative_to(wd)) for p in (wd / "candidates").glob("*.keras"))]
-    return wd, {name: hashlib.sha256((wd / name).read_bytes()).hexdigest()[:16] for name in files}
+    return wd, input_digests(wd, s)
+
+
+def input_digests(wd: Path, s: dict) -> dict:
+    """What every row starts from, by content: the teacher's weights, each candidate's kept channels and the
+    zero-cost pick. A teacher or candidate set that differs empties the rows; one rebuilt the same (a fresh clone
+    rebuilds the candidates from the committed teacher and rankings; a .keras file's bytes differ at every save)
+    keeps them."""
+    import keras
+
+    from mskd_tf.keras_utils import weights_digest
+
+    def digest(value) -> str:
+        return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
+
+    records = {r["criterion"]: r for r in json.loads((wd / "candidates.json").read_text())["candidates"]}
+    return {"teacher_weights": weights_digest(keras.models.load_model(wd / "teacher.keras", compile=False)),
+            "zero_cost_pick": zero_cost_pick(records, s),
+            **{f"kept:{name}": digest(record["kept"]) for name, record in sorted(records.items())}}
 
 
 def main(_):

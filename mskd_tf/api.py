@@ -66,7 +66,7 @@ def _run_locked(cfg: Config, wd: Workdir, user_teacher, user_data, stop_after, c
             inputs["user_teacher_weights"] = weights_digest(user_teacher)
         digest = stages.chain_digest(previous_digest, inputs)
         previous_digest = digest
-        artifacts = list(step.artifacts)
+        artifacts = stages.artifacts_of(ctx, step)
         if cluster is not None:
             cluster.stage = stage
         done, why = wd.stage_status(stage, digest, inputs, artifacts)

@@ -31,6 +31,21 @@ class Stage:
     inputs: tuple  # Config fields the artifact depends on (digests chain: upstream changes redo it too)
     artifacts: tuple  # files in the workdir that must exist and load for the stage to count as done
     run: object  # run(ctx)
+    listed: object = None  # listed(ctx): more files that must exist, named in the stage's own JSON artifact
+
+
+def artifacts_of(ctx: Context, stage: Stage) -> list[str]:
+    """The files a stage must have left to count as done: its artifacts and the files they list."""
+    return [*stage.artifacts, *(stage.listed(ctx) if stage.listed else ())]
+
+
+def candidate_files(ctx: Context) -> list[str]:
+    """The candidates' networks that candidates.json names (a copied or pruned work dir may lack some)."""
+    try:
+        rows = ctx.wd.read_json("candidates.json")["candidates"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return []  # no record, or a damaged one: artifacts_load redoes the stage
+    return [f"candidates/{row['criterion']}.keras" for row in rows]
 
 
 # Config fields that are no stage's input, and why. A new field must be listed here or in a
@@ -929,7 +944,7 @@ PIPELINE = (
     Stage("rank", ("criteria", "calibration_batches"), ("rankings.json",), run_rank),
     Stage("candidates", ("target_macs", "target_params", "target_arena_kb", "target_flash_kb", "target_latency_ms",
                          "latency_threads", "allocations", "round_to", "min_channels", "protect",
-                         "bn_recalibration_batches"), ("candidates.json",), run_candidates),
+                         "bn_recalibration_batches"), ("candidates.json",), run_candidates, listed=candidate_files),
     Stage("select", ("select_epochs", "zero_cost_keep", "min_params_ratio", "select_loss", "successive_halving", "tie_tolerance",
                      "finetune_lr", "kd_lr_scale", "temperature", "alpha"), ("selected.keras", "selection.json"),
           run_select),

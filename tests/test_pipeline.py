@@ -116,6 +116,21 @@ def test_damaged_artifact_is_redone(tiny_cfg, capsys):
     keras.models.load_model(path)  # whole again
 
 
+def test_a_missing_candidate_network_redoes_only_the_candidates_stage(tiny_cfg, capsys):
+    import os
+
+    tiny_cfg.criteria, tiny_cfg.target_macs = ("l1", "random"), 0.6
+    run_pipeline(tiny_cfg, stop_after="candidates")
+    names = [r["criterion"] for r in json.loads(open(f"{tiny_cfg.workdir}/candidates.json").read())["candidates"]]
+    os.remove(f"{tiny_cfg.workdir}/candidates/{names[-1]}.keras")  # as a work dir copied without its networks
+    capsys.readouterr()
+    run_pipeline(tiny_cfg, stop_after="candidates")
+    out = capsys.readouterr().out
+    assert "[rank] done already" in out
+    assert f"[candidates] running (artifact candidates/{names[-1]}.keras is missing)" in out
+    assert all(os.path.exists(f"{tiny_cfg.workdir}/candidates/{n}.keras") for n in names)
+
+
 def test_restart_from_redoes_that_stage(tiny_cfg, capsys):
     run_pipeline(tiny_cfg, stop_after="teacher")
     tiny_cfg.restart_from = "teacher"
