@@ -48,12 +48,12 @@ def base_config(data_set: str, seed: int, workdir: str):
     """The quickstart's settings (configs/quickstart.cfg), on ``data_set``."""
     from mskd_tf.config import Config
 
-    cfg = Config(dataset="fashion_mnist", model="small_cnn", width=0.5, augment=False, batch_size=128, epochs=5,
-                 lr=0.1, seed=seed, target_macs=0.5, round_to=8, calibration_batches=5, distill_epochs=3,
+    cfg = Config(dataset="fashion_mnist", model="small_cnn", width=0.5, augment=False, batch_size=128, teacher_epochs=5,
+                 teacher_lr=0.1, seed=seed, target_macs=0.5, round_to=8, criteria_batches=5, student_epochs=3,
                  export=("float32",), workdir=workdir)
     if data_set != "quickstart":  # 1,500 images: a few steps per epoch, so more epochs for teacher and student
-        cfg = dataclasses.replace(cfg, dataset=f"npz:{small_npz(data_set)}", batch_size=32, epochs=15,
-                                  distill_epochs=6)
+        cfg = dataclasses.replace(cfg, dataset=f"npz:{small_npz(data_set)}", batch_size=32, teacher_epochs=15,
+                                  student_epochs=6)
     return cfg
 
 
@@ -80,7 +80,7 @@ def variant_config(cfg, variant: str):
     if key == "target_macs":  # a smaller student: its own candidates, KD and CE both
         return dataclasses.replace(cfg, target_macs=float(value), distill_baseline=True)
     if key == "budget":
-        return dataclasses.replace(cfg, distill_epochs=cfg.distill_epochs * float(value), distill_baseline=True)
+        return dataclasses.replace(cfg, student_epochs=cfg.student_epochs * float(value), distill_baseline=True)
     return dataclasses.replace(cfg, distill_baseline=False, **{key: type(getattr(cfg, key))(float(value))})
 
 

@@ -39,7 +39,7 @@ def main(_):
 
     from mskd_tf import data as data_lib
     from mskd_tf import training
-    from mskd_tf.selection import Finetuner
+    from mskd_tf.candidate_training import Finetuner
 
     splits = data_lib.load(f"folder:{results_io.SHARED_CIFAR10}", batch_size=128, seed=0)
     teacher = keras.models.load_model(f"{FLAGS.workdir}/teacher.keras")

@@ -444,10 +444,10 @@ def pipeline_config(s, target, teacher_path="", allocations=None):
     suffix = (("" if target == s["target_macs"] else f"_t{round(100 * target)}")
               + (f"_{allocations}" if allocations else ""))
     return Config(dataset=s["dataset"], model=s["model"], width=s.get("width", 1.0), train_subset=s["train_subset"], batch_size=s["batch_size"],
-                  epochs=s["teacher_epochs"], lr=s["teacher_lr"], schedule="cosine", weight_decay=s["weight_decay"],
+                  teacher_epochs=s["teacher_epochs"], teacher_lr=s["teacher_lr"], schedule="cosine", weight_decay=s["weight_decay"],
                   teacher=teacher_path,
-                  target_macs=target, round_to=s["round_to"], calibration_batches=10, select_epochs=s["select_epochs"],
-                  zero_cost_keep=s["zero_cost_keep"], finetune_lr=s["finetune_lr"], distill_epochs=s["budget"],
+                  target_macs=target, round_to=s["round_to"], criteria_batches=10, select_epochs=s["select_epochs"],
+                  zero_cost_keep=s["zero_cost_keep"], finetune_lr=s["finetune_lr"], student_epochs=s["budget"],
                   temperature=s["temperature"], alpha=s["alpha"], workdir=s["workdir"] + suffix, seed=0,
                   **({"allocations": tuple(allocations.split("+"))} if allocations else {}))
 

@@ -8,7 +8,7 @@ The traffic figure is arithmetic: every step all-reduces one gradient per traina
 a ring all-reduce sends and receives 2 (N - 1) / N of that per worker.
 
   python benchmarks/multiworker_overhead.py                       # the quickstart as shipped
-  python benchmarks/multiworker_overhead.py --extra=--train_subset=4096 --extra=--epochs=1   # shrunk
+  python benchmarks/multiworker_overhead.py --extra=--train_subset=4096 --extra=--teacher_epochs=1   # shrunk
 
 Writes benchmarks/results/multiworker_overhead.json, including the machine load seen during the runs
 (other processes using the CPU make the wall times longer and noisier: the figures say so).

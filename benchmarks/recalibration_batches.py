@@ -44,7 +44,7 @@ def run(args):
 
     from mskd_tf import data as data_lib
     from mskd_tf import training
-    from mskd_tf.selection import recalibrate_batchnorm
+    from mskd_tf.batchnorm import recalibrate_batchnorm
 
     files = sorted(Path(args.selection, "selection").glob("*.keras"))
     if not files:

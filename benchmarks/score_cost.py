@@ -31,7 +31,7 @@ def main(_):
     import numpy as np
     import tensorflow as tf
 
-    from mskd_tf import data, selection, training
+    from mskd_tf import batchnorm, data, training
 
     training.configure_runtime()
     splits = data.load(f"folder:{results_io.SHARED_CIFAR10}", batch_size=128, seed=0)
@@ -62,7 +62,7 @@ def main(_):
                 raise SystemExit(f"--candidates={name}: {path} does not exist; name a candidate of --workdir.")
             model = keras.models.load_model(path, compile=False)
             row = {}
-            for label, call in (("re-estimation", lambda: selection.recalibrate_batchnorm(model, recalibration, 10)),
+            for label, call in (("re-estimation", lambda: batchnorm.recalibrate_batchnorm(model, recalibration, 10)),
                                 ("validation", lambda: training.accuracy(model, batches))):
                 start = time.perf_counter()
                 call()  # the first call traces

@@ -148,7 +148,7 @@ def main(_):
     import tensorflow as tf
 
     from mskd_tf import data as data_lib
-    from mskd_tf import distill, flops, selection, training
+    from mskd_tf import batchnorm, distill, flops, training
 
     wd = Path(FLAGS.workdir)
     teacher = keras.models.load_model(wd / "teacher.keras")
@@ -192,7 +192,7 @@ def main(_):
                                          steps=steps, kd=True, temperature=t, alpha=FLAGS.alpha, lr=FLAGS.lr,
                                          weight_decay=FLAGS.weight_decay, seed=0, verbose=0)
             # Score as the selection does: on a copy with BatchNorm re-estimated on training batches.
-            selection.recalibrate_batchnorm(student, data_lib.train_pipeline(
+            batchnorm.recalibrate_batchnorm(student, data_lib.train_pipeline(
                 splits.arrays["train"], 128, augment=False, seed=0), 20)
             signals[name][key] = training.accuracy(student, val)
             print(f"{name}: {key} = {signals[name][key]:.4f} ({time.perf_counter() - start:.0f} s)", flush=True)

@@ -3,7 +3,7 @@
 The time does not depend on the weights' values, so by default the teacher is built untrained; ``--teacher`` loads a
 trained one (and then the allocation's widths mean something). Calibration: ``--images`` CIFAR-10 training images for
 the KL divergence, ``--bn_batches`` batches of 128 for each cut's BatchNorm re-estimation (the pipeline uses
-``stages.SENSITIVITY_BN_BATCHES``).
+``stages.candidates.SENSITIVITY_BN_BATCHES``).
 
     .venv/bin/python benchmarks/sensitivity_cost.py --model=resnet20
     .venv/bin/python benchmarks/sensitivity_cost.py --model=mobilenet_v2 --width=0.5 --criteria=l1,taylor
@@ -26,7 +26,7 @@ flags.DEFINE_list("criteria", ["l1"], "Criteria to measure under (the pipeline m
 flags.DEFINE_float("target_macs", 0.5, "MACs target of the allocation.")
 flags.DEFINE_integer("images", 256, "Calibration images for the KL divergence.")
 flags.DEFINE_integer("bn_batches", 2, "BatchNorm re-estimation batches per cut (the pipeline's "
-                     "stages.SENSITIVITY_BN_BATCHES).")
+                     "stages.candidates.SENSITIVITY_BN_BATCHES).")
 flags.DEFINE_integer("round_to", 8, "Kept widths are multiples of this.")
 flags.DEFINE_string("dataset", f"folder:{results_io.SHARED_CIFAR10}", "mskd_tf.data source.")
 
@@ -36,7 +36,7 @@ def measure(argv):
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import keras
 
-    from mskd_tf import data, models, quantize, selection, training
+    from mskd_tf import batchnorm, data, models, quantize, training
     from mskd_tf.pruning import build_graph, sensitivity
     from mskd_tf.pruning.criteria import rank
 
@@ -56,7 +56,7 @@ def measure(argv):
         for criterion, scores in rankings.items():
             start = time.perf_counter()
             measured = sensitivity.measure(teacher, graph, scores, images, **options,
-                                           adapt=lambda cut: selection.recalibrate_batchnorm(cut, calibration,
+                                           adapt=lambda cut: batchnorm.recalibrate_batchnorm(cut, calibration,
                                                                                              FLAGS.bn_batches))
             middle = time.perf_counter()
             plan, ratios = sensitivity.allocate(graph, scores, measured, target_macs=FLAGS.target_macs, **options)

@@ -13,7 +13,7 @@ from mskd_tf.errors import MskdError  # noqa: E402  (light, no TF import)
 
 _LAZY = {
     "compress": ("mskd_tf.api", "compress"),
-    "CompressionResult": ("mskd_tf.stages", "CompressionResult"),
+    "CompressionResult": ("mskd_tf.api", "CompressionResult"),
     "Distiller": ("mskd_tf.distill", "Distiller"),
     "Config": ("mskd_tf.config", "Config"),
 }

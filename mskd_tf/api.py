@@ -8,25 +8,78 @@ otherwise it and every later stage run again, and the reason is printed.
 One run per workdir: the runner holds ``Workdir.lock`` throughout, so a second run on the
 same folder fails at once naming the holder's PID. Bad input fails before anything trains:
 ``Config.validate`` first, then, just before the first stage with work to do,
-``stages.preflight`` (data through ``data.check_splits``, the teacher's graph, ``protect``).
+``stages.checks.preflight`` (data through ``data.check_splits``, the teacher's graph, ``protect``).
 ``compress`` checks its arrays with the same ``check_splits`` and words every error as
 Python arguments (``target_macs=``) rather than flags (``--target_macs=``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import json
 import time
 import warnings
 from pathlib import Path
 
-from mskd_tf import multiworker, stages, training
-from mskd_tf.stages import CompressionResult  # noqa: F401  (part of the API)
-from mskd_tf.config import STAGES, Config, as_arguments
+from mskd_tf import context, front, multiworker, stages, training
+from mskd_tf.config import CURRENT_NAMES, STAGES, Config, as_arguments, digest_name, renamed_warning
 from mskd_tf.errors import MskdError
 from mskd_tf.keras_utils import weights_digest
+from mskd_tf.stages import checks
 from mskd_tf.workdir import Workdir
+
+
+@dataclasses.dataclass
+class CompressionResult:
+    """What ``compress`` returns: the student and every figure the run measured."""
+
+    student: object  # keras.Model, or None when the pipeline stopped before distillation
+    candidate: str | None  # the selected candidate's name: its criterion, and its allocation when there are several
+    candidates: list
+    teacher: dict
+    student_metrics: dict  # distill.json: val_acc / test_acc of the shipped student, each run's under "runs"
+    exports: list
+    timings: dict
+    workdir: str
+    report: dict
+
+    def summary(self) -> str:
+        from mskd_tf import report
+
+        return report.summary_table(self.report)
+
+    @property
+    def criterion(self) -> str | None:
+        """The selected candidate's name (``l1-global``), not only a criterion: read ``candidate``."""
+        warnings.warn("CompressionResult.criterion is renamed CompressionResult.candidate (it names a candidate, "
+                      "e.g. l1-global); the old name still works for now.", DeprecationWarning, stacklevel=2)
+        return self.candidate
+
+
+def result(ctx: context.Context, timings: dict) -> CompressionResult:
+    wd = ctx.wd
+    read = lambda name: wd.read_json(name) if (wd / name).exists() else {}  # noqa: E731
+    rep = read("report.json")
+    student = ctx.model("student.keras") if (wd / "student.keras").exists() else None
+    selection = read("selection.json")
+    return CompressionResult(
+        student=student,
+        candidate=selection.get("selected", {}).get("criterion"),
+        candidates=read("candidates.json").get("candidates", []),
+        teacher=read("teacher.json"),
+        student_metrics=read("distill.json"),
+        exports=read("export.json").get("exports", []),
+        timings=timings,
+        workdir=str(wd.path),
+        report=rep,
+    )
+
+
+def _digest_inputs(cfg: Config, step) -> dict:
+    """The stage's settings as its digest and record hold them (by each setting's first name)."""
+    return json.loads(json.dumps({digest_name(n): getattr(cfg, n) for n in step.inputs}))
+
 
 def _banner(stage: str, text: str):
     print(f"\n==== [{stage}] {text}", flush=True)
@@ -40,6 +93,8 @@ def run_pipeline(cfg: Config, *, user_teacher=None, user_data=None, stop_after: 
     """
     cfg.validate()
     stop_after = stop_after or cfg.stop_after or None
+    if cfg.targets:
+        return _run_front(cfg, user_teacher, user_data, stop_after)
     if cfg.strategy == "multi_worker":
         cluster = multiworker.Cluster(cfg.workdir, multiworker.config_digest(cfg.to_dict()), timeout=cfg.worker_timeout)
         wd = Workdir(cfg.workdir)
@@ -51,8 +106,39 @@ def run_pipeline(cfg: Config, *, user_teacher=None, user_data=None, stop_after: 
         return _run_locked(cfg, wd, user_teacher, user_data, stop_after)
 
 
-def _run_locked(cfg: Config, wd: Workdir, user_teacher, user_data, stop_after, cluster=None) -> CompressionResult:
-    ctx = stages.Context(cfg=cfg, wd=wd, user_teacher=user_teacher, user_data=user_data, cluster=cluster)
+def _run_front(cfg: Config, user_teacher, user_data, stop_after) -> list[CompressionResult]:
+    """One student per ``--targets`` item (:mod:`mskd_tf.front`): the shared stages once, then each item's run."""
+    runs = front.item_configs(cfg)
+    base_cfg = dataclasses.replace(cfg, targets=())
+    wd = Workdir(cfg.workdir)
+    with wd.lock(".lock"):
+        splits = None if user_data is not None else context.Context(cfg=base_cfg, wd=wd).data  # loaded once
+        for _, run_cfg in runs:  # every item's targets are checked before anything trains
+            checks.preflight(context.Context(cfg=run_cfg, wd=wd, user_teacher=user_teacher, user_data=user_data,
+                                             _splits=splits), "teacher")
+        shared_end = stop_after if stop_after in front.SHARED_STAGES else front.SHARED_STAGES[-1]
+        _run_locked(base_cfg, wd, user_teacher, user_data, shared_end, splits=splits)
+        if stop_after in front.SHARED_STAGES:
+            return []
+        results = []
+        for item, run_cfg in runs:
+            run_wd = Workdir(run_cfg.workdir)
+            with run_wd.lock(".lock"):
+                had_candidates = "candidates" in run_wd.state
+                if front.share(wd, run_wd) and had_candidates and not run_cfg.restart_from:  # new teacher/rankings
+                    run_cfg = dataclasses.replace(run_cfg, restart_from="candidates")
+                if run_cfg.restart_from in front.SHARED_STAGES:
+                    run_cfg = dataclasses.replace(run_cfg, restart_from="candidates")
+                print(f"\n######## --targets item {item}: {run_cfg.workdir}", flush=True)
+                results.append(_run_locked(run_cfg, run_wd, user_teacher, user_data, stop_after, splits=splits))
+        front.write(wd, front.rows([item for item, _ in runs], [Path(c.workdir) for _, c in runs]))
+    return results
+
+
+def _run_locked(cfg: Config, wd: Workdir, user_teacher, user_data, stop_after, cluster=None,
+                splits=None) -> CompressionResult:
+    ctx = context.Context(cfg=cfg, wd=wd, user_teacher=user_teacher, user_data=user_data, cluster=cluster,
+                          _splits=splits)
     if cluster is not None and not cluster.is_chief:
         return _follow_chief(ctx, stop_after)
     restart = cfg.restart_from
@@ -61,7 +147,7 @@ def _run_locked(cfg: Config, wd: Workdir, user_teacher, user_data, stop_after, c
     timings = {}
     for step in stages.PIPELINE:
         stage = step.name
-        inputs = json.loads(json.dumps({n: getattr(cfg, n) for n in step.inputs}))
+        inputs = _digest_inputs(cfg, step)
         if stage == "teacher" and user_teacher is not None:
             inputs["user_teacher_weights"] = weights_digest(user_teacher)
         digest = stages.chain_digest(previous_digest, inputs)
@@ -69,7 +155,7 @@ def _run_locked(cfg: Config, wd: Workdir, user_teacher, user_data, stop_after, c
         artifacts = stages.artifacts_of(ctx, step)
         if cluster is not None:
             cluster.stage = stage
-        done, why = wd.stage_status(stage, digest, inputs, artifacts)
+        done, why = wd.stage_status(stage, digest, inputs, artifacts, shown=CURRENT_NAMES)
         if done and stage == restart:
             done, why = False, f"--restart_from={restart}"
         if done and redo:
@@ -85,7 +171,7 @@ def _run_locked(cfg: Config, wd: Workdir, user_teacher, user_data, stop_after, c
                 break
             continue
         if not redo:  # the first stage with work to do: check data and model before anything trains
-            stages.preflight(ctx, stage)
+            checks.preflight(ctx, stage)
         redo = True
         _banner(stage, f"running ({why})")
         wd.forget(stage)
@@ -103,7 +189,7 @@ def _run_locked(cfg: Config, wd: Workdir, user_teacher, user_data, stop_after, c
             break
     if stop_after and stop_after != STAGES[-1]:
         print(f"\nStopped after {stop_after} (stop_after); the same command without it continues from here.", flush=True)
-    return stages.result(ctx, timings)
+    return result(ctx, timings)
 
 
 def _follow_chief(ctx, stop_after) -> CompressionResult:
@@ -112,7 +198,7 @@ def _follow_chief(ctx, stop_after) -> CompressionResult:
     previous_digest, timings = "", {}
     for step in stages.PIPELINE:
         stage = step.name
-        inputs = json.loads(json.dumps({n: getattr(cfg, n) for n in step.inputs}))
+        inputs = _digest_inputs(cfg, step)
         previous_digest = ctx.stage_digest = stages.chain_digest(previous_digest, inputs)
         cluster.stage = stage
         plan = cluster.wait(f"plan-{stage}", f"the chief's decision about the {stage} stage")
@@ -130,7 +216,7 @@ def _follow_chief(ctx, stop_after) -> CompressionResult:
         timings[stage] = round(time.perf_counter() - start, 3)
         if stage == stop_after:
             break
-    return stages.result(ctx, timings)
+    return result(ctx, timings)
 
 
 # compress()'s own arguments: a settings dict or keyword naming one of them would set it twice.
@@ -143,15 +229,19 @@ _NOT_FOR_A_TRAINED_MODEL = {
     "val_fraction": "pass val=(x_val, y_val) (with val=None, 10% of numpy train data is held out)",
     "augment": "numpy input is not augmented; pass a tf.data dataset that augments, as train",
     **dict.fromkeys(("model", "teacher", "width"), "the model is compress()'s first argument"),
-    **dict.fromkeys(("epochs", "lr", "schedule", "momentum"),
+    **dict.fromkeys(("teacher_epochs", "epochs", "teacher_lr", "lr", "schedule", "momentum"),
                     "it trains a teacher, and compress() starts from yours (the student's training: "
-                    "distill_epochs, finetune_lr, kd_lr_scale)"),
+                    "student_epochs, finetune_lr, kd_lr_scale)"),
 }
 
 
 def _settings(values: dict, *, where: str) -> dict:
     """Config settings given to compress() by name, each checked to be one that applies to a trained model."""
     names = {f.name for f in Config.fields()}
+    values = dict(values)
+    for old in [k for k in values if k in CURRENT_NAMES and k not in _NOT_FOR_A_TRAINED_MODEL]:
+        warnings.warn(renamed_warning(old, ""), DeprecationWarning, stacklevel=4)
+        values[CURRENT_NAMES[old]] = values.pop(old)
     for key in values:
         if key in _OWN_ARGUMENTS:
             raise MskdError(f"{where}{key}: pass it as compress()'s own argument, compress(..., {key}=...).")
@@ -178,7 +268,7 @@ def compress(
     selection: dict | None = None,
     distill: dict | None = None,
     strategy: str | None = None,
-    export=("int8",),
+    export=None,
     workdir: str | None = None,
     seed: int = 0,
     class_names=None,
@@ -207,15 +297,17 @@ def compress(
       criteria: names of pruning criteria (default: all registered).
       selection, distill: deprecated dicts of settings; pass them as keyword arguments instead.
       strategy: ``"default"``, ``"one_device"``, ``"mirrored"``, ``"multi_worker"`` or ``"tpu"``.
-      export: TFLite variants among ``float32``, ``dynamic``, ``float16``, ``int8``.
+      export: TFLite variants among ``float32``, ``dynamic``, ``float16``, ``int8`` (default: the pipeline's,
+        ``float32`` and ``int8``).
       workdir: where artifacts go (a temporary folder when ``None``); rerunning with the same
         workdir resumes.
       seed: seeds every stage.
       **settings: any other setting of :class:`mskd_tf.Config` that applies to a model you trained, by its
-        name and type: ``select_epochs=2``, ``distill_epochs=5``, ``alpha=0.5``, ``allocations=("uniform",)``,
+        name and type: ``select_epochs=2``, ``student_epochs=5``, ``alpha=0.5``, ``allocations=("uniform",)``,
         ``round_to=1``, ``batch_size=64`` ... (the fields of :class:`mskd_tf.Config`). A name that is
-        not a setting, or a teacher-training or data-source setting (``epochs``, ``lr``, ``dataset``,
-        ``val_fraction`` ...), raises :class:`MskdError` saying what to do instead.
+        not a setting, or a teacher-training or data-source setting (``teacher_epochs``, ``teacher_lr``, ``dataset``,
+        ``val_fraction`` ...), raises :class:`MskdError` saying what to do instead. ``targets=("macs=0.3",
+        "arena_kb=64")`` makes one student per item (sharing the rankings) and returns a list of results.
 
     Example::
 
@@ -259,7 +351,7 @@ def _compress(model, train, val, *, test, target_macs, target_params, target_are
                           f"compress(..., {', '.join(f'{k}={v!r}' for k, v in group.items())}).", DeprecationWarning,
                           stacklevel=3)
     overrides.update(_settings(settings, where=""))
-    export = (export,) if isinstance(export, str) else export
+    export = Config().export if export is None else (export,) if isinstance(export, str) else export
     criteria = (criteria,) if isinstance(criteria, str) else criteria
     for name, value in (("export", export), ("criteria", criteria), ("class_names", class_names)):
         if value is not None and not isinstance(value, (tuple, list)):
@@ -285,7 +377,7 @@ def _compress(model, train, val, *, test, target_macs, target_params, target_are
         cfg.criteria = tuple(criteria)
     cfg.validate()
     cfg.check_micro(explicit=explicit_micro)
-    user_data = stages.user_data(model, train, val, test, batch_size=cfg.batch_size, seed=seed,
+    user_data = context.user_data(model, train, val, test, batch_size=cfg.batch_size, seed=seed,
                                  class_names=class_names)
     if class_names is not None and len(class_names) != user_data.info.num_classes:
         raise MskdError(f"class_names: {len(class_names)} names for a model with {user_data.info.num_classes} outputs.")

@@ -12,6 +12,7 @@ import dataclasses
 import math
 import numbers
 import re
+import warnings
 
 from mskd_tf.errors import MskdError
 
@@ -22,6 +23,51 @@ STAGES = ("teacher", "rank", "candidates", "select", "distill", "export", "repor
 ALLOCATIONS = ("global", "uniform", "sensitivity")
 DEFAULT_ALLOCATIONS = ("global", "uniform")
 SELECT_LOSSES = ("kd", "ce")
+
+
+# Settings renamed to say what they hold. The old name still works for a release, with a DeprecationWarning: as a
+# flag (flagfiles included), a Config or compress() keyword and a Config attribute. Stage digests keep the old
+# name, so a work dir made before the rename resumes without redoing finished stages.
+FORMER_NAMES = {"teacher_epochs": "epochs", "teacher_lr": "lr", "criteria_batches": "calibration_batches",
+                "student_epochs": "distill_epochs", "int8_calibration_samples": "calibration_samples"}
+CURRENT_NAMES = {old: new for new, old in FORMER_NAMES.items()}
+
+
+# --targets items: each name sets one target flag of its student's run.
+TARGET_NAMES = {"macs": "target_macs", "params": "target_params", "arena_kb": "target_arena_kb",
+                "flash_kb": "target_flash_kb", "latency_ms": "target_latency_ms"}
+
+
+def parse_target_item(item: str) -> dict:
+    """``"arena_kb=64+flash_kb=128"`` -> ``{"target_arena_kb": 64.0, "target_flash_kb": 128.0}``; ValueError says
+    what is wrong with it."""
+    settings = {}
+    for part in str(item).split("+"):
+        name, sep, value = part.partition("=")
+        name = name.strip()
+        if not sep or name not in TARGET_NAMES:
+            raise ValueError(f"item {item!r}: each part is name=value with a name among {', '.join(TARGET_NAMES)} "
+                             "(+ joins several targets of one student)")
+        if TARGET_NAMES[name] in settings:
+            raise ValueError(f"item {item!r} sets {name} twice")
+        try:
+            number = float(value)
+        except ValueError:
+            raise ValueError(f"item {item!r}: {name}={value!r} is not a number") from None
+        if not math.isfinite(number) or number <= 0:
+            raise ValueError(f"item {item!r}: {name} must be a number > 0")
+        settings[TARGET_NAMES[name]] = number
+    return settings
+
+
+def renamed_warning(old: str, spelling: str = "--") -> str:
+    return (f"{spelling}{old} is renamed {spelling}{CURRENT_NAMES[old]}; the old name still works for now and will "
+            "be removed in a later release.")
+
+
+def digest_name(name: str) -> str:
+    """The name a setting has in stage digests and records: its first one."""
+    return FORMER_NAMES.get(name, name)
 
 
 def _field(default, help_text, choices=None):
@@ -52,9 +98,9 @@ class Config:
     model: str = _field("small_cnn", "Teacher architecture from mskd_tf.models (ignored with --teacher).")
     teacher: str = _field("", "Path to a trained .keras teacher; skips teacher training.")
     width: float = _field(1.0, "Width multiplier (mobilenet_v2).")
-    epochs: int = _field(5, "Teacher training epochs.")
+    teacher_epochs: int = _field(5, "Teacher training epochs (--epochs before).")
     optimizer: str = _field("sgd", "Optimizer for every training stage.", ("sgd", "adamw"))
-    lr: float = _field(0.05, "Peak learning rate of teacher training.")
+    teacher_lr: float = _field(0.05, "Peak learning rate of teacher training (--lr before).")
     schedule: str = _field("cosine", "Learning-rate schedule.", ("cosine", "onecycle", "constant"))
     momentum: float = _field(0.9, "SGD momentum (Nesterov).")
     weight_decay: float = _field(5e-3, "Decoupled weight decay on kernels (5e-3 here ~ L2 5e-4 through SGD momentum 0.9).")
@@ -71,6 +117,11 @@ class Config:
     target_latency_ms: float = _field(0.0, "The int8 student must run one image in at most this many ms in LiteRT on "
                                       "the machine that runs the pipeline (median of 50), measured; 0 = no limit.")
     latency_threads: int = _field(1, "LiteRT threads for --target_latency_ms.")
+    targets: tuple = _field((), "Several students in one run, one per item, sharing the teacher, its rankings and the "
+                            "data: each item sets targets over the single-target flags, by name (macs, params, "
+                            "arena_kb, flash_kb, latency_ms; + joins several), e.g. --targets=macs=0.3,macs=0.7 or "
+                            "--targets=arena_kb=64+flash_kb=128,arena_kb=32. Each student's run is in "
+                            "<workdir>/targets/<item>/; front.md and plot_front.png in --workdir compare them.")
     round_to: int = _field(8, "Round kept channel counts to a multiple of this (8: oneDNN / SIMD widths train up to 4.7x "
                                 "faster than odd ones; groups narrower than 2 x this use a finer power of two; 1 = exact).")
     min_channels: int = _field(4, "Never keep fewer channels than this in a layer.")
@@ -80,20 +131,21 @@ class Config:
                                 "same ratio in every layer) | sensitivity (each layer cut alone to a few ratios, the KL "
                                 "to the teacher after BatchNorm re-estimation measured, then the least predicted loss "
                                 "that meets the target; a few forward passes per layer and ratio, no training).")
-    calibration_batches: int = _field(10, "Training batches used by data-driven criteria.")
+    criteria_batches: int = _field(10, "Training batches the data-driven criteria (apoz, activation, taylor, hrank) "
+                                   "score channels on (--calibration_batches before).")
     bn_recalibration_batches: int = _field(
         10, "Re-estimate each candidate's BatchNorm statistics on this many training batches (0 = off); 10 ranked "
-        "and scored the CIFAR candidates as 20 and 40 did (BENCHMARKS.md, issue 14).")
+        "and scored the CIFAR candidates as 20 and 40 did (BENCHMARKS.md).")
     # --- select
     select_epochs: float = _field(0.0, "What the whole selection may spend (all candidates' fine-tuning together, in "
-                                  "epochs, may be fractional); counted against --distill_epochs. 0 (default): no "
+                                  "epochs, may be fractional); counted against --student_epochs. 0 (default): no "
                                   "fine-tuning, the zero-cost rung's best candidate is distilled for the whole budget; "
                                   "on CIFAR-10 it matched fine-tuned selection at 30-70% MACs (BENCHMARKS.md).")
     zero_cost_keep: int = _field(4, "Before any fine-tuning keep only the best N candidates by validation accuracy "
                                  "of their BatchNorm-recalibrated clones (0 = keep all).")
     min_params_ratio: float = _field(0.9, "Before the zero-cost rung drop candidates with fewer parameters than this "
                                      "fraction of the median candidate's (0 = keep all): at equal MACs the kept "
-                                     "capacity predicted the trained accuracy best (BENCHMARKS.md, issue 13).")
+                                     "capacity predicted the trained accuracy best (BENCHMARKS.md).")
     select_loss: str = _field("kd", "Fine-tune candidates with the distillation loss (kd) or cross-entropy (ce).",
                               SELECT_LOSSES)
     successive_halving: bool = _field(True, "Keep the better half of candidates after each rung.")
@@ -102,7 +154,7 @@ class Config:
     kd_lr_scale: float = _field(0.5, "Runs under the distillation loss (selection with --select_loss=kd, the distill "
                                 "stage's KD run) train at --finetune_lr x this; cross-entropy runs at --finetune_lr. "
                                 "The T^2-scaled KD term takes larger steps than cross-entropy at the same rate: on "
-                                "CIFAR-10 KD at half the rate gained ~1 point (BENCHMARKS.md, issue 13).")
+                                "CIFAR-10 KD at half the rate gained ~1 point (BENCHMARKS.md).")
     strategy: str = _field("default", "tf.distribute strategy for fine-tuning and distillation.", STRATEGIES)
     num_replicas: int = _field(2, "Logical CPU replicas for --strategy=mirrored without GPUs.")
     parallel_selection: bool = _field(False, "With --strategy=multi_worker: each worker fine-tunes its own share of "
@@ -111,8 +163,8 @@ class Config:
                                    "each barrier for the others (a worker whose heartbeat stops is reported "
                                    "after 60 s).")
     # --- distill
-    distill_epochs: float = _field(3.0, "The student's whole training budget in epochs, selection included: the "
-                                   "distill stage trains what --select_epochs left.")
+    student_epochs: float = _field(3.0, "The student's whole training budget in epochs, selection included: the "
+                                   "distill stage trains what --select_epochs left (--distill_epochs before).")
     temperature: float = _field(4.0, "Distillation temperature T.")
     alpha: float = _field(0.5, "Weight of the label cross-entropy; 1 - alpha weighs the KD term.")
     feature_kd: float = _field(0.0, "Weight of the FitNets-style feature (hint) loss; 0 = off.")
@@ -121,7 +173,8 @@ class Config:
                                     "half the stage's time).")
     # --- export
     export: tuple = _field(("float32", "int8"), "TFLite variants to export (comma list).")
-    calibration_samples: int = _field(200, "Representative images for int8 calibration.")
+    int8_calibration_samples: int = _field(200, "Representative images for int8 calibration "
+                                           "(--calibration_samples before).")
     qat: bool = _field(False, "Quantization-aware fine-tuning (tfmot) before the int8 export.")
     micro: bool = _field(True, "Run the int8 model in TFLite Micro and write the MCU kit.")
 
@@ -163,14 +216,14 @@ class Config:
                 bad(f.name, f"must be one of {', '.join(c for c in choices if c) or choices}.")
             if isinstance(value, float) and not math.isfinite(value):
                 bad(f.name, "must be a finite number.")
-        for name in ("batch_size", "epochs", "num_replicas", "calibration_batches", "calibration_samples", "round_to", "min_channels",
-                     "latency_threads"):
+        for name in ("batch_size", "teacher_epochs", "num_replicas", "criteria_batches", "int8_calibration_samples",
+                     "round_to", "min_channels", "latency_threads"):
             if getattr(self, name) < 1:
                 bad(name, "must be >= 1.")
         for name in ("train_subset", "bn_recalibration_batches", "zero_cost_keep"):
             if getattr(self, name) < 0:
                 bad(name, "must be >= 0.")
-        for name in ("lr", "finetune_lr", "temperature", "kd_lr_scale"):
+        for name in ("teacher_lr", "finetune_lr", "temperature", "kd_lr_scale"):
             if getattr(self, name) <= 0:
                 bad(name, "must be > 0.")
         if not 0 <= self.val_fraction < 1:
@@ -198,8 +251,8 @@ class Config:
                                       "set --strategy=multi_worker (and TF_CONFIG) or drop it.")
         if self.select_epochs < 0:
             bad("select_epochs", "must be >= 0 (0 = the zero-cost pick, no fine-tuning).")
-        if self.distill_epochs <= self.select_epochs:
-            bad("distill_epochs", f"is the student's whole budget, selection included, so it must exceed "
+        if self.student_epochs <= self.select_epochs:
+            bad("student_epochs", f"is the student's whole budget, selection included, so it must exceed "
                                   f"--select_epochs={self.select_epochs:g}.")
         unknown = [a for a in self.allocations if a not in ALLOCATIONS]
         if unknown or not self.allocations:
@@ -214,6 +267,19 @@ class Config:
             bad("export", f"unknown {unknown}; choose from {', '.join(EXPORT_KINDS)}.")
         if not self.workdir:
             bad("workdir", "must name a folder.")
+        for item in self.targets:
+            try:
+                values = parse_target_item(item)
+                dataclasses.replace(self, targets=(), **values).validate()
+            except ValueError as exc:
+                bad("targets", f"{exc}.")
+            except MskdError as exc:
+                bad("targets", f"item {item!r} gives {exc}")
+        if len(set(self.targets)) != len(self.targets):
+            bad("targets", "names an item twice.")
+        if self.targets and self.strategy == "multi_worker":
+            bad("targets", "trains its students one after another on one process; run one --target_* per "
+                           "--strategy=multi_worker job instead.")
         return self
 
     def check_micro(self, explicit: bool) -> str | None:
@@ -227,6 +293,35 @@ class Config:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def _accept_former_names(init):
+    def __init__(self, *args, **kwargs):
+        for old in [k for k in kwargs if k in CURRENT_NAMES]:
+            warnings.warn(renamed_warning(old, ""), DeprecationWarning, stacklevel=2)
+            if CURRENT_NAMES[old] in kwargs:
+                raise TypeError(f"Config got both {old}= and its new name {CURRENT_NAMES[old]}=")
+            kwargs[CURRENT_NAMES[old]] = kwargs.pop(old)
+        init(self, *args, **kwargs)
+
+    return __init__
+
+
+def _former_attribute(old: str, new: str) -> property:
+    def get(self):
+        warnings.warn(renamed_warning(old, "Config."), DeprecationWarning, stacklevel=2)
+        return getattr(self, new)
+
+    def set(self, value):
+        warnings.warn(renamed_warning(old, "Config."), DeprecationWarning, stacklevel=2)
+        setattr(self, new, value)
+
+    return property(get, set)
+
+
+Config.__init__ = _accept_former_names(Config.__init__)
+for _new, _old in FORMER_NAMES.items():
+    setattr(Config, _old, _former_attribute(_old, _new))
 
 
 def _field_type(field) -> type:
@@ -274,6 +369,8 @@ def define_flags(flag_values=None):
             flags.DEFINE_list(f.name, list(default), help_text, **kwargs)
         else:
             flags.DEFINE_string(f.name, default, help_text, **kwargs)
+    for new, old in FORMER_NAMES.items():  # users' flagfiles keep working
+        flags.DEFINE_alias(old, new, flag_values=flag_values)
 
 
 def config_from_flags(flag_values=None) -> Config:
@@ -281,6 +378,10 @@ def config_from_flags(flag_values=None) -> Config:
 
     flag_values = flags.FLAGS if flag_values is None else flag_values
     values = {}
+    for old in CURRENT_NAMES:
+        if old in flag_values and flag_values[old].present:
+            warnings.warn(renamed_warning(old), DeprecationWarning, stacklevel=2)
+            print(f"WARNING: {renamed_warning(old)}", flush=True)
     for f in Config.fields():
         value = flag_values[f.name].value
         values[f.name] = tuple(value) if isinstance(value, list) else value

@@ -319,7 +319,7 @@ def kd_per_example(teacher_logits, student_logits, temperature: float):
 
     The per-example form of the Distiller's ``distillation_loss`` (its batch mean is
     ``LogitsDistillation(T, KLDivergence())``), for loops that sum losses over a global
-    batch themselves (selection's :class:`~mskd_tf.selection.Finetuner`).
+    batch themselves (selection's :class:`~mskd_tf.candidate_training.Finetuner`).
     """
     t = ops.softmax(ops.stop_gradient(teacher_logits) / temperature, axis=-1)
     log_s = ops.log_softmax(student_logits / temperature, axis=-1)
@@ -384,7 +384,7 @@ def distill(
     Raises :class:`MskdError` on bad arguments or when the loss becomes NaN.
     """
     if not (isinstance(epochs, (int, float)) and math.isfinite(epochs) and epochs > 0):
-        raise MskdError(f"epochs={epochs!r} must be a positive number (--distill_epochs).")
+        raise MskdError(f"epochs={epochs!r} must be a positive number (--student_epochs).")
     if steps is not None and (not isinstance(steps, int) or steps < 1):
         raise MskdError(f"steps={steps!r} must be a positive integer (optimizer steps).")
     with seeded(seed):  # reproducible, and the caller's RNGs are given back

@@ -132,6 +132,25 @@ def task_name() -> str:
     return f"{config['task']['type']}-{int(config['task']['index'])}"
 
 
+def cluster_members(cluster: dict) -> list[tuple[str, int]]:
+    """The chief and worker tasks of a ``TF_CONFIG`` cluster, chief first: the order workers are ranked in
+    (the pipeline's rendezvous and candidate-parallel selection's shares both follow it)."""
+    return [(role, i) for role in ("chief", "worker") for i in range(len(cluster.get(role, [])))]
+
+
+def worker_rank() -> tuple[int, int]:
+    """(this task's rank, number of tasks) among the chief and workers of ``TF_CONFIG``; (0, 1) without it."""
+    config = _read_tf_config(required=False)
+    if config is None or not config["cluster"]:
+        return 0, 1
+    members = cluster_members(config["cluster"])
+    me = (config["task"]["type"], int(config["task"]["index"]))
+    if me not in members:
+        raise MskdError(f"TF_CONFIG: task {me[0]}:{me[1]} is not a chief or worker of the cluster {config['cluster']}; "
+                        "candidate-parallel selection runs on chief and worker tasks.")
+    return members.index(me), len(members)
+
+
 def is_chief() -> bool:
     """True on the process that should write artifacts.
 

@@ -67,7 +67,7 @@ class Cluster:
         self.cluster = config["cluster"]
         self.me = distribute.task_name()
         # Chief first, then the workers: the order selection's candidate-parallel mode shares candidates in.
-        self.members = [f"{role}-{i}" for role in ("chief", "worker") for i in range(len(self.cluster.get(role, [])))]
+        self.members = [f"{role}-{i}" for role, i in distribute.cluster_members(self.cluster)]
         if self.me not in self.members:
             raise MskdError(f"TF_CONFIG: task {self.me} is not a chief or worker of the cluster {self.cluster}; "
                             "the pipeline runs on chief and worker tasks.")

@@ -79,7 +79,7 @@ def summary_table(rep: dict) -> str:
     rows = []
     t = rep.get("teacher") or {}
     rows.append(("teacher", _fmt_m(t.get("macs")), _fmt_m(t.get("params"), 3), _fmt_pct(t.get("val_acc")),
-                 _fmt_pct(t.get("test_acc")), f"{cfg.get('epochs', '')} epochs" if cfg.get("dataset") != "user" else ""))
+                 _fmt_pct(t.get("test_acc")), f"{cfg.get('teacher_epochs', '')} epochs" if cfg.get("dataset") != "user" else ""))
     for c in rep.get("candidates", []):
         budget = c.get("budget_epochs")
         if budget:
@@ -97,7 +97,7 @@ def summary_table(rep: dict) -> str:
     s = rep.get("student") or {}
     if s:
         steps = (f"{s['distill_steps']} steps after {s['selection_steps']} selection steps"
-                 if "distill_steps" in s else f"{cfg.get('distill_epochs')} epochs")
+                 if "distill_steps" in s else f"{cfg.get('student_epochs')} epochs")
         paired = s.get("kd_vs_ce")
         for run, values in (s.get("runs") or {}).items():
             name, training = STUDENT_RUNS[run]
@@ -287,6 +287,53 @@ def plots(rep: dict, wd) -> list[Path]:
         fig.tight_layout()
         made.append(_save(fig, wd / "plot_curves.png"))
     return made
+
+
+def front_table(front: list[dict], teacher: dict) -> str:
+    """The students of a --targets run beside the teacher: accuracy and every measured cost."""
+
+    def num(value, digits=1):
+        return "" if value is None else f"{value:.{digits}f}"
+
+    lines = [("teacher", _fmt_m(teacher.get("macs")), _fmt_m(teacher.get("params"), 3), "100",
+              _fmt_pct(teacher.get("val_acc")), _fmt_pct(teacher.get("test_acc")), "", "", "", "", "")]
+    for r in front:
+        lines.append((r["item"], _fmt_m(r["macs"]), _fmt_m(r["params"], 3),
+                      num(r["macs_ratio"] and 100 * r["macs_ratio"]), _fmt_pct(r["val_acc"]),
+                      _fmt_pct(r["test_acc"]), _fmt_pct(r["int8_test_acc"]), num(r["arena_kb"]),
+                      num(r["flash_kb"]), num(r["latency_ms"], 3),
+                      "" if r["targets_met"] is None else "yes" if r["targets_met"] else "NO"))
+    return _table(("student", "MACs (M)", "params (M)", "MACs %", "val acc %", "test acc %", "int8 test acc %",
+                          "TFLM arena KB", "int8 flash KB", "LiteRT ms (1 thread)", "targets met"), lines)
+
+
+def plot_front(front: list[dict], teacher: dict, path: Path):
+    """Test accuracy against each cost the students were measured in: MACs, and the TFLM arena and int8 flash."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    costs = [("macs", "MACs (M)", 1e-6), ("arena_kb", "TFLM arena (KB)", 1.0), ("flash_kb", "int8 flash (KB)", 1.0)]
+    costs = [c for c in costs if any(r.get(c[0]) is not None for r in front)]
+    done = [r for r in front if r.get("test_acc") is not None]
+    if not costs or not done:
+        return None
+    fig, axes = plt.subplots(1, len(costs), figsize=(4.2 * len(costs), 3.8), squeeze=False)
+    for ax, (key, label, scale) in zip(axes[0], costs):
+        points = sorted((r[key] * scale, 100 * r["test_acc"], r["item"]) for r in done if r.get(key) is not None)
+        ax.plot([p[0] for p in points], [p[1] for p in points], "o-", color="tab:blue", label="students")
+        for x, y, item in points:
+            ax.annotate(item, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
+        if key == "macs" and teacher.get("macs") and teacher.get("test_acc") is not None:
+            ax.scatter([teacher["macs"] * scale], [100 * teacher["test_acc"]], marker="*", s=150, color="black",
+                       label="teacher")
+        ax.set_xlabel(label)
+        ax.set_ylabel("test accuracy (%)")
+        ax.legend(fontsize=7)
+    fig.suptitle("one student per target: accuracy against cost", fontsize=9)
+    fig.tight_layout()
+    return _save(fig, path)
 
 
 def _save(fig, path: Path) -> Path:

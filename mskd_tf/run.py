@@ -62,13 +62,13 @@ def main(argv):
             print(f"mskd-tf: warning: {micro_warning}", file=sys.stderr, flush=True)
         from mskd_tf.api import run_pipeline
 
-        result = run_pipeline(cfg)
+        run_pipeline(cfg)
     except MskdError as exc:
         _fail(str(exc))
     except KeyboardInterrupt:
         print("\nmskd-tf: interrupted; finished stages are kept, rerun the same command to resume.", file=sys.stderr)
         sys.exit(130)
-    print(f"\nworkdir: {result.workdir}")
+    print(f"\nworkdir: {cfg.workdir}" + (" (front.md: one student per --targets item)" if cfg.targets else ""))
     return 0
 
 

@@ -495,7 +495,7 @@ class NanGuard(keras.callbacks.Callback):
         if self.bad_at is not None:
             raise MskdError(
                 f"{stage}: the training loss became {self.bad_at[2]} at batch {self.bad_at[1]}; "
-                "nothing was saved for this stage. Lower --lr, check the data for NaN/inf, "
+                "nothing was saved for this stage. Lower --teacher_lr, check the data for NaN/inf, "
                 "or use a warm-up."
             )
 
@@ -518,3 +518,15 @@ def standard_callbacks(log_dir: str | None, *, checkpoint: str | None = None, mo
                                             initial_value_threshold=best_so_far)
         )
     return callbacks
+
+
+def history_from_csv(path) -> dict:
+    """A CSVLogger file as a Keras history (key -> values per epoch); {} when there is none."""
+    import csv
+
+    try:
+        with open(path) as handle:
+            rows = list(csv.DictReader(handle))
+    except OSError:
+        return {}
+    return {key: [float(row[key]) for row in rows] for key in (rows[0] if rows else {}) if key != "epoch"}

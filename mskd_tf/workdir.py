@@ -167,8 +167,10 @@ class Workdir:
 
     # ------------------------------------------------------------------ stage bookkeeping
 
-    def stage_status(self, stage: str, digest: str, inputs: dict, artifacts: list[str]) -> tuple[bool, str]:
-        """(done, why-not) for a stage given its current digest, inputs and artifact names."""
+    def stage_status(self, stage: str, digest: str, inputs: dict, artifacts: list[str],
+                     shown: dict | None = None) -> tuple[bool, str]:
+        """(done, why-not) for a stage given its current digest, inputs and artifact names; ``shown`` maps a
+        recorded setting name to the name a message gives it."""
         record = self.state.get(stage)
         missing = [a for a in artifacts if not (self.path / a).exists()]
         if record is None and not missing:
@@ -179,13 +181,19 @@ class Workdir:
             return False, f"artifact {missing[0]} is missing"
         if record.get("digest") != digest:
             before = record.get("inputs", {})
-            changed = sorted(k for k in set(before) | set(inputs) if before.get(k) != inputs.get(k))
+            changed = sorted((shown or {}).get(k, k) for k in set(before) | set(inputs) if before.get(k) != inputs.get(k))
             return False, "config changed since it ran (" + (", ".join(changed) or "an earlier stage changed") + ")"
         return True, ""
 
     def mark_done(self, stage: str, digest: str, inputs: dict, seconds: float):
         self.state[stage] = {"digest": digest, "inputs": inputs, "seconds": round(seconds, 3), "finished": time.time()}
         self.write_json(f"records/{stage}.json", self.state[stage])  # the copy a damaged stages.json is rebuilt from
+        self._flush()
+
+    def adopt(self, stage: str, record: dict):
+        """Record ``stage`` as finished with another work dir's record (its files copied here first)."""
+        self.state[stage] = dict(record)
+        self.write_json(f"records/{stage}.json", self.state[stage])
         self._flush()
 
     def forget(self, stage: str):

@@ -21,6 +21,9 @@ import sys
 
 import numpy as np
 
+# Fine-tune every candidate: no capacity pool and no zero-cost rung (the library's defaults have both).
+EVERY_CANDIDATE = {"zero_cost_keep": 0, "min_params_ratio": 0.0}
+
 IMAGE = (16, 16, 3)
 CLASSES = 4
 
@@ -89,7 +92,7 @@ def main(mode: str, workdir: str):
         train = train.map(lambda x, y: (x * (1 + 2 * worker), y))  # and its own brightness: scores surely differ
         candidates = {f"w{w}": tiny_candidate(w, f"w{w}", seed=w) for w in (4, 6, 8)}
         payload = select(candidates, train, val, workdir=workdir, epochs=1.0, lr=0.05, strategy=strategy,
-                         bn_recalibration_batches=2, verbose=False)
+                         bn_recalibration_batches=2, **EVERY_CANDIDATE, verbose=False)
     elif mode == "sync":
         candidates = {"tiny": tiny_candidate(8, "tiny", seed=1)}
         payload = select(candidates, train, val, workdir=workdir, epochs=0.5, successive_halving=False,
@@ -99,7 +102,7 @@ def main(mode: str, workdir: str):
         # parallel_pooled: the zero-cost rung keeps w4 and w8, the 1st and 3rd of the list
         pools = {"zero_cost_keep": 2, "zero_cost_scores": {"w4": 0.9, "w6": 0.1, "w8": 0.8, "w10": 0.2}}
         payload = select(candidates, train, val, workdir=workdir, epochs=1.0, lr=0.05, parallel=True,
-                         wait_timeout=120, verbose=False, **(pools if mode == "parallel_pooled" else {}))
+                         wait_timeout=120, verbose=False, **{**EVERY_CANDIDATE, **(pools if mode == "parallel_pooled" else {})})
     print("PAYLOAD " + json.dumps(payload), flush=True)
 
 

@@ -43,7 +43,7 @@ def test_sequential_model_end_to_end(tmp_path, head):
     model.fit(x, y, epochs=3, verbose=0)
     result = mskd_tf.compress(model, (x, y), (xv, yv), target_macs=0.5, criteria=["l1", "l2"],
                               select_epochs=0.5, allocations=("global",),
-                              distill_epochs=2, export=("int8",), workdir=str(tmp_path / "wd"))
+                              student_epochs=2, export=("int8",), workdir=str(tmp_path / "wd"))
     _check_result(result, model)
     assert model.trainable  # the caller's model is handed back as it came
     probabilities = keras.ops.convert_to_numpy(result.student(xv[:8]))
@@ -67,7 +67,7 @@ def test_keras_applications_mobilenet_v2_end_to_end(tmp_path):
     model.compile(keras.optimizers.Adam(1e-3), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
     model.fit(x, y, epochs=3, batch_size=32, verbose=0)
     result = mskd_tf.compress(model, (x, y), (xv, yv), target_macs=0.5,  # every criterion reads the nested layers
-                              select_epochs=0.5, batch_size=32, distill_epochs=1.5,
+                              select_epochs=0.5, batch_size=32, student_epochs=1.5,
                               export=("int8",), workdir=str(tmp_path / "wd"))
     int8 = _check_result(result, model)
     assert {"CONV_2D", "DEPTHWISE_CONV_2D", "ADD"} <= set(int8["micro"]["ops"])

@@ -29,8 +29,8 @@ from test_cli import _run_cli
 from test_pipeline import make_npz
 
 REPO = Path(__file__).resolve().parents[1]
-TOY_FLAGS = ["--model=small_cnn", "--width=0.25", "--epochs=1", "--batch_size=32", "--criteria=l1",
-             "--calibration_batches=1"]
+TOY_FLAGS = ["--model=small_cnn", "--width=0.25", "--teacher_epochs=1", "--batch_size=32", "--criteria=l1",
+             "--criteria_batches=1"]
 
 
 def _toy(n=90, size=12, classes=3, seed=0):
@@ -145,8 +145,8 @@ CLI_FLAG_CASES = {
     "model_unknown": (["--model=resnet7"], "--model=resnet7: unknown model; available models: .*resnet20"),
     "list_flag_echo": (["--criteria=l1,vibes"], "--criteria=l1,vibes: unknown \\['vibes'\\]"),
     "teacher_missing": (["--teacher=/no/such/teacher.keras"], "--teacher=/no/such/teacher.keras: no such file"),
-    "budget_used_by_selection": (["--select_epochs=1", "--distill_epochs=1.1"],
-                                 "--distill_epochs=1.1 \\(\\d+ steps .*--select_epochs=1 spends \\d+ of them"),
+    "budget_used_by_selection": (["--select_epochs=1", "--student_epochs=1.1"],
+                                 "--student_epochs=1.1 \\(\\d+ steps .*--select_epochs=1 spends \\d+ of them"),
 }
 
 
@@ -259,7 +259,7 @@ API_CASES = {
     "seed_text": (lambda: {"seed": "x"}, "^seed='x': must be a whole number"),
     "criteria_number": (lambda: {"criteria": 5}, "^criteria: expected a list of names, got int 5"),
     "selection_not_dict": (lambda: {"selection": 3}, "^selection: expected a dict of settings"),
-    "distill_epochs_text": (lambda: {"distill_epochs": "many"}, "^distill_epochs='many': must be a number"),
+    "student_epochs_text": (lambda: {"student_epochs": "many"}, "^student_epochs='many': must be a number"),
     "micro_without_int8": (lambda: {"export": ("float32",), "micro": True},
                            "^micro runs the int8 model in TFLite Micro, but export=float32 has no int8: add int8 to "
                            "export or drop micro"),
@@ -338,7 +338,7 @@ def test_a_lock_left_by_a_killed_run_does_not_block(tmp_path):
 @pytest.fixture
 def tiny_cfg(tmp_path):
     return Config(dataset=f"npz:{make_npz(tmp_path / 'toy.npz', n_train=120, n_test=30)}", model="small_cnn",
-                  width=0.25, epochs=1, batch_size=32, workdir=str(tmp_path / "wd"), val_fraction=0.2)
+                  width=0.25, teacher_epochs=1, batch_size=32, workdir=str(tmp_path / "wd"), val_fraction=0.2)
 
 
 def test_damaged_stage_record_keeps_the_verified_teacher(tiny_cfg, capsys):
@@ -361,11 +361,11 @@ def test_damaged_stage_record_trusts_no_record_the_config_no_longer_matches(tiny
     run_pipeline(tiny_cfg, stop_after="teacher")
     wd = Path(tiny_cfg.workdir)
     (wd / "stages.json").write_text("[1, 2")
-    tiny_cfg.lr = 0.02
+    tiny_cfg.teacher_lr = 0.02
     capsys.readouterr()
     run_pipeline(tiny_cfg, stop_after="teacher")
     out = capsys.readouterr().out
-    assert "unreadable" in out and "[teacher] running (config changed since it ran (lr))" in out
+    assert "unreadable" in out and "[teacher] running (config changed since it ran (teacher_lr))" in out
 
 
 def test_damaged_stage_record_without_per_stage_records_says_everything_reruns(tmp_path, capsys):
@@ -428,11 +428,18 @@ def test_fuzz_data_loaders_raise_mskderror_or_succeed(tmp_path):
     assert outcomes["ok"] >= 5 and outcomes["error"] >= 10, outcomes  # both outcomes were exercised
 
 
+def test_a_renamed_keyword_still_reaches_its_setting_with_a_deprecation_warning(tmp_path):
+    with pytest.warns(DeprecationWarning, match="distill_epochs is renamed student_epochs"):
+        with pytest.raises(MskdError, match="^student_epochs='many': must be a number"):  # reached the setting
+            mskd_tf.compress(_teacher(), _scaled(_toy()), distill_epochs="many", workdir=str(tmp_path / "wd"),
+                             export=("float32",))
+
+
 def test_the_old_settings_dicts_still_work_with_a_deprecation_warning(tmp_path):
     """compress(selection={...}, distill={...}) keeps working for users' code, warning once each; the keyword
     spelling is the one documented."""
     with pytest.warns(DeprecationWarning, match=r"compress\(selection=\{...\}\) is deprecated: pass the settings as "
-                                                r"keyword arguments, e.g. compress\(..., distill_epochs='many'\)"):
-        with pytest.raises(MskdError, match="^distill_epochs='many': must be a number"):  # reached: the dict was read
-            mskd_tf.compress(_teacher(), _scaled(_toy()), selection={"distill_epochs": "many"},
+                                                r"keyword arguments, e.g. compress\(..., student_epochs='many'\)"):
+        with pytest.raises(MskdError, match="^student_epochs='many': must be a number"):  # reached: the dict was read
+            mskd_tf.compress(_teacher(), _scaled(_toy()), selection={"student_epochs": "many"},
                              workdir=str(tmp_path / "wd"), export=("float32",))

@@ -24,11 +24,58 @@ def _run_cli(*args, cwd=REPO, timeout=240):
 def test_every_config_field_is_a_flag_and_back():
     flag_values = flags.FlagValues()
     config_lib.define_flags(flag_values)
-    flag_values(["prog", "--lr=0.2", "--criteria=l1,fpgm", "--noaugment", "--train_subset=7", "--strategy=mirrored"])
+    flag_values(["prog", "--teacher_lr=0.2", "--criteria=l1,fpgm", "--noaugment", "--train_subset=7", "--strategy=mirrored"])
     cfg = config_lib.config_from_flags(flag_values)
     assert {f.name for f in config_lib.Config.fields()} <= set(flag_values)
-    assert (cfg.lr, cfg.criteria, cfg.augment, cfg.train_subset, cfg.strategy) == (0.2, ("l1", "fpgm"), False, 7, "mirrored")
+    assert (cfg.teacher_lr, cfg.criteria, cfg.augment, cfg.train_subset, cfg.strategy) == (0.2, ("l1", "fpgm"), False, 7, "mirrored")
     assert config_lib.Config() == config_lib.Config().validate()
+
+
+def test_renamed_flags_still_work_from_a_flagfile_with_a_warning(tmp_path, capsys):
+    """A user's flagfile written before the renames: each old name sets the new setting and says so."""
+    old = tmp_path / "old.cfg"
+    old.write_text("--epochs=7\n--lr=0.3\n--distill_epochs=4\n--calibration_batches=3\n--calibration_samples=50\n")
+    flag_values = flags.FlagValues()
+    config_lib.define_flags(flag_values)
+    flag_values(["prog", f"--flagfile={old}"])
+    with pytest.warns(DeprecationWarning) as warned:
+        cfg = config_lib.config_from_flags(flag_values)
+    assert sorted(str(w.message).split()[0] for w in warned) == [
+        "--calibration_batches", "--calibration_samples", "--distill_epochs", "--epochs", "--lr"]
+    assert (cfg.teacher_epochs, cfg.teacher_lr, cfg.student_epochs, cfg.criteria_batches,
+            cfg.int8_calibration_samples) == (7, 0.3, 4.0, 3, 50)
+    assert "--distill_epochs is renamed --student_epochs" in capsys.readouterr().out
+
+
+def test_renamed_settings_still_work_as_config_keywords_and_attributes():
+    with pytest.warns(DeprecationWarning) as warned:
+        cfg = config_lib.Config(epochs=3, distill_epochs=5.0)
+    assert [str(w.message).split()[0] for w in warned] == ["epochs", "distill_epochs"]
+    assert (cfg.teacher_epochs, cfg.student_epochs) == (3, 5.0)
+    with pytest.warns(DeprecationWarning, match="Config.lr is renamed Config.teacher_lr"):
+        cfg.lr = 0.2
+    assert cfg.teacher_lr == 0.2 and "lr" not in cfg.to_dict()
+    with pytest.warns(DeprecationWarning), pytest.raises(TypeError, match="both epochs= and its new name teacher_epochs="):
+        config_lib.Config(epochs=3, teacher_epochs=4)
+
+
+def test_the_result_names_the_selected_candidate_and_still_answers_to_criterion():
+    from mskd_tf.api import CompressionResult
+
+    result = CompressionResult(student=None, candidate="l1-global", candidates=[], teacher={}, student_metrics={},
+                               exports=[], timings={}, workdir="", report={})
+    with pytest.warns(DeprecationWarning, match="CompressionResult.criterion is renamed CompressionResult.candidate"):
+        assert result.criterion == "l1-global"
+
+
+def test_stage_digests_keep_the_first_names_so_old_work_dirs_resume():
+    """A work dir's stages.json written before the renames recorded epochs / lr; the digest must not change."""
+    from mskd_tf import stages
+    from mskd_tf.api import _digest_inputs
+
+    teacher = next(step for step in stages.PIPELINE if step.name == "teacher")
+    inputs = _digest_inputs(config_lib.Config(teacher_epochs=9, teacher_lr=0.2), teacher)
+    assert inputs["epochs"] == 9 and inputs["lr"] == 0.2 and "teacher_epochs" not in inputs
 
 
 def test_shipped_flagfiles_parse():
@@ -42,7 +89,7 @@ def test_shipped_flagfiles_parse():
 def _first_stage_runs(path, tmp_path):
     """The flagfile as shipped, shrunk to a few batches, stops after its teacher stage."""
     workdir = tmp_path / path.stem
-    proc = _run_cli(f"--flagfile={path}", "--train_subset=96", "--epochs=1", "--batch_size=32", "--stop_after=teacher",
+    proc = _run_cli(f"--flagfile={path}", "--train_subset=96", "--teacher_epochs=1", "--batch_size=32", "--stop_after=teacher",
                     f"--workdir={workdir}", timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "Stopped after teacher" in proc.stdout and "[rank]" not in proc.stdout
@@ -68,7 +115,7 @@ def test_stop_after_must_not_precede_restart_from():
 @pytest.mark.parametrize(
     "field, value, message",
     [
-        ("lr", -1.0, "--lr=-1.0: must be > 0"),
+        ("teacher_lr", -1.0, "--teacher_lr=-1.0: must be > 0"),
         ("target_macs", 1.5, "--target_macs=1.5: is a fraction"),
         ("alpha", 2.0, "--alpha=2.0"),
         ("criteria", ("l1", "magic"), "unknown \\['magic'\\]"),
@@ -108,7 +155,7 @@ def _corrupt_folder(tmp_path):
     return root
 
 
-TOY = ["--criteria=l1", "--calibration_batches=1", "--epochs=1", "--batch_size=32", "--model=small_cnn", "--width=0.25"]
+TOY = ["--criteria=l1", "--criteria_batches=1", "--teacher_epochs=1", "--batch_size=32", "--model=small_cnn", "--width=0.25"]
 
 
 @pytest.mark.parametrize(
@@ -119,7 +166,7 @@ TOY = ["--criteria=l1", "--calibration_batches=1", "--epochs=1", "--batch_size=3
         (["--dataset=npz:{toy}", "--teacher={teacher_wrong_shape}", *TOY], "inputs of shape \\(16, 16, 1\\)"),
         pytest.param(["--dataset=npz:{toy}", "--teacher={teacher_plain}", "--target_macs=0.001", *TOY],
                      "smallest reachable", marks=pytest.mark.slow),
-        pytest.param(["--dataset=npz:{toy}", "--lr=1e30", "--schedule=constant", *TOY],
+        pytest.param(["--dataset=npz:{toy}", "--teacher_lr=1e30", "--schedule=constant", *TOY],
                      "teacher: the training loss became", marks=pytest.mark.slow),
         (["--dataset=folder:{corrupt}", *TOY], "cannot decode image .*2.png"),
         (["--dataset=npz:{badkeys}"], "lacks arrays"),
@@ -128,11 +175,11 @@ TOY = ["--criteria=l1", "--calibration_batches=1", "--epochs=1", "--batch_size=3
         (["--criteria=l1,vibes"], "--criteria=.*unknown \\['vibes'\\]"),
         (["--target_macs=0"], "--target_macs=0.0: is a fraction"),
         (["--restart_from=deploy"], "--restart_from=deploy: value should be one of"),
-        (["--lr=-1"], "--lr=-1.0: must be > 0"),
+        (["--teacher_lr=-1"], "--teacher_lr=-1.0: must be > 0"),
         (["--no_such_flag=3"], "Unknown command line flag 'no_such_flag'"),
-        (["--epochs=many"], "flag --epochs=many"),
+        (["--teacher_epochs=many"], "flag --teacher_epochs=many"),
         (["--dataset=folder:/does/not/exist"], "/does/not/exist does not exist"),
-        (["--model=resnet7", "--train_subset=64", "--epochs=1"], "resnet7"),
+        (["--model=resnet7", "--train_subset=64", "--teacher_epochs=1"], "resnet7"),
         (["--teacher=/nope/teacher.keras", "--train_subset=64"], "--teacher=/nope/teacher.keras: no such file"),
         (["--workdir=/proc/mskd_forbidden"], "--workdir=/proc/mskd_forbidden: cannot write"),
         (["stray_positional"], "unexpected arguments"),

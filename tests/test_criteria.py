@@ -12,7 +12,7 @@ from mskd_tf.errors import MskdError
 from mskd_tf.pruning import build_graph, plan_keep, prune
 from mskd_tf.pruning.candidates import build_candidates, jaccard, layer_widths, overlap_matrix
 from mskd_tf.pruning import criteria as C
-from mskd_tf.stages import load_rankings, save_rankings
+from mskd_tf.pruning.rankings import load_rankings, save_rankings
 
 EPS32 = float(np.finfo(np.float32).eps)
 

@@ -1,6 +1,7 @@
 """Targets in a device's units: a TFLite Micro arena and an int8 flash size, planned to and measured."""
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -37,9 +38,9 @@ def test_the_predicted_activation_peak_bounds_the_arena_tflm_plans(name, shape):
 @pytest.fixture
 def cfg(tmp_path):
     data = make_npz(tmp_path / "toy.npz", size=16)
-    return Config(dataset=f"npz:{data}", model="small_cnn", width=0.5, epochs=1, batch_size=32, lr=0.05,
+    return Config(dataset=f"npz:{data}", model="small_cnn", width=0.5, teacher_epochs=1, batch_size=32, teacher_lr=0.05,
                   workdir=str(tmp_path / "wd"), val_fraction=0.2, criteria=("l1", "random"), target_macs=1.0,
-                  distill_epochs=1.0, export=("int8",))
+                  student_epochs=1.0, export=("int8",))
 
 
 def test_an_arena_target_the_teacher_exceeds_is_met_by_every_candidate_and_the_shipped_kit(cfg, capsys):
@@ -119,3 +120,40 @@ def test_a_latency_target_is_planned_by_the_measured_time_not_the_macs_ratio(cfg
     assert record["targets"]["teacher"]["latency_ms"] == teacher_ms > cfg.target_latency_ms
     assert all(c["latency_ms"] <= cfg.target_latency_ms for c in record["candidates"])
     assert all(c["macs_ratio"] < 0.8 for c in record["candidates"])  # 95% of the time took far fewer MACs
+
+
+def test_several_targets_in_one_run_share_the_teacher_and_rankings_and_compare_the_students(cfg, capsys):
+    """--targets: the teacher trains once, every item's run reuses it and the rankings, and front.md / front.json
+    put the shipped students side by side, each meeting its own target (measured)."""
+    cfg.micro = False
+    cfg.export = ("int8",)
+    cfg.targets = ("macs=0.3", "macs=0.7+flash_kb=1000")
+    results = run_pipeline(cfg)
+    out = capsys.readouterr().out
+    assert out.count("[teacher] running") == 1 and out.count("[rank] running") == 1
+    assert out.count("[teacher] done already") == 2 and out.count("[rank] done already") == 2
+    teacher = json.loads(open(f"{cfg.workdir}/teacher.json").read())
+    front = json.loads(open(f"{cfg.workdir}/front.json").read())["students"]
+    assert [r["item"] for r in front] == list(cfg.targets) and len(results) == 2
+    # each at its own MACs target (the planner's tolerance: 1%)
+    assert front[0]["macs"] <= 1.01 * 0.3 * teacher["macs"] < front[1]["macs"] <= 1.01 * 0.7 * teacher["macs"]
+    assert all(r["test_acc"] is not None and r["flash_kb"] and r["targets_met"] for r in front)
+    assert [r.student_metrics["test_acc"] for r in results] == [r["test_acc"] for r in front]
+    for item in cfg.targets:  # each run's teacher is the base's very file
+        with open(f"{cfg.workdir}/targets/{item}/teacher.keras", "rb") as run, open(f"{cfg.workdir}/teacher.keras", "rb") as base:
+            assert run.read() == base.read()
+    assert "macs=0.7+flash_kb=1000" in open(f"{cfg.workdir}/front.md").read()
+    assert os.path.exists(f"{cfg.workdir}/plot_front.png")
+    capsys.readouterr()
+    run_pipeline(cfg)  # resumed: nothing trains again
+    assert "running" not in capsys.readouterr().out
+
+
+def test_a_bad_or_unreachable_targets_item_is_refused_before_anything_trains(cfg):
+    cfg.targets = ("macs=0.5", "arena_kb=0.01")
+    with pytest.raises(MskdError, match="arena"):
+        run_pipeline(cfg)
+    assert not os.path.exists(f"{cfg.workdir}/teacher.keras")
+    cfg.targets = ("macs=0.5", "vibes=3")
+    with pytest.raises(MskdError, match="--targets=macs=0.5,vibes=3: item 'vibes=3'"):
+        run_pipeline(cfg)

@@ -245,7 +245,7 @@ def test_distill_is_reproducible_and_leaves_the_callers_random_state_alone():
 def test_distill_rejects_bad_inputs():
     x, y = synthetic(32)
     teacher, student = tiny_cnn(8, "teacher"), tiny_cnn(4, "student")
-    with pytest.raises(MskdError, match=r"epochs=0 must be a positive number \(--distill_epochs\)"):
+    with pytest.raises(MskdError, match=r"epochs=0 must be a positive number \(--student_epochs\)"):
         distill(teacher, student, batches(x, y), None, epochs=0)
     with pytest.raises(MskdError, match="steps=0 must be a positive integer"):
         distill(teacher, student, batches(x, y), None, epochs=1, steps=0)

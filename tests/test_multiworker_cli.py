@@ -22,9 +22,9 @@ from mskd_tf.distribute import local_cluster
 REPO = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, CUDA_VISIBLE_DEVICES="", TF_CPP_MIN_LOG_LEVEL="3", PYTHONWARNINGS="ignore")
 # The shrunk quickstart: 2048 training images, one candidate (no discrete choice that could flip between runs).
-SHRUNK = [f"--flagfile={REPO / 'configs' / 'quickstart.cfg'}", "--train_subset=2048", "--epochs=2", "--batch_size=128",
-          "--criteria=l1", "--allocations=uniform", "--select_epochs=0.5", "--distill_epochs=2.5", "--export=float32",
-          "--nomicro", "--calibration_batches=2", "--bn_recalibration_batches=2", "--calibration_samples=32"]
+SHRUNK = [f"--flagfile={REPO / 'configs' / 'quickstart.cfg'}", "--train_subset=2048", "--teacher_epochs=2", "--batch_size=128",
+          "--criteria=l1", "--allocations=uniform", "--select_epochs=0.5", "--student_epochs=2.5", "--export=float32",
+          "--nomicro", "--criteria_batches=2", "--bn_recalibration_batches=2", "--int8_calibration_samples=32"]
 # Two workers train on 64 images each of every 128-image global batch with synchronized BatchNorm: the same
 # examples, steps and maths as one process, up to summation order (per-epoch training accuracy of the teacher
 # agreed to 4 digits). This shrunk run is short enough to be chaotic, though: the BatchNorm-repaired teacher
@@ -100,7 +100,7 @@ def test_quickstart_on_two_workers_matches_one_process(tmp_path):
 @pytest.mark.slow  # two TF runtimes, a kill, then both again: ~2-4 min on this shared 2-core machine
 def test_a_killed_worker_stops_the_chief_and_a_rerun_resumes(tmp_path):
     shared = tmp_path / "shared"
-    flags = ("--epochs=6", "--stop_after=teacher")
+    flags = ("--teacher_epochs=6", "--stop_after=teacher")
     chief, worker = _start_workers(shared, *flags)
     try:
         metadata = shared / "teacher_backup" / "training_metadata.json"

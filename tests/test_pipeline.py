@@ -31,7 +31,7 @@ def make_npz(path, n_train=240, n_test=60, size=12, classes=3, seed=0):
 @pytest.fixture
 def tiny_cfg(tmp_path):
     data = make_npz(tmp_path / "toy.npz")
-    return Config(dataset=f"npz:{data}", model="small_cnn", width=0.25, epochs=1, batch_size=32, lr=0.05,
+    return Config(dataset=f"npz:{data}", model="small_cnn", width=0.25, teacher_epochs=1, batch_size=32, teacher_lr=0.05,
                   workdir=str(tmp_path / "wd"), val_fraction=0.2)
 
 
@@ -57,9 +57,9 @@ def test_teacher_stage_resumes_and_detects_changes(tiny_cfg, capsys):
     out = capsys.readouterr().out
     assert "[teacher] done already" in out and "[rank]" not in out  # stop_after holds for finished stages too
 
-    tiny_cfg.lr = 0.02
+    tiny_cfg.teacher_lr = 0.02
     run_pipeline(tiny_cfg, stop_after="teacher")
-    assert "config changed since it ran (lr)" in capsys.readouterr().out
+    assert "config changed since it ran (teacher_lr)" in capsys.readouterr().out
 
 
 def _interrupted_teacher_run(cfg, monkeypatch, epoch_index):
@@ -75,7 +75,7 @@ def _interrupted_teacher_run(cfg, monkeypatch, epoch_index):
             if epoch == epoch_index:
                 raise KeyboardInterrupt
 
-    cfg.epochs = 3
+    cfg.teacher_epochs = 3
     monkeypatch.setattr(training, "standard_callbacks", lambda *a, **k: [*original(*a, **k), Interrupt()])
     with pytest.raises(KeyboardInterrupt):
         run_pipeline(cfg, stop_after="teacher")
@@ -96,7 +96,7 @@ def test_interrupted_teacher_resumes_at_the_next_epoch(tiny_cfg, monkeypatch, ca
 
 def test_teacher_backup_from_other_settings_is_not_resumed(tiny_cfg, monkeypatch, capsys):
     _interrupted_teacher_run(tiny_cfg, monkeypatch, 0)
-    tiny_cfg.lr = 0.02
+    tiny_cfg.teacher_lr = 0.02
     capsys.readouterr()
     run_pipeline(tiny_cfg, stop_after="teacher")
     out = capsys.readouterr().out
@@ -141,7 +141,7 @@ def test_restart_from_redoes_that_stage(tiny_cfg, capsys):
 
 def test_nan_loss_stops_with_clear_error_and_saves_nothing(tmp_path):
     data = make_npz(tmp_path / "toy.npz")
-    cfg = Config(dataset=f"npz:{data}", model="small_cnn", width=0.25, epochs=1, batch_size=32, lr=1e30,
+    cfg = Config(dataset=f"npz:{data}", model="small_cnn", width=0.25, teacher_epochs=1, batch_size=32, teacher_lr=1e30,
                  schedule="constant", workdir=str(tmp_path / "wd"))
     with pytest.raises(MskdError, match="teacher: the training loss became"):
         run_pipeline(cfg, stop_after="teacher")
@@ -179,7 +179,7 @@ def test_a_resumed_run_trains_on_the_order_an_uninterrupted_one_does(tiny_cfg, t
     import dataclasses
 
     tiny_cfg.criteria = ("l1", "random")
-    tiny_cfg.epochs = 2
+    tiny_cfg.teacher_epochs = 2
     tiny_cfg.select_epochs = 1.0  # fine-tuned candidates: their order is part of what is compared
     run_pipeline(tiny_cfg, stop_after="distill")
     resumed = dataclasses.replace(tiny_cfg, workdir=str(tmp_path / "resumed"))
@@ -220,24 +220,24 @@ def test_selection_shares_a_users_dataset_but_gives_numpy_splits_a_fresh_pipelin
     import keras
     import tensorflow as tf
 
-    from mskd_tf import stages
+    from mskd_tf import context
 
     rng = np.random.default_rng(0)
     x, y = rng.random((64, 8, 8, 1)).astype("float32"), rng.integers(0, 3, 64)
     model = keras.Sequential([keras.Input((8, 8, 1)), keras.layers.Flatten(), keras.layers.Dense(3)])
     cfg = Config(workdir=str(tmp_path / "wd"), batch_size=16)
 
-    def context(train):
-        data = stages.user_data(model, train, (x, y), None, batch_size=16, seed=0)
-        return stages.Context(cfg=cfg, wd=Workdir(cfg.workdir), user_data=data)
+    def run_context(train):
+        data = context.user_data(model, train, (x, y), None, batch_size=16, seed=0)
+        return context.Context(cfg=cfg, wd=Workdir(cfg.workdir), user_data=data)
 
     given = tf.data.Dataset.from_tensor_slices((x, y)).batch(16)
-    shared = context(given).selection_train()
+    shared = run_context(given).selection_train()
     assert not callable(shared) and [b[1].numpy().tolist() for b in shared] == [b[1].numpy().tolist() for b in given]
     # Read in many short passes: without autotuning (each pass's end waited for its tuning thread)
     assert given.options().autotune.enabled is not False and shared.options().autotune.enabled is False
 
-    fresh = context((x, y)).selection_train()
+    fresh = run_context((x, y)).selection_train()
     assert callable(fresh)
     first, again = next(iter(fresh())), next(iter(fresh()))
     np.testing.assert_array_equal(first[1].numpy(), again[1].numpy())
@@ -264,8 +264,8 @@ def test_runs_under_the_kd_loss_train_at_the_scaled_rate(tiny_cfg, monkeypatch):
 
 def test_select_epochs_zero_distills_the_zero_cost_pick_for_the_whole_budget(tiny_cfg):
     """--select_epochs=0: the candidates stage's zero-cost scores choose, no step is spent selecting, and the
-    distill stage trains the chosen candidate for all of --distill_epochs."""
-    tiny_cfg.criteria, tiny_cfg.select_epochs, tiny_cfg.distill_epochs = ("l1", "random"), 0.0, 1.0
+    distill stage trains the chosen candidate for all of --student_epochs."""
+    tiny_cfg.criteria, tiny_cfg.select_epochs, tiny_cfg.student_epochs = ("l1", "random"), 0.0, 1.0
     run_pipeline(tiny_cfg, stop_after="distill")
     wd = tiny_cfg.workdir
     rows = json.loads(open(f"{wd}/candidates.json").read())["candidates"]

@@ -39,12 +39,12 @@ def test_compress_end_to_end_and_resume(tmp_path, capsys):
     teacher.fit(x, y, epochs=3, batch_size=32, verbose=0)
     result = mskd_tf.compress(
         teacher, (x, y), test=(xt, yt), criteria=("l1", "taylor", "random"), target_macs=0.5,
-        select_epochs=0.5, calibration_batches=2,
-        distill_epochs=1, distill_baseline=True, export=("float32",),
+        select_epochs=0.5, criteria_batches=2,
+        student_epochs=1, distill_baseline=True, export=("float32",),
         workdir=str(tmp_path / "wd"), seed=0,
     )
     names = [f"{c}-{a}" for a in ("global", "uniform") for c in ("l1", "taylor", "random")]
-    assert result.criterion in names and [c["criterion"] for c in result.candidates] == names
+    assert result.candidate in names and [c["criterion"] for c in result.candidates] == names
     for row in result.candidates:
         assert 0.4 <= row["macs_ratio"] <= 0.6 and row["params"] < result.teacher["params"]
     assert result.student is not None and result.student_metrics["macs"] < result.teacher["macs"]
@@ -53,7 +53,7 @@ def test_compress_end_to_end_and_resume(tmp_path, capsys):
     assert export["kind"] == "float32" and Path(export["path"]).stat().st_size == export["bytes"]
     assert export["agreement"] > 0.99  # float32 TFLite == Keras
     report = json.loads((tmp_path / "wd" / "report.json").read_text())
-    assert report["selected"]["criterion"] == result.criterion and set(report["timings"]) >= {"teacher", "export"}
+    assert report["selected"]["criterion"] == result.candidate and set(report["timings"]) >= {"teacher", "export"}
     assert (tmp_path / "wd" / "plot_accuracy_vs_macs.png").stat().st_size > 1000
     assert "student (KD)" in result.summary()
     from mskd_tf import training
@@ -63,13 +63,13 @@ def test_compress_end_to_end_and_resume(tmp_path, capsys):
     capsys.readouterr()
     again = mskd_tf.compress(
         teacher, (x, y), test=(xt, yt), criteria=("l1", "taylor", "random"), target_macs=0.5,
-        select_epochs=0.5, calibration_batches=2,
-        distill_epochs=1, distill_baseline=True, export=("float32",),
+        select_epochs=0.5, criteria_batches=2,
+        student_epochs=1, distill_baseline=True, export=("float32",),
         workdir=str(tmp_path / "wd"), seed=0,
     )
     out = capsys.readouterr().out
     # Nothing changed: every stage, the report included, is reused.
-    assert out.count("done already") == 7 and again.criterion == result.criterion
+    assert out.count("done already") == 7 and again.candidate == result.candidate
 
 
 @pytest.mark.parametrize(
@@ -99,8 +99,8 @@ def _sha(path):
 def _cli_args(tmp_path):
     data = make_npz(tmp_path / "toy.npz")
     return [sys.executable, "-m", "mskd_tf.run", f"--dataset=npz:{data}", "--model=small_cnn", "--width=0.25",
-            "--epochs=2", "--batch_size=32", f"--workdir={tmp_path / 'wd'}", "--criteria=l1,fpgm,taylor",
-            "--calibration_batches=2", "--select_epochs=0.5", "--distill_epochs=2", "--export=float32",
+            "--teacher_epochs=2", "--batch_size=32", f"--workdir={tmp_path / 'wd'}", "--criteria=l1,fpgm,taylor",
+            "--criteria_batches=2", "--select_epochs=0.5", "--student_epochs=2", "--export=float32",
             "--nomicro"]
 
 
@@ -197,7 +197,7 @@ def test_stale_batchnorm_teacher_is_repaired_and_the_student_never_worse_than_ce
     val = (x[:48], y[:48])
     result = mskd_tf.compress(
         teacher, (x[48:], y[48:]), val, test=(xt, yt), criteria=("l1", "random"), target_macs=0.5,
-        select_epochs=0.5, calibration_batches=2, distill_epochs=1.5,
+        select_epochs=0.5, criteria_batches=2, student_epochs=1.5,
         export=("float32",), workdir=str(tmp_path / "wd"), seed=0,
     )
     repair = result.teacher["batchnorm_repair"]
@@ -220,8 +220,8 @@ def test_a_misleading_teacher_loses_to_cross_entropy_and_is_not_shipped(tmp_path
     val = (x[:48], y[:48])
     result = mskd_tf.compress(
         teacher, (x[48:], y[48:]), val, test=(xt, yt), criteria=("l1", "random"), target_macs=0.5,
-        select_epochs=0.5, calibration_batches=2, select_loss="ce", batch_size=16, finetune_lr=0.05,
-        distill_epochs=4, export=("float32",), workdir=str(tmp_path / "wd"), seed=0,
+        select_epochs=0.5, criteria_batches=2, select_loss="ce", batch_size=16, finetune_lr=0.05,
+        student_epochs=4, export=("float32",), workdir=str(tmp_path / "wd"), seed=0,
     )
     m = result.student_metrics
     assert m["shipped"] == "ce" and m["runs"]["ce"]["val_acc"] > m["runs"]["kd"]["val_acc"]

@@ -12,7 +12,7 @@ import keras
 import numpy as np
 import pytest
 
-from mskd_tf import training
+from mskd_tf import candidate_training, training
 from mskd_tf.api import run_pipeline
 from mskd_tf.config import Config
 from tests.test_pipeline import make_npz
@@ -21,7 +21,7 @@ from tests.test_pipeline import make_npz
 @pytest.fixture
 def cfg(tmp_path):
     data = make_npz(tmp_path / "toy.npz")
-    return Config(dataset=f"npz:{data}", model="small_cnn", width=0.25, epochs=3, batch_size=32, lr=0.05,
+    return Config(dataset=f"npz:{data}", model="small_cnn", width=0.25, teacher_epochs=3, batch_size=32, teacher_lr=0.05,
                   workdir=str(tmp_path / "whole"), val_fraction=0.2, augment=True)
 
 
@@ -78,7 +78,7 @@ def test_an_interrupted_teacher_resumes_to_the_uninterrupted_weights(cfg, tmp_pa
 def test_an_interrupted_distillation_resumes_to_the_uninterrupted_students(cfg, tmp_path, monkeypatch, capsys,
                                                                            stop_in):
     """Stopped after the first epoch of the KD run, or of the cross-entropy run (the KD run then is kept)."""
-    cfg.epochs, cfg.select_epochs, cfg.distill_epochs, cfg.criteria = 1, 0.0, 2.0, ("l1",)
+    cfg.teacher_epochs, cfg.select_epochs, cfg.student_epochs, cfg.criteria = 1, 0.0, 2.0, ("l1",)
     run_pipeline(cfg, stop_after="distill")
     resumed = dataclasses.replace(cfg, workdir=str(tmp_path / "resumed"))
     run_pipeline(resumed, stop_after="select")
@@ -113,12 +113,11 @@ def test_an_interrupted_distillation_resumes_to_the_uninterrupted_students(cfg, 
 def test_an_interrupted_selection_resumes_to_the_uninterrupted_choice(cfg, tmp_path, monkeypatch):
     """Stopped mid-way through the fine-tunes (the third training chunk of the run): every candidate's curve and
     the selected network come out as in an uninterrupted run."""
-    from mskd_tf import selection
 
-    cfg.epochs, cfg.select_epochs, cfg.criteria = 1, 2.0, ("l1", "random")
+    cfg.teacher_epochs, cfg.select_epochs, cfg.criteria = 1, 2.0, ("l1", "random")
     run_pipeline(cfg, stop_after="select")
     resumed = dataclasses.replace(cfg, workdir=str(tmp_path / "resumed"))
-    original, calls = selection.Finetuner.train, []
+    original, calls = candidate_training.Finetuner.train, []
 
     def interrupted(self, *args, **kwargs):
         calls.append(1)
@@ -126,10 +125,10 @@ def test_an_interrupted_selection_resumes_to_the_uninterrupted_choice(cfg, tmp_p
             raise KeyboardInterrupt
         return original(self, *args, **kwargs)
 
-    monkeypatch.setattr(selection.Finetuner, "train", interrupted)
+    monkeypatch.setattr(candidate_training.Finetuner, "train", interrupted)
     with pytest.raises(KeyboardInterrupt):
         run_pipeline(resumed, stop_after="select")
-    monkeypatch.setattr(selection.Finetuner, "train", original)
+    monkeypatch.setattr(candidate_training.Finetuner, "train", original)
     run_pipeline(resumed, stop_after="select")
 
     def trained(config):

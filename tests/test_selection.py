@@ -1,5 +1,7 @@
 """Selection: halving plan, choice rule, exact custom loop, artifacts, resumption, bad input."""
 
+import functools
+import inspect
 import json
 import math
 
@@ -8,11 +10,18 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from mskd_tf import selection
+from mskd_tf.candidate_training import Finetuner
+from mskd_tf.config import Config
 from mskd_tf.errors import MskdError
 from mskd_tf.keras_utils import weights_digest
-from mskd_tf.selection import Finetuner, choose, halving_rungs, select, time_split_total
+from mskd_tf.selection import choose, halving_rungs, time_split_total
 from mskd_tf.training import make_optimizer
-from multiworker_select import tiny_arrays, tiny_candidate, tiny_datasets
+from multiworker_select import EVERY_CANDIDATE, tiny_arrays, tiny_candidate, tiny_datasets
+
+# These tests fine-tune every candidate they pass, at a fixed rate, for an epoch unless they say otherwise; the
+# library's own defaults (the pipeline's: the zero-cost pick in a capacity pool) are tested by name.
+select = functools.partial(selection.select, epochs=1.0, lr=0.01, **EVERY_CANDIDATE)
 
 
 def weights_of(model):
@@ -364,7 +373,7 @@ def test_bad_arguments(tmp_path, data, change, message):
 
 
 def test_recalibrate_batchnorm_matches_numpy_batch_statistics():
-    from mskd_tf.selection import recalibrate_batchnorm
+    from mskd_tf.batchnorm import recalibrate_batchnorm
 
     rng = np.random.default_rng(0)
     inputs = keras.Input((6, 6, 2))
@@ -389,12 +398,12 @@ def test_recalibrate_batchnorm_matches_numpy_batch_statistics():
 
 def test_every_score_recalibrates_batchnorm_on_one_list_of_batches_drawn_once(tmp_path, data, monkeypatch):
     # Issue 14: a fresh pipeline per score cost a third of each CIFAR score; the batches are drawn once instead.
-    from mskd_tf import selection
+    from mskd_tf import candidate_training
 
     train, val = data
     seen, pipelines = [], []
-    real = selection.recalibrate_batchnorm
-    monkeypatch.setattr(selection, "recalibrate_batchnorm",
+    real = candidate_training.recalibrate_batchnorm
+    monkeypatch.setattr(candidate_training, "recalibrate_batchnorm",
                         lambda model, batches, count: seen.append(batches) or real(model, batches, count))
 
     def fresh():
@@ -412,19 +421,20 @@ def test_a_score_on_one_replica_copies_nothing_and_gives_training_its_statistics
     # Issue 14: each candidate used to be copied twice (to train, to score), ~0.2 s each on CIFAR. On one
     # replica a file's model trains as loaded and is scored in place: the score must equal a copy's, and
     # training must continue from its own BatchNorm statistics, not the re-estimated ones.
-    from mskd_tf import selection, training
+    from mskd_tf import candidate_training, training
     from mskd_tf.keras_utils import with_synchronized_batchnorm
 
     train, val = data
     copies, checked = [], []
-    real_copy, real_score = selection._with_batchnorm_sync, selection._CandidateTrainer._score
-    monkeypatch.setattr(selection, "_with_batchnorm_sync", lambda m, s: copies.append(m.name) or real_copy(m, s))
+    real_copy, real_score = candidate_training.with_synchronized_batchnorm, candidate_training.CandidateTrainer._score
+    monkeypatch.setattr(candidate_training, "with_synchronized_batchnorm",
+                        lambda m, s: copies.append(m.name) or real_copy(m, s))
 
     def score_and_check(self, name, tuner):
         before = [v.numpy().copy() for v in tuner.model.variables]  # weights and moving statistics
         reference = with_synchronized_batchnorm(tuner.model, False)
         got = real_score(self, name, tuner)
-        selection.recalibrate_batchnorm(reference, self._recalibration_batches, 2)  # the batches the score drew
+        candidate_training.recalibrate_batchnorm(reference, self._recalibration_batches, 2)  # the batches the score drew
         assert got == training.accuracy(reference, val)
         for old, now in zip(before, tuner.model.variables):
             np.testing.assert_array_equal(old, now.numpy())
@@ -433,7 +443,7 @@ def test_a_score_on_one_replica_copies_nothing_and_gives_training_its_statistics
         checked.append(name)
         return got
 
-    monkeypatch.setattr(selection._CandidateTrainer, "_score", score_and_check)
+    monkeypatch.setattr(candidate_training.CandidateTrainer, "_score", score_and_check)
     folder = tmp_path / "files"
     folder.mkdir()
     files = {}
@@ -508,3 +518,23 @@ def test_with_a_pipeline_function_every_candidate_trains_on_the_same_batches(tmp
     a, b, weights_a, weights_b = curves["fresh"]
     assert a == b and weights_a == weights_b
     assert curves["shared"][2] != curves["shared"][3]  # the shared pipeline really gave them different batches
+
+
+def test_select_defaults_are_the_pipelines(tmp_path, data):
+    """A script calling select() with no options does what the pipeline does: the capacity pool, then the
+    zero-cost pick, no training step."""
+    defaults = {name: p.default for name, p in inspect.signature(selection.select).parameters.items()}
+    cfg = Config()
+    assert ({k: defaults[k] for k in ("epochs", "zero_cost_keep", "min_params_ratio", "successive_halving",
+                                       "temperature", "alpha", "tie_tolerance", "bn_recalibration_batches",
+                                       "optimizer", "weight_decay", "wait_timeout")}
+            == {"epochs": cfg.select_epochs, "zero_cost_keep": cfg.zero_cost_keep,
+                "min_params_ratio": cfg.min_params_ratio, "successive_halving": cfg.successive_halving,
+                "temperature": cfg.temperature, "alpha": cfg.alpha, "tie_tolerance": cfg.tie_tolerance,
+                "bn_recalibration_batches": cfg.bn_recalibration_batches, "optimizer": cfg.optimizer,
+                "weight_decay": cfg.weight_decay, "wait_timeout": cfg.worker_timeout})
+    payload = selection.select(three_candidates(), *data, workdir=tmp_path, verbose=False)
+    assert payload["protocol"]["total_steps"] == 0
+    assert payload["protocol"]["capacity_pool"]["min_params_ratio"] == cfg.min_params_ratio
+    assert payload["selected"]["reason"].startswith("zero-cost pick")
+

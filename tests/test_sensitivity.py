@@ -77,7 +77,7 @@ def test_a_cut_measured_on_the_zeroed_copy_is_the_pruned_clones_loss():
     a depthwise convolution and BatchNorm re-estimation, the loss it measures is the pruned clone's."""
     from mskd_tf.pruning import prune
     from mskd_tf.pruning.sensitivity import kl_divergence
-    from mskd_tf.selection import recalibrate_batchnorm
+    from mskd_tf.batchnorm import recalibrate_batchnorm
 
     keras.utils.set_random_seed(3)
     inputs = keras.Input((8, 8, 3))

@@ -42,7 +42,7 @@ carries score 0.
 All data-driven criteria share one pass over the calibration batches
 (:mod:`mskd_tf.pruning.activation_statistics`); this module turns its per-channel means into
 group scores. Candidates (one pruned clone per ranking) are built in
-:mod:`mskd_tf.pruning.candidates`; ``rankings.json`` is the rank stage's (:mod:`mskd_tf.stages`).
+:mod:`mskd_tf.pruning.candidates`; ``rankings.json`` (:mod:`mskd_tf.pruning.rankings`) is the rank stage's record of them.
 
 User criteria: decorate a plain function with :func:`register_criterion`:
 
