@@ -137,7 +137,8 @@ def test_several_targets_in_one_run_share_the_teacher_and_rankings_and_compare_t
     assert [r["item"] for r in front] == list(cfg.targets) and len(results) == 2
     # each at its own MACs target (the planner's tolerance: 1%)
     assert front[0]["macs"] <= 1.01 * 0.3 * teacher["macs"] < front[1]["macs"] <= 1.01 * 0.7 * teacher["macs"]
-    assert all(r["test_acc"] is not None and r["flash_kb"] and r["targets_met"] for r in front)
+    assert all(r["test_acc"] is not None and r["flash_kb"] for r in front)
+    assert front[1]["targets_met"] is True and front[0]["targets_met"] is None  # macs only: nothing measured to check
     assert [r.student_metrics["test_acc"] for r in results] == [r["test_acc"] for r in front]
     for item in cfg.targets:  # each run's teacher is the base's very file
         with open(f"{cfg.workdir}/targets/{item}/teacher.keras", "rb") as run, open(f"{cfg.workdir}/teacher.keras", "rb") as base:
