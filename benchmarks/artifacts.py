@@ -8,8 +8,8 @@ channels). So the script mirrors what a rerun cannot rebuild in minutes into
 ``benchmarks/artifacts/<work dir name>/`` as it appears, the session commits that folder with the rows, and
 the next run copies it back into an empty work dir before any stage looks.
 
-Kept: the teacher (its epoch backup while it trains), the stage records and the small JSON files (rankings,
-the candidates' record). Not kept: the candidates' networks (the candidates stage rebuilds them from the
+Kept: the teacher (its epoch backup while it trains; the teacher itself without optimizer state), the stage
+records and the small JSON files (rankings, the candidates' record). Not kept: the candidates' networks (the candidates stage rebuilds them from the
 teacher and rankings in a minute, the same channels), selected networks (the benchmark reselects when one is
 missing), logs, and a teacher that was itself copied from another file (``--teacher``: the benchmark copies
 it again). Trained networks stay out of git otherwise (``.gitignore``).
@@ -20,6 +20,7 @@ it again). Trained networks stay out of git otherwise (``.gitignore``).
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 import time
@@ -29,6 +30,23 @@ ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
 # Relative to a work dir; see the module docstring for why these and no others.
 KEPT = ("teacher_backup/*", "logs/teacher/history.csv", "teacher_best.keras", "teacher.keras", "teacher.json",
         "stages.json", "records/*.json", "rankings.json", "candidates.json")
+
+
+# Networks later stages only read (never train on): mirrored without the optimizer state their training left in
+# them (SGD momentum, as large as the weights), so the teachers in git take half the space.
+WEIGHTS_ONLY = ("teacher.keras", "teacher_best.keras")
+
+
+def _save_weights_only(source: Path, target: Path) -> None:
+    """``source`` saved again at ``target`` without optimizer state, with the source's modification time."""
+    import keras
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp.keras")
+    keras.models.load_model(source, compile=False).save(tmp)
+    tmp.replace(target)
+    stamp = os.path.getmtime(source)
+    os.utime(target, (stamp, stamp))
 
 
 def kept_files(workdir: Path) -> list[Path]:
@@ -62,7 +80,11 @@ def save(workdir) -> int:
         copied = 0
         for path in kept_files(workdir):
             target = mirror / path.relative_to(workdir)
-            if not target.exists() or target.read_bytes() != path.read_bytes():
+            if path.name in WEIGHTS_ONLY:
+                if not target.exists() or os.path.getmtime(target) != os.path.getmtime(path):
+                    _save_weights_only(path, target)
+                    copied += 1
+            elif not target.exists() or target.read_bytes() != path.read_bytes():
                 target.parent.mkdir(parents=True, exist_ok=True)
                 shutil.copy2(path, target)
                 copied += 1
