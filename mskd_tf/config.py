@@ -9,6 +9,7 @@ apart. ``Config.validate`` names the offending ``--flag`` in its error.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import numbers
 import re
@@ -296,6 +297,7 @@ class Config:
 
 
 def _accept_former_names(init):
+    @functools.wraps(init)  # inspect.signature(Config) still lists the fields
     def __init__(self, *args, **kwargs):
         for old in [k for k in kwargs if k in CURRENT_NAMES]:
             warnings.warn(renamed_warning(old, ""), DeprecationWarning, stacklevel=2)
