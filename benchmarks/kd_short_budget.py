@@ -59,11 +59,11 @@ def base_config(data_set: str, seed: int, workdir: str):
 
 def small_npz(data_set: str) -> Path:
     """1,500 training / 2,000 test Fashion-MNIST images (the first of each split), at 28x28 or 8x8."""
-    from mskd_tf import data
+    from mskd_tf import data_sources
 
     path = Path(FLAGS.workdir) / f"{data_set}.npz"
     if not path.exists():
-        x_train, y_train, x_test, y_test, _ = data._fashion_mnist()
+        x_train, y_train, x_test, y_test, _ = data_sources.read("fashion_mnist")
         x_train, y_train, x_test, y_test = x_train[:SMALL_TRAIN], y_train[:SMALL_TRAIN], x_test[:SMALL_TEST], y_test[:SMALL_TEST]
         if data_set == "small8":  # mean of 3x3 blocks of the 24x24 centre: the images an 8x8 sensor would give
             shrink = lambda x: x[:, 2:26, 2:26].reshape(len(x), 8, 3, 8, 3, 1).mean(axis=(2, 4)).astype(np.uint8)  # noqa: E731

@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from mskd_tf import data
+from mskd_tf import data, data_sources
 from mskd_tf.errors import MskdError
 
 
@@ -193,7 +193,7 @@ def test_offline_tfds_fails_fast(tmp_path):
     assert time.monotonic() - start < 30
 
 
-@pytest.mark.skipif(not data.FASHION_MNIST_DIR.exists(), reason="apt-get install dataset-fashion-mnist")
+@pytest.mark.skipif(not data_sources.FASHION_MNIST_DIR.exists(), reason="apt-get install dataset-fashion-mnist")
 def test_fashion_mnist_from_debian():
     x_train, y_train, x_test, y_test, classes = data.load_arrays("fashion_mnist")
     assert x_train.shape == (60000, 28, 28, 1) and x_test.shape == (10000, 28, 28, 1)
@@ -206,7 +206,7 @@ def test_an_uncached_eval_pipeline_reads_a_few_batches_without_the_partial_cache
     # TF's C++ log is silenced in this process (conftest), so each pipeline runs in a child that logs.
     script = """
 import sys, numpy as np
-from mskd_tf import data
+from mskd_tf import data, data_sources
 arrays = data.Arrays(np.random.default_rng(0).integers(0, 255, (40, 4, 4, 1), dtype=np.uint8), np.arange(40) % 10)
 ds = data.eval_pipeline(arrays, 8, cache=sys.argv[1] == "cache")
 x = np.concatenate([b.numpy() for b, _ in ds.take(2)])
