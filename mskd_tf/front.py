@@ -38,7 +38,7 @@ def share(base: Workdir, run: Workdir) -> bool:
         record = base.state.get(stage)
         if record is None:
             break  # the later shared stages depend on this one
-        if run.state.get(stage) == record and all((run / n).exists() for n in SHARED_FILES[stage][:1]):
+        if run.state.get(stage) == record and (run / SHARED_FILES[stage][0]).exists():  # its artifact
             continue
         for name in SHARED_FILES[stage]:
             if (base / name).exists():
