@@ -383,7 +383,6 @@ def config_from_flags(flag_values=None) -> Config:
     for old in CURRENT_NAMES:
         if old in flag_values and flag_values[old].present:
             warnings.warn(renamed_warning(old), DeprecationWarning, stacklevel=2)
-            print(f"WARNING: {renamed_warning(old)}", flush=True)
     for f in Config.fields():
         value = flag_values[f.name].value
         values[f.name] = tuple(value) if isinstance(value, list) else value

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import sys
+import warnings
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # oneDNN kernels: off by default on some AVX2 CPUs, 2-4x faster training when on (BENCHMARKS.md).
@@ -56,7 +57,11 @@ def main(argv):
 
         tf.config.list_physical_devices()
     try:
-        cfg = config_from_flags()
+        with warnings.catch_warnings(record=True) as renamed:  # a user's old flag names: one line each
+            warnings.simplefilter("always", DeprecationWarning)
+            cfg = config_from_flags()
+        for warning in renamed:
+            print(f"mskd-tf: warning: {warning.message}", file=sys.stderr, flush=True)
         micro_warning = cfg.check_micro(explicit=False)
         if micro_warning:
             print(f"mskd-tf: warning: {micro_warning}", file=sys.stderr, flush=True)
