@@ -160,3 +160,18 @@ def test_round_to_uses_a_finer_power_of_two_in_narrow_groups(mode):
 def test_round_to_one_still_gives_exact_widths(chain_graph):
     plan = plan_keep(chain_graph, keep_ratio=0.3, mode="uniform", round_to=1)
     assert plan.widths() == {"conv0": 5, "conv1": 7, "conv2": 10}
+
+
+def test_a_target_the_width_steps_cannot_hit_is_a_budget_never_exceeded():
+    # Two 16-wide convs rounded to 8: the reachable MACs are 26% / 50% / 53% / 100% of the
+    # original. These scores make the global threshold land on 53% and no single step gets
+    # closer; the planner must cut under the target instead of shipping 6% over it.
+    inputs = keras.Input((16, 16, 1))
+    x = L.ReLU()(L.Conv2D(16, 3, padding="same", name="c0")(inputs))
+    x = L.ReLU()(L.Conv2D(16, 3, padding="same", name="c1")(x))
+    graph = build_graph(keras.Model(inputs, L.Dense(3)(L.GlobalAveragePooling2D()(x))))
+    scores = {"c0": np.ones(16), "c1": np.r_[np.full(8, 5.0), np.full(8, 0.01)]}
+    for mode in ("global", "uniform"):
+        plan = plan_keep(graph, scores, target_macs=0.5, mode=mode, round_to=8)
+        assert plan.macs <= 0.5 * 1.01 * plan.base_macs, mode
+        assert plan.widths() == {"c0": 8, "c1": 16}, mode  # the widest plan under the budget

@@ -9,7 +9,8 @@ Three ways to say how much to cut (``plan_keep``):
 * ``keep_ratio=0.5, mode="global"``: channels of all groups are ranked together on scores
   normalised by their group's mean, and the top half overall is kept;
 * ``target_macs=0.5``: either mode, searched (bisection, then single-unit steps) until the
-  predicted MACs are within ``tolerance`` (1%) of half the original.
+  predicted MACs are within ``tolerance`` (1%) of half the original; where width steps are too coarse
+  for that, the widest plan found under the target plus tolerance (the target is never exceeded).
 
 Widths are rounded to ``round_to`` (narrow groups: a finer power of two) and never go below ``min_channels`` / ``min_ratio``; groups
 containing a ``protect``-ed layer keep everything. MACs and params are predicted from the
@@ -328,25 +329,41 @@ class _Planner:
         return self._refine(plan, widths, goal, tolerance, uniform)
 
     def _refine(self, plan, widths, goal, tolerance, uniform):
-        """Single-unit width steps (one ``step`` in one group) while they bring MACs closer."""
+        """Single-unit width steps (one ``step`` in one group) while they bring MACs closer; a plan the steps
+        leave above ``goal * (1 + tolerance)`` is then cut under it, so the target is a budget the student
+        never exceeds (in a tiny or coarsely rounded network one step can be several percent of the MACs)."""
         for _ in range(64):
             if abs(plan.macs - goal) <= tolerance * goal:
                 break
             grow = plan.macs < goal
-            candidates = []
-            for group in self.groups:
-                width = widths[group.id] + (self.step(group) if grow else -self.step(group))
-                if width > group.size or width < self.minimum[group.id] or width == widths[group.id]:
-                    continue
-                trial = dict(widths, **{group.id: width})
-                candidates.append((self._plan(trial, uniform), trial))
+            candidates = self._steps(widths, uniform, grow)
             if not candidates:
                 break
             new_plan, new_widths = min(candidates, key=lambda c: abs(c[0].macs - goal))
             if abs(new_plan.macs - goal) >= abs(plan.macs - goal):
                 break
             plan, widths = new_plan, new_widths
-        return plan
+        cap = goal * (1 + tolerance)
+        if plan.macs <= cap:
+            return plan
+        while plan.macs > cap:  # the smallest plan fits (checked in to_target), so this ends
+            plan, widths = max(self._steps(widths, uniform, grow=False), key=lambda c: c[0].macs)
+        while True:  # then widen again wherever one step still fits
+            fitting = [c for c in self._steps(widths, uniform, grow=True) if c[0].macs <= cap]
+            if not fitting:
+                return plan
+            plan, widths = max(fitting, key=lambda c: c[0].macs)
+
+    def _steps(self, widths, uniform, grow):
+        """(plan, widths) for each group moved one ``step`` wider (``grow``) or narrower, within its limits."""
+        candidates = []
+        for group in self.groups:
+            width = widths[group.id] + (self.step(group) if grow else -self.step(group))
+            if width > group.size or width < self.minimum[group.id] or width == widths[group.id]:
+                continue
+            trial = dict(widths, **{group.id: width})
+            candidates.append((self._plan(trial, uniform), trial))
+        return candidates
 
 
 def _slice_parts(group):
