@@ -9,7 +9,8 @@ channels). So the script mirrors what a rerun cannot rebuild in minutes into
 the next run copies it back into an empty work dir before any stage looks.
 
 Kept: the teacher (its epoch backup while it trains; the teacher itself without optimizer state), the stage
-records and the small JSON files (rankings, the candidates' record). Not kept: the candidates' networks (the candidates stage rebuilds them from the
+records and the JSON files (rankings, the candidates' record; those over 64 KB gzipped in the mirror, ``.json.gz``:
+a MobileNetV2's channel scores and kept-channel lists are a megabyte each as text, a fifth of that gzipped). Not kept: the candidates' networks (the candidates stage rebuilds them from the
 teacher and rankings in a minute, the same channels), selected networks (the benchmark reselects when one is
 missing), logs, and a teacher that was itself copied from another file (``--teacher``: the benchmark copies
 it again). Trained networks stay out of git otherwise (``.gitignore``).
@@ -19,6 +20,7 @@ it again). Trained networks stay out of git otherwise (``.gitignore``).
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import shutil
@@ -35,6 +37,7 @@ KEPT = ("teacher_backup/*", "logs/teacher/history.csv", "teacher_best.keras", "t
 # Networks later stages only read (never train on): mirrored without the optimizer state their training left in
 # them (SGD momentum, as large as the weights), so the teachers in git take half the space.
 WEIGHTS_ONLY = ("teacher.keras", "teacher_best.keras")
+GZIPPED_ABOVE = 64 * 1024  # bytes of a JSON file the mirror keeps gzipped (as name.json.gz)
 
 
 def _save_weights_only(source: Path, target: Path) -> None:
@@ -50,7 +53,9 @@ def _save_weights_only(source: Path, target: Path) -> None:
 
 
 def kept_files(workdir: Path) -> list[Path]:
-    files = {p for pattern in KEPT for p in workdir.glob(pattern) if p.is_file()}
+    """The kept files in a work dir or a mirror (where a gzipped JSON file stands for its ``.json``)."""
+    patterns = KEPT + tuple(f"{p}.gz" for p in KEPT if p.endswith(".json"))
+    files = {p for pattern in patterns for p in workdir.glob(pattern) if p.is_file()}
     if given_teacher(workdir):
         files.discard(workdir / "teacher.keras")
     return sorted(files)
@@ -84,10 +89,8 @@ def save(workdir) -> int:
                 if not target.exists() or os.path.getmtime(target) != os.path.getmtime(path):
                     _save_weights_only(path, target)
                     copied += 1
-            elif not target.exists() or target.read_bytes() != path.read_bytes():
-                target.parent.mkdir(parents=True, exist_ok=True)
-                shutil.copy2(path, target)
-                copied += 1
+            else:
+                copied += _mirror_file(path, target)
         if _backup_epoch(workdir) == before:
             break
         time.sleep(2)
@@ -99,15 +102,49 @@ def save(workdir) -> int:
     return copied
 
 
+def _mirror_file(path: Path, target: Path) -> int:
+    """Copy ``path`` to ``target`` (gzipped to ``target.gz`` when it is a large JSON file) unless the mirror holds
+    it already; the other form is removed so one version stands. Returns 1 when something was written."""
+    data = path.read_bytes()
+    if path.suffix == ".json" and len(data) > GZIPPED_ABOVE:
+        target, stale, data = target.with_name(target.name + ".gz"), target, gzip.compress(data, mtime=0)
+    else:
+        stale = target.with_name(target.name + ".gz")
+    stale.unlink(missing_ok=True)
+    if target.exists() and target.read_bytes() == data:
+        return 0
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp")
+    tmp.write_bytes(data)
+    tmp.replace(target)
+    return 1
+
+
+def read_json(folder: Path, name: str):
+    """A kept JSON file from a work dir or a mirror, plain or gzipped; None when neither exists."""
+    path = Path(folder) / name
+    if path.exists():
+        return json.loads(path.read_text())
+    if path.with_name(name + ".gz").exists():
+        return json.loads(gzip.decompress(path.with_name(name + ".gz").read_bytes()))
+    return None
+
+
 def restore(workdir) -> int:
     """Copy the mirror's files into the work dir where it lacks them; returns how many were copied."""
     workdir, mirror = Path(workdir), mirror_of(workdir)
     copied = 0
     for path in kept_files(mirror):
         target = workdir / path.relative_to(mirror)
+        zipped = path.name.endswith(".json.gz")
+        if zipped:
+            target = target.with_name(target.name[: -len(".gz")])
         if not target.exists():
             target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(path, target)
+            if zipped:
+                target.write_bytes(gzip.decompress(path.read_bytes()))
+            else:
+                shutil.copy2(path, target)
             copied += 1
     if copied:
         print(f"restored {copied} files of {workdir} from {mirror}", flush=True)

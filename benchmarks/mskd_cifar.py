@@ -586,8 +586,9 @@ def stored_candidates(s, target, allocations=None) -> dict:
     that a run restores it from; {} before the candidates stage has run."""
     wd = Path(pipeline_config(s, target, allocations=allocations).workdir)
     for folder in (wd, artifacts.mirror_of(wd)):
-        if (folder / "candidates.json").exists():
-            return {r["criterion"]: r for r in json.loads((folder / "candidates.json").read_text())["candidates"]}
+        stored = artifacts.read_json(folder, "candidates.json")
+        if stored is not None:
+            return {r["criterion"]: r for r in stored["candidates"]}
     return {}
 
 
