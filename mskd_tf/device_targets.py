@@ -75,7 +75,8 @@ class Targets:
 def measure(model, calibration_images, *, latency_threads: int = 1) -> dict:
     """The int8 model's measured ``flash_bytes`` (its .tflite size), TFLM arena (``arena_bytes`` and its planned
     ``arena_head`` / persistent ``arena_tail`` parts) and LiteRT ``latency_ms`` (median of 50 single-image runs
-    on ``latency_threads`` threads, on this machine)."""
+    on ``latency_threads`` threads, on this machine, with ``litert_kernels``: XNNPACK, or the builtin kernels
+    where XNNPACK refuses the model)."""
     from mskd_tf import quantize
     from mskd_tf.deploy import tflm
 
@@ -84,9 +85,10 @@ def measure(model, calibration_images, *, latency_threads: int = 1) -> dict:
     if usage is None:
         raise MskdError(f"model {model.name!r}: TFLite Micro could not run its int8 conversion in a 64 MB arena; "
                         "device targets need a model TFLM runs.")
-    latency = quantize.LiteRTModel(tflite, threads=latency_threads).latency_ms(calibration_images)
+    runner = quantize.LiteRTModel(tflite, threads=latency_threads)
     return {"flash_bytes": len(tflite), "arena_bytes": usage["total"], "arena_head": usage["head"],
-            "arena_tail": usage["tail"], "latency_ms": latency}
+            "arena_tail": usage["tail"], "latency_ms": runner.latency_ms(calibration_images),
+            "litert_kernels": runner.kernels}
 
 
 def _output_channels(graph, mask) -> int:

@@ -120,7 +120,7 @@ def io_details(tflite_bytes: bytes) -> dict:
 
     ``scale`` is 0.0 for float tensors (LiteRT's convention for "not quantized").
     """
-    interpreter = _interpreter(tflite_bytes, threads=1)
+    interpreter = _interpreter(tflite_bytes, threads=1, xnnpack=False)  # details only: no delegate to prepare
 
     def describe(detail):
         scale, zero_point = detail["quantization"]
@@ -151,13 +151,14 @@ def dequantize(values: np.ndarray, scale: float, zero_point: int) -> np.ndarray:
     return (values.astype(np.float32) - zero_point) * scale
 
 
-def _interpreter(tflite_bytes: bytes, threads: int):
+def _interpreter(tflite_bytes: bytes, threads: int, xnnpack: bool = True):
     # Imported here: ai_edge_litert pulls in its own runtime and is only needed at export.
-    from ai_edge_litert.interpreter import Interpreter
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
+    options = {} if xnnpack else {"experimental_op_resolver_type": OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES}
     try:
         with native_logs.filtered_stderr():  # XNNPACK announces its delegate
-            interpreter = Interpreter(model_content=tflite_bytes, num_threads=threads)
+            interpreter = Interpreter(model_content=tflite_bytes, num_threads=threads, **options)
             interpreter.allocate_tensors()
     except (RuntimeError, ValueError) as err:
         raise MskdError(f"LiteRT could not load the .tflite model ({len(tflite_bytes)} bytes): {err}") from err
@@ -169,13 +170,31 @@ class LiteRTModel:
 
     Quantizes the input and dequantizes the output for integer models, so the
     caller feeds the same float32 [0, 1] images as to the Keras model.
+
+    ``kernels``: ``"xnnpack"`` (LiteRT's default CPU delegate), or ``"builtin"`` when XNNPACK refused to prepare
+    the model; ``xnnpack_refusal`` then holds its message. XNNPACK refuses an int8 convolution whose input scale x
+    filter scale / output scale is 256 or more, as when calibration saw a ReLU output that is always zero (a dead
+    layer, e.g. in a ResNet-20 cut to 4-7 channels a layer); the builtin kernels run it.
     """
 
     def __init__(self, tflite_bytes: bytes, threads: int = 1):
-        self.interpreter = _interpreter(tflite_bytes, threads)
+        self._batch = 1
+        self.kernels, self.xnnpack_refusal = "xnnpack", None
+        try:  # XNNPACK refuses at allocate_tensors or at the first invoke, depending on the model
+            self._load(tflite_bytes, threads, xnnpack=True)
+        except (MskdError, RuntimeError) as err:
+            if "XNNPACK" not in str(err):
+                raise MskdError(f"LiteRT could not run the .tflite model ({len(tflite_bytes)} bytes): {err}") from err
+            self._load(tflite_bytes, threads, xnnpack=False)
+            self.kernels, self.xnnpack_refusal = "builtin", str(err).strip()
+
+    def _load(self, tflite_bytes: bytes, threads: int, xnnpack: bool):
+        self.interpreter = _interpreter(tflite_bytes, threads, xnnpack)
         self._input = self.interpreter.get_input_details()[0]
         self._output = self.interpreter.get_output_details()[0]
-        self._batch = 1
+        self.interpreter.set_tensor(self._input["index"], np.zeros(self._input["shape"], self._input["dtype"]))
+        with native_logs.filtered_stderr():
+            self.interpreter.invoke()
 
     def _prepare(self, images: np.ndarray) -> np.ndarray:
         scale, zero_point = self._input["quantization"]
@@ -229,12 +248,13 @@ def verify_tflite(
     """Run a .tflite file with LiteRT on test images and compare it with the Keras model.
 
     Returns ``test_acc``, ``keras_acc``, ``agreement`` (fraction of images whose
-    argmax equals the Keras argmax), ``max_abs_logit_diff`` and ``latency_ms``
-    (median per image, keyed by thread count).
+    argmax equals the Keras argmax), ``max_abs_logit_diff``, ``litert_kernels`` (see
+    :class:`LiteRTModel`) and ``latency_ms`` (median per image, keyed by thread count).
     """
     if len(images) == 0:
         raise MskdError("verify_tflite needs at least one test image.")
-    logits = LiteRTModel(tflite_bytes, threads=threads[0]).predict(images)
+    runner = LiteRTModel(tflite_bytes, threads=threads[0])
+    logits = runner.predict(images)
     if logits.shape != keras_logits.shape:
         raise MskdError(
             f"The .tflite model outputs shape {logits.shape[1:]} but the Keras model {keras_logits.shape[1:]}; "
@@ -246,6 +266,7 @@ def verify_tflite(
         "keras_acc": float(np.mean(keras_predicted == labels)),
         "agreement": float(np.mean(predicted == keras_predicted)),
         "max_abs_logit_diff": float(np.max(np.abs(logits - keras_logits))),
+        "litert_kernels": runner.kernels,
         "latency_ms": {
             n: float(f"{LiteRTModel(tflite_bytes, threads=n).latency_ms(images, latency_repeats):.4g}") for n in threads
         },

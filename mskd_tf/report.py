@@ -123,7 +123,7 @@ def candidates_table(rows) -> str:
                    *(("arena KB", "flash KB", "LiteRT ms") if device else ()), "widths", "val acc before fine-tune %"),
                   [(r["criterion"], _fmt_m(r["macs"]), _fmt_m(r["params"], 3), f"{r['macs_ratio']:.3f}",
                     *((kb(r.get("arena_bytes")), kb(r.get("flash_bytes")),
-                       f"{r['latency_ms']:.3f}" if r.get("latency_ms") is not None else "")
+                       _fmt_ms(r.get("latency_ms"), r.get("litert_kernels")))
                       if device else ()),
                     " ".join(str(w) for w in (r.get("widths") or {}).values()), _fmt_pct(r.get("val_acc_before_finetune")))
                    for r in rows])
@@ -135,10 +135,17 @@ def overlap_table(matrix) -> str:
     return _table(("", *names), [(a, *(f"{matrix[a][b]:.2f}" for b in names)) for a in names])
 
 
+def _fmt_ms(value, kernels=None) -> str:
+    """A LiteRT time; ``(builtin)`` marks one measured without XNNPACK, which refused that model."""
+    if value is None:
+        return ""
+    return f"{value:.3f}" + (" (builtin)" if kernels == "builtin" else "")
+
+
 def exports_table(rows) -> str:
     def ms(row, threads):
         value = (row.get("latency_ms") or {}).get(threads, (row.get("latency_ms") or {}).get(str(threads)))
-        return "" if value is None else f"{value:.3f}"
+        return _fmt_ms(value, row.get("litert_kernels"))
 
     return _table(
         ("kind", "bytes", "test acc %", "Keras acc %", "agreement %", "ms/img 1 thr", "ms/img 2 thr"),

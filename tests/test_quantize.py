@@ -45,6 +45,30 @@ def test_each_variant_runs_in_litert_and_agrees_with_keras(trained, converted, k
     assert result["keras_acc"] == pytest.approx(np.mean(keras_logits.argmax(-1) == y_test))
     assert abs(result["test_acc"] - result["keras_acc"]) <= 0.02
     assert set(result["latency_ms"]) == {1, 2} and all(v > 0 for v in result["latency_ms"].values())
+    assert result["litert_kernels"] == "xnnpack"
+
+
+def test_a_model_xnnpack_refuses_runs_on_the_builtin_kernels():
+    # A ReLU layer that is zero on every calibration image gets a vanishing output scale, so the next int8
+    # convolution's input x filter / output scale ratio is far over XNNPACK's 256 limit: LiteRT refuses to
+    # prepare it with its default delegate, but the model is valid and TFLite's own kernels run it.
+    import keras
+
+    L = keras.layers
+    inputs = keras.Input((8, 8, 3))
+    x = L.Conv2D(4, 3, padding="same", activation="relu", name="dead")(inputs)
+    x = L.Conv2D(4, 3, padding="same", activation="relu")(x)
+    model = keras.Model(inputs, L.Dense(3)(L.GlobalAveragePooling2D()(x)))
+    kernel, bias = model.get_layer("dead").get_weights()
+    model.get_layer("dead").set_weights([kernel, np.full_like(bias, -100.0)])
+    images = np.random.default_rng(0).random((16, 8, 8, 3)).astype(np.float32)
+    tflite = quantize.convert(model, "int8", calibration_images=images[:8])
+    runner = quantize.LiteRTModel(tflite)
+    assert runner.kernels == "builtin" and "XNNPACK" in runner.xnnpack_refusal
+    keras_logits = model.predict(images, verbose=0)
+    result = quantize.verify_tflite(tflite, images, keras_logits.argmax(-1), keras_logits, latency_repeats=3)
+    assert result["litert_kernels"] == "builtin" and result["max_abs_logit_diff"] < 0.05
+    assert quantize.io_details(tflite)["input"]["dtype"] == "int8"
 
 
 def test_quantized_files_are_smaller_and_typed_as_requested(converted):

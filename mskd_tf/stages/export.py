@@ -50,6 +50,11 @@ def run(ctx: Context):
     from mskd_tf import report
 
     print(report.exports_table(rows), flush=True)
+    for row in rows:
+        if row.get("litert_kernels") == "builtin":
+            print(f"export: LiteRT's XNNPACK delegate refused the {row['kind']} model (an int8 layer's scales out of its "
+                  "range, e.g. a layer that is zero on every calibration image); its accuracy and times above were "
+                  "measured with TFLite's builtin kernels", flush=True)
     for flag, check in checks.items():
         if check["met"] is None:
             print(f"export: {flag} not checked: it needs --export=int8 (and --micro for the arena, --latency_threads "
