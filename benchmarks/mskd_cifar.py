@@ -761,7 +761,8 @@ def main(_):
         if not res.row(select_row) or not (out / "selected.keras").exists():
             start = time.perf_counter()
             payload = selection.select(
-                {c: str(wd_t / "candidates" / f"{c}.keras") for c in candidates_t}, lambda: train_for(row.seed), val,
+                {c: str(wd_t / "candidates" / f"{c}.keras") for c, r in candidates_t.items() if "same_as" not in r},
+                lambda: train_for(row.seed), val,
                 workdir=str(out), epochs=s["select_epochs"], zero_cost_keep=s["zero_cost_keep"],
                 zero_cost_scores={c: r["val_acc_before_finetune"] for c, r in candidates_t.items()},
                 candidate_costs=candidates_t,

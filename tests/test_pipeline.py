@@ -301,3 +301,24 @@ def test_sensitivity_allocation_builds_a_candidate_at_the_target(tiny_cfg):
     assert set(rows) == {"l1-uniform", "l1-sensitivity"} and rows["l1-sensitivity"]["allocation"] == "sensitivity"
     assert abs(rows["l1-sensitivity"]["macs_ratio"] - tiny_cfg.target_macs) <= 0.1
     assert rows["l1-sensitivity"]["val_acc_before_finetune"] is not None
+
+
+def test_candidates_keeping_the_same_channels_are_selected_as_one_network(tiny_cfg, capsys):
+    from mskd_tf.pruning import criteria as C
+
+    @C.register_criterion("test_twice_l1")  # l1's order: it keeps l1's channels at every allocation
+    def twice_l1(group, context):
+        return 2 * C.REGISTRY["l1"].fn(group, context)
+
+    try:
+        tiny_cfg.criteria, tiny_cfg.allocations = ("l1", "test_twice_l1", "random"), ("uniform",)
+        tiny_cfg.select_epochs, tiny_cfg.student_epochs = 0.5, 1.0
+        run_pipeline(tiny_cfg, stop_after="select")
+    finally:
+        del C.REGISTRY["test_twice_l1"]
+    rows = {r["criterion"]: r for r in json.loads(open(f"{tiny_cfg.workdir}/candidates.json").read())["candidates"]}
+    assert rows["test_twice_l1"]["same_as"] == "l1" and rows["test_twice_l1"]["kept"] == rows["l1"]["kept"]
+    assert "same_as" not in rows["l1"] and "same_as" not in rows["random"]
+    assert "test_twice_l1 keeps the same channels as l1" in capsys.readouterr().out
+    selection = json.loads(open(f"{tiny_cfg.workdir}/selection.json").read())
+    assert "test_twice_l1" not in json.dumps(selection) and "l1" in json.dumps(selection)

@@ -109,7 +109,7 @@ def run_select(ctx: Context):
     from mskd_tf import selection
 
     cfg = ctx.cfg
-    rows = ctx.wd.read_json("candidates.json")["candidates"]
+    rows = [row for row in ctx.wd.read_json("candidates.json")["candidates"] if "same_as" not in row]  # distinct ones
     paths = {row["criterion"]: str(ctx.wd / f"candidates/{row['criterion']}.keras") for row in rows}
     teacher = None
     if cfg.select_loss == "kd":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 
 from mskd_tf.context import Context, evaluate
 from mskd_tf.pruning.rankings import load_rankings
@@ -82,15 +83,21 @@ def run(ctx: Context):
             candidates.append((candidate_name(c.criterion, allocation, cfg.allocations), c.criterion, allocation,
                                *measured))
     teacher_widths = layer_widths(graph, {})
-    rows = []
+    rows, first_keeping = [], {}
     for name, criterion, allocation, c, measured in candidates:
         ctx.wd.save_model(c.model, f"candidates/{name}.keras")
         row = c.row()
         row["val_acc_before_finetune"] = row.pop("accuracy")
+        kept = {k: [int(i) for i in v] for k, v in c.keep.items()}
         rows.append(dict(row, criterion=name, ranking=criterion, allocation=allocation, macs_ratio=c.macs / teacher_macs,
-                         teacher_widths=teacher_widths, kept={k: [int(i) for i in v] for k, v in c.keep.items()},
-                         **measured))
-    candidates = [dataclasses.replace(c, criterion=name) for name, _, _, c, _ in candidates]
+                         teacher_widths=teacher_widths, kept=kept, **measured))
+        # Two candidates keeping the same channels are one network: selection sees it once, under the first name.
+        same = first_keeping.setdefault(json.dumps(kept, sort_keys=True), name)
+        if same != name:
+            rows[-1]["same_as"] = same
+            print(f"candidates: {name} keeps the same channels as {same}: one network, selected as {same}", flush=True)
+    candidates = [dataclasses.replace(c, criterion=name) for (name, _, _, c, _), row in zip(candidates, rows)
+                  if "same_as" not in row]
     overlap = overlap_matrix({c.criterion: c.keep for c in candidates})
     record = {"candidates": rows, "jaccard": overlap}
     if devices is not None:
