@@ -412,6 +412,8 @@ def distill(
                     metrics=["accuracy"], **compile_kwargs(),
                 )
         try:
+            if not model.built:  # a BackupAndRestore among the callbacks restores into a built model only
+                model(np.zeros((1, *student.input_shape[1:]), np.float32))
             if across_workers:
                 history = fit_across_workers(model, train_ds, val_ds, epochs=fit_epochs, strategy=strategy,
                                              total_steps=total_steps, callbacks=callbacks, what="distill",
@@ -419,8 +421,6 @@ def distill(
                 # A plain copy: Keras' predict/evaluate on the strategy's variables would need fit's machinery.
                 return with_synchronized_batchnorm(student, False), history
             guard = NanGuard()
-            if not model.built:  # a BackupAndRestore among the callbacks restores into a built model only
-                model(np.zeros((1, *student.input_shape[1:]), np.float32))
             history = model.fit(
                 **one_pass_per_epoch(train_ds), validation_data=val_ds, epochs=fit_epochs,
                 callbacks=[guard, StopAfterSteps(total_steps), *callbacks], verbose=verbose,

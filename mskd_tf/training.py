@@ -470,7 +470,8 @@ class StopAfterSteps(keras.callbacks.Callback):
         self.steps = int(steps)
 
     def on_train_batch_end(self, batch, logs=None):
-        if int(self.model.optimizer.iterations) >= self.steps:
+        # Through numpy: under a distribution strategy the counter is a MirroredVariable, which int() refuses.
+        if int(keras.ops.convert_to_numpy(self.model.optimizer.iterations)) >= self.steps:
             self.model.stop_training = True
 
 
