@@ -22,10 +22,8 @@ import results_io
 from absl import app, flags
 from device_targets import NETWORKS, calibration_images
 
-FLAGS = flags.FLAGS
-flags.DEFINE_enum("network", "resnet20", list(NETWORKS), "Which committed teacher.")
+FLAGS = flags.FLAGS  # --network and --dataset: device_targets.py's (imported above), with the same meaning here
 flags.DEFINE_float("arena_fraction", 0.5, "The arena target as a fraction of the teacher's measured TFLM arena.")
-flags.DEFINE_string("dataset", "folder:../shared/data/cifar10-jpeg.tar.gz", "The teacher's data.")
 
 
 def main(_):
