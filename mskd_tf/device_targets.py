@@ -73,14 +73,15 @@ class Targets:
 
 
 def measure(model, calibration_images, *, latency_threads: int = 1) -> dict:
-    """The int8 model's measured ``flash_bytes`` (its .tflite size), TFLM arena (``arena_bytes`` and its planned
+    """The int8 model's measured ``flash_bytes`` (its .tflite size, converted without the signature the exported file
+    carries: a hundred bytes less, so the export stage's check is the word on a flash target), TFLM arena (``arena_bytes`` and its planned
     ``arena_head`` / persistent ``arena_tail`` parts) and LiteRT ``latency_ms`` (median of 50 single-image runs
     on ``latency_threads`` threads, on this machine, with ``litert_kernels``: XNNPACK, or the builtin kernels
     where XNNPACK refuses the model)."""
     from mskd_tf import quantize
     from mskd_tf.deploy import tflm
 
-    tflite = quantize.convert(model, "int8", calibration_images=calibration_images)
+    tflite = quantize.convert(model, "int8", calibration_images=calibration_images, signature=False)
     usage = tflm.arena_usage(tflite)
     if usage is None:
         raise MskdError(f"model {model.name!r}: TFLite Micro could not run its int8 conversion in a 64 MB arena; "
@@ -235,7 +236,8 @@ def check_reachable(graph, targets: Targets, **plan_options):
 
         shape = tuple(int(d) for d in graph.model.inputs[0].shape[1:])
         images = np.random.default_rng(0).uniform(0, 1, (8, *shape)).astype(np.float32)
-        tflite = quantize.convert(prune(graph.model, narrowest.keep, graph), "int8", calibration_images=images)
+        tflite = quantize.convert(prune(graph.model, narrowest.keep, graph), "int8", calibration_images=images,
+                                  signature=False)
         bounds["latency_ms"] = quantize.LiteRTModel(tflite, threads=targets.latency_threads).latency_ms(images)
     if any(bounds[key] > limit for key, limit in limits.items()):
         raise MskdError(unreachable_message(targets, limits, bounds, lower_bound=True))

@@ -71,6 +71,24 @@ def test_a_model_xnnpack_refuses_runs_on_the_builtin_kernels():
     assert quantize.io_details(tflite)["input"]["dtype"] == "int8"
 
 
+def test_the_unsigned_conversion_is_the_same_int8_model(trained, converted):
+    # The device-target planner measures candidates converted with signature=False: it must be the file the
+    # export ships (same ops, outputs and TFLM arena) but for the signature's bytes.
+    from mskd_tf.deploy import tflm
+
+    model, (x_train, _), (x_test, _), _ = trained
+    calibration = x_train[np.random.default_rng(0).permutation(len(x_train))[:200]]
+    unsigned = quantize.convert(model, "int8", calibration_images=calibration, signature=False)
+    signed = converted["int8"]
+    ops = [[op["op_name"] for op in quantize._interpreter(b, 1, xnnpack=False)._get_ops_details()]
+           for b in (unsigned, signed)]
+    assert ops[0] == ops[1]
+    np.testing.assert_array_equal(quantize.LiteRTModel(unsigned).predict(x_test[:64]),
+                                  quantize.LiteRTModel(signed).predict(x_test[:64]))
+    assert tflm.arena_usage(unsigned) == tflm.arena_usage(signed)
+    assert 0 < len(signed) - len(unsigned) < 512
+
+
 def test_quantized_files_are_smaller_and_typed_as_requested(converted):
     sizes = {kind: len(data) for kind, data in converted.items()}
     # The dense layer dominates the weights: int8 ~1/4 of float32, float16 ~1/2.
