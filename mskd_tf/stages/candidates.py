@@ -50,7 +50,12 @@ def run(ctx: Context):
     rankings = load_rankings(str(ctx.wd / "rankings.json"), graph=graph)
     rankings = {name: rankings[name] for name in cfg.criteria}
     candidates = []
-    adapt = lambda clone: batchnorm.recalibrate_batchnorm(clone, ctx.calibration, cfg.bn_recalibration_batches)  # noqa: E731
+
+    def finish(clone) -> float:
+        """BatchNorm statistics re-estimated on calibration batches, then the accuracy on validation."""
+        batchnorm.recalibrate_batchnorm(clone, ctx.calibration, cfg.bn_recalibration_batches)
+        return float(evaluate(clone, ctx.data.val))
+
     plan_options = dict(round_to=cfg.round_to, min_channels=cfg.min_channels, protect=cfg.protect)
     targets = device_targets.Targets.from_config(cfg)
     teacher_macs = flops.count(teacher).macs
@@ -65,7 +70,7 @@ def run(ctx: Context):
     for allocation in cfg.allocations:
         mode = "uniform" if allocation == "sensitivity" else allocation
 
-        def build(some_rankings, max_macs=None, mode=mode, allocation=allocation):
+        def build(some_rankings, max_macs=None, mode=mode, allocation=allocation, finished=True):
             planner = None
             if allocation == "sensitivity":
                 planner = _sensitivity_planner(ctx, teacher, graph, plan_options)
@@ -73,13 +78,18 @@ def run(ctx: Context):
                 planner = devices.planner(mode, max_macs)
             return build_candidates(
                 teacher, some_rankings, target_macs=cfg.target_macs, graph=graph, mode=mode, planner=planner,
-                evaluate=lambda clone: evaluate(clone, ctx.data.val), adapt=adapt, **plan_options,
+                evaluate=finish if finished else None, **plan_options,
             )
 
         for c in build(rankings):  # the candidate's name: its criterion, plus the allocation when there are several
-            measured = devices.verified(
-                c, lambda max_macs, c=c, build=build: build({c.criterion: rankings[c.criterion]}, max_macs)[0],
-                teacher_macs) if devices else (c, {})
+            measured = (c, {})
+            if devices:  # a re-plan is only measured (its shape decides); the one kept is then finished as c was
+                measured = devices.verified(
+                    c, lambda max_macs, c=c, build=build: build({c.criterion: rankings[c.criterion]}, max_macs,
+                                                                finished=False)[0],
+                    teacher_macs)
+                if measured[0] is not c:
+                    measured = (dataclasses.replace(measured[0], accuracy=finish(measured[0].model)), measured[1])
             candidates.append((candidate_name(c.criterion, allocation, cfg.allocations), c.criterion, allocation,
                                *measured))
     teacher_widths = layer_widths(graph, {})
