@@ -73,11 +73,11 @@ class Targets:
 
 
 def measure(model, calibration_images, *, latency_threads: int = 1) -> dict:
-    """The int8 model's measured ``flash_bytes`` (its .tflite size, converted without the signature the exported file
-    carries: a hundred bytes less, so the export stage's check is the word on a flash target), TFLM arena (``arena_bytes`` and its planned
-    ``arena_head`` / persistent ``arena_tail`` parts) and LiteRT ``latency_ms`` (median of 50 single-image runs
-    on ``latency_threads`` threads, on this machine, with ``litert_kernels``: XNNPACK, or the builtin kernels
-    where XNNPACK refuses the model)."""
+    """The int8 model's measured ``flash_bytes`` (its .tflite size, converted without the signature the exported
+    file carries: a hundred bytes less, so the export stage's check is the word on a flash target), TFLM arena
+    (``arena_bytes`` and its planned ``arena_head`` / persistent ``arena_tail`` parts) and LiteRT ``latency_ms``
+    (median of 50 single-image runs on ``latency_threads`` threads, on this machine, with ``litert_kernels``:
+    XNNPACK, or the builtin kernels where XNNPACK refuses the model)."""
     from mskd_tf import quantize
     from mskd_tf.deploy import tflm
 

@@ -205,6 +205,8 @@ class LiteRTModel:
         try:  # XNNPACK refuses at allocate_tensors or at the first invoke, depending on the model
             self._load(tflite_bytes, threads, xnnpack=True)
         except (MskdError, RuntimeError) as err:
+            if isinstance(err, MskdError) and "XNNPACK" not in str(err):
+                raise
             if "XNNPACK" not in str(err):
                 raise MskdError(f"LiteRT could not run the .tflite model ({len(tflite_bytes)} bytes): {err}") from err
             self._load(tflite_bytes, threads, xnnpack=False)

@@ -121,7 +121,8 @@ def candidates_table(rows) -> str:
     kb = lambda value: f"{value / 1024:.1f}" if value is not None else ""  # noqa: E731
     return _table(("criterion", "MMACs", "Mparams", "MACs ratio",
                    *(("arena KB", "flash KB", "LiteRT ms") if device else ()), "widths", "val acc before fine-tune %"),
-                  [(r["criterion"] + (f" (= {r['same_as']})" if r.get("same_as") else ""), _fmt_m(r["macs"]), _fmt_m(r["params"], 3), f"{r['macs_ratio']:.3f}",
+                  [(r["criterion"] + (f" (= {r['same_as']})" if r.get("same_as") else ""), _fmt_m(r["macs"]),
+                    _fmt_m(r["params"], 3), f"{r['macs_ratio']:.3f}",
                     *((kb(r.get("arena_bytes")), kb(r.get("flash_bytes")),
                        _fmt_ms(r.get("latency_ms"), r.get("litert_kernels")))
                       if device else ()),

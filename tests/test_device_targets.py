@@ -52,6 +52,7 @@ def test_an_arena_target_the_teacher_exceeds_is_met_by_every_candidate_and_the_s
     assert record["targets"]["teacher"]["arena_bytes"] > limit
     assert all(c["arena_bytes"] <= limit for c in record["candidates"])
     assert all(c["macs_ratio"] < 1.0 for c in record["candidates"])  # cut for the arena: the MACs target was 1
+    assert all(c["val_acc_before_finetune"] is not None for c in record["candidates"])  # re-planned ones too
     exported = json.loads(open(f"{cfg.workdir}/export.json").read())
     check = exported["targets"][f"--target_arena_kb={cfg.target_arena_kb:g}"]
     assert check["met"] and check["measured"] * 1024 <= limit + 52  # rounded to 0.1 KB
@@ -120,6 +121,7 @@ def test_a_latency_target_is_planned_by_the_measured_time_not_the_macs_ratio(cfg
     assert record["targets"]["teacher"]["latency_ms"] == teacher_ms > cfg.target_latency_ms
     assert all(c["latency_ms"] <= cfg.target_latency_ms for c in record["candidates"])
     assert all(c["macs_ratio"] < 0.8 for c in record["candidates"])  # 95% of the time took far fewer MACs
+    assert all(c["val_acc_before_finetune"] is not None for c in record["candidates"])  # re-planned ones too
 
 
 def test_several_targets_in_one_run_share_the_teacher_and_rankings_and_compare_the_students(cfg, capsys):

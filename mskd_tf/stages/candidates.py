@@ -99,8 +99,8 @@ def run(ctx: Context):
         row = c.row()
         row["val_acc_before_finetune"] = row.pop("accuracy")
         kept = {k: [int(i) for i in v] for k, v in c.keep.items()}
-        rows.append(dict(row, criterion=name, ranking=criterion, allocation=allocation, macs_ratio=c.macs / teacher_macs,
-                         teacher_widths=teacher_widths, kept=kept, **measured))
+        rows.append(dict(row, criterion=name, ranking=criterion, allocation=allocation,
+                         macs_ratio=c.macs / teacher_macs, teacher_widths=teacher_widths, kept=kept, **measured))
         # Two candidates keeping the same channels are one network: selection sees it once, under the first name.
         same = first_keeping.setdefault(json.dumps(kept, sort_keys=True), name)
         if same != name:
