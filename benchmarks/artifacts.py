@@ -10,8 +10,9 @@ the next run copies it back into an empty work dir before any stage looks.
 
 Kept: the teacher (its epoch backup while it trains; the teacher itself without optimizer state), the stage
 records and the JSON files (rankings, the candidates' record; those over 64 KB gzipped in the mirror, ``.json.gz``:
-a MobileNetV2's channel scores and kept-channel lists are a megabyte each as text, a fifth of that gzipped). Not kept: the candidates' networks (the candidates stage rebuilds them from the
-teacher and rankings in a minute, the same channels), selected networks (the benchmark reselects when one is
+a MobileNetV2's channel scores and kept-channel lists are a megabyte each as text, a fifth of that gzipped).
+Not kept: the candidates' networks (the candidates stage rebuilds them from the teacher and rankings in a few
+minutes, the same channels), selected networks (the benchmark reselects when one is
 missing), logs, and a teacher that was itself copied from another file (``--teacher``: the benchmark copies
 it again). Trained networks stay out of git otherwise (``.gitignore``).
 

@@ -9,7 +9,8 @@ per distinct candidate shape, TFLM and LiteRT runs, re-plans after a measured mi
     benchmarks/snapshot_run.sh target_planning_cost.py --network=resnet20 --round_to=1   # 39.9 KB needs odd widths
     benchmarks/snapshot_run.sh target_planning_cost.py --network=mobilenet_v2_w0.5
 
-Quote it from a quiet machine; the results file records the seconds and how many int8 models were measured.
+Quote it from a quiet machine; the results file records both stages' seconds, candidates and distinct candidate
+shapes (each shape is converted and measured once, plus the re-plans of a candidate that missed).
 """
 
 from __future__ import annotations
