@@ -475,7 +475,7 @@ class Results:
         key = {k: v for k, v in s.items() if k not in ("seeds", "other_targets", "min_params_ratio",
                                                        "capacity_reference", "kd_lr")}
         old = json.loads(path.read_text()).get("figures", {}) if path.exists() else {}
-        if {"width": 1.0, **old.get("settings_key", {})} == key:  # keys written before --width: width 1
+        if portable({"width": 1.0, **old.get("settings_key", {})}) == portable(key):  # before --width: width 1
             self.data = {**old, "settings_key": key, "rows": described(old["rows"], s)}
         else:
             self.data = {"settings_key": key, "rows": {}, "targets": {}}
@@ -509,6 +509,13 @@ class Results:
 
     def save(self):
         results_io.write_results(self.name, self.data)
+
+
+def portable(key: dict) -> dict:
+    """A table's settings key without where the checkout stands: the dataset's archive by file name, so a clone
+    elsewhere (another ../shared) keeps the table's rows instead of starting it over."""
+    source, _, location = str(key.get("dataset", "")).partition(":")
+    return {**key, "dataset": f"{source}:{Path(location).name}"} if location else key
 
 
 def row_of(record: dict) -> Row:
