@@ -107,8 +107,9 @@ class Config:
     weight_decay: float = _field(5e-3, "Decoupled weight decay on kernels (5e-3 here ~ L2 5e-4 through SGD momentum 0.9).")
     # --- rank / candidates
     criteria: tuple = _field(ALL_CRITERIA, "Pruning criteria to rank channels with (comma list).")
-    target_macs: float = _field(0.5, "Candidates keep this fraction of the teacher's MACs, planned to within 1% (with "
-                                "a device target: the largest ratio up to this one that meets it; 1 = no MACs limit).")
+    target_macs: float = _field(0.5, "Candidates keep this fraction of the teacher's MACs, planned to within 1% and "
+                                "never more than 1% over it (with a device target: the largest ratio up to this one "
+                                "that meets it; 1 = no MACs limit).")
     target_params: float = _field(0.0, "Candidates keep at most this many parameters: a fraction (<= 1) of the "
                                   "teacher's or a count (> 1); 0 = no limit.")
     target_arena_kb: float = _field(0.0, "The int8 student must run in a TFLite Micro tensor arena of this many KB "

@@ -4,9 +4,9 @@ Conversion goes through ``model.export(..., format="tf_saved_model")`` and
 ``tf.lite.TFLiteConverter.from_saved_model``: converting an ad-hoc ``tf.function``
 keeps resource variables, and int8 calibration then fails. ``signature=False``
 freezes the variables of that function instead: the same graph (same ops, arena and
-outputs) without the ``serving_default`` signature (a hundred bytes), converted 5-10x
-faster; the device-target planner measures its candidates that way, the export ships
-the signed file.
+outputs) without the ``serving_default`` signature (a hundred bytes), converted without
+writing a SavedModel, several times faster; the device-target planner measures its
+candidates that way, the export ships the signed file.
 
 Nothing here is assumed to work because the converter returned bytes: every
 file is run with the LiteRT interpreter (``ai_edge_litert``) on test images and
@@ -205,9 +205,9 @@ class LiteRTModel:
         try:  # XNNPACK refuses at allocate_tensors or at the first invoke, depending on the model
             self._load(tflite_bytes, threads, xnnpack=True)
         except (MskdError, RuntimeError) as err:
-            if isinstance(err, MskdError) and "XNNPACK" not in str(err):
-                raise
             if "XNNPACK" not in str(err):
+                if isinstance(err, MskdError):
+                    raise
                 raise MskdError(f"LiteRT could not run the .tflite model ({len(tflite_bytes)} bytes): {err}") from err
             self._load(tflite_bytes, threads, xnnpack=False)
             self.kernels, self.xnnpack_refusal = "builtin", str(err).strip()
