@@ -100,6 +100,7 @@ class Context:
     user_teacher: object = None
     user_data: UserData | None = None
     _splits: object = None
+    _calibration: object = None
     _models: dict = dataclasses.field(default_factory=dict)
     stage_digest: str = ""  # the running stage's settings digest (keys its mid-stage backup)
     cluster: object = None  # mskd_tf.multiworker.Cluster under --strategy=multi_worker
@@ -153,11 +154,16 @@ class Context:
 
     @property
     def calibration(self):
-        """Un-augmented training batches: for data-driven criteria and int8 calibration (never read whole)."""
+        """Un-augmented training batches: for data-driven criteria and int8 calibration (never read whole).
+
+        Built once: a pipeline copies the training arrays into a tensor (about a second for CIFAR-10), and BatchNorm
+        re-estimation reads it for every candidate and sensitivity probe."""
         d = self.data
         if isinstance(d, UserData):
             return d.train
-        return data_lib.eval_pipeline(d.arrays["train"], self.cfg.batch_size, cache=False)
+        if self._calibration is None:
+            self._calibration = data_lib.eval_pipeline(d.arrays["train"], self.cfg.batch_size, cache=False)
+        return self._calibration
 
     def model(self, name: str):
         """Load (once) a .keras artifact from the workdir."""

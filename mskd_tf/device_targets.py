@@ -30,6 +30,8 @@ CALIBRATION_IMAGES = 32
 SEARCH_STEPS = 14
 # Measured re-plans of one candidate after its predicted plan missed a target.
 MAX_REPLANS = 5
+# The re-plan search stops once its widest measured hit is within this fraction of the MACs of its nearest miss.
+REPLAN_RESOLUTION = 0.02
 
 
 @dataclasses.dataclass(frozen=True)
@@ -266,6 +268,7 @@ class TargetPlanner:
                       (half.keep, half.params, half.macs, self._measure(prune(teacher, half.keep, graph)))]
         self.predict = Predictor(graph, base_params, points)
         self._measured = {}  # kept widths -> measured costs: candidates of one shape (the uniform ones) share them
+        self._searches = {}  # (search key, missed shape) -> the kept plan's MACs cap and shape
 
     def _measure(self, model) -> dict:
         return measure(model, self.images, latency_threads=self.targets.latency_threads)
@@ -276,15 +279,21 @@ class TargetPlanner:
         return lambda scores: plan_to_targets(self.graph, scores, self.targets, self.predict, mode=mode,
                                               max_macs=max_macs, **self.plan_options)
 
-    def verified(self, candidate, rebuild, teacher_macs: int):
+    def verified(self, candidate, rebuild, teacher_macs: int, search_key=None):
         """``(candidate, its measured costs)``. A candidate whose measurement misses a target is planned again
         (``rebuild(max_macs)``) under lower MACs caps, searched with measurements: down by the miss until a plan
-        meets every target, then back up between it and the nearest miss; the widest measured plan that meets
-        them is kept."""
+        meets every target, then back up between it and the nearest miss until they are REPLAN_RESOLUTION of the
+        MACs apart or a cap rebuilds a shape measured already; the widest measured plan that meets them is kept.
+        (TFLM's arena jumps by KBs between neighbouring widths, so the search is on measurements, not on
+        predictions corrected by one.) Candidates of one ``search_key`` (the allocation) that miss with one shape
+        (the uniform ones) first try the cap the first of them kept."""
+        def shape_of(model_candidate):
+            return tuple(sorted((group, len(kept)) for group, kept in model_candidate.keep.items()))
+
         def costs(model_candidate):
             measured = {"params": model_candidate.params}
             if self.targets.on_device:
-                shape = tuple(sorted((group, len(kept)) for group, kept in model_candidate.keep.items()))
+                shape = shape_of(model_candidate)
                 if shape not in self._measured:
                     self._measured[shape] = self._measure(model_candidate.model)
                 measured.update(self._measured[shape])
@@ -296,21 +305,32 @@ class TargetPlanner:
         measured = costs(candidate)
         if meets(measured):
             return candidate, measured
+        search = (search_key, shape_of(candidate))
+        if search in self._searches:
+            kept_cap, kept_shape = self._searches[search]
+            trial = rebuild(kept_cap)
+            if shape_of(trial) == kept_shape and meets(costs(trial)):
+                return trial, costs(trial)
         missed_ratio, hit = candidate.macs / teacher_macs, None
         cap = missed_ratio * min(0.9, _shortfall(self.limits, measured))
+        seen = {shape_of(candidate)}
         for _ in range(MAX_REPLANS):
             trial = rebuild(cap)
-            trial_costs, ratio = costs(trial), trial.macs / teacher_macs
+            trial_costs, ratio, shape = costs(trial), trial.macs / teacher_macs, shape_of(trial)
+            repeated = shape in seen
+            seen.add(shape)
             if meets(trial_costs):
                 if hit is None or trial.macs > hit[0].macs:
-                    hit = (trial, trial_costs)
-                cap = (ratio + missed_ratio) / 2
+                    hit = (trial, trial_costs, (cap, shape))
             else:
                 missed_ratio = min(missed_ratio, ratio)
-                cap = ((hit[0].macs / teacher_macs + missed_ratio) / 2 if hit is not None
-                       else missed_ratio * min(0.9, _shortfall(self.limits, trial_costs)) ** 2)
+            if hit is not None and (repeated or hit[0].macs / teacher_macs >= missed_ratio * (1 - REPLAN_RESOLUTION)):
+                break
+            cap = ((hit[0].macs / teacher_macs + missed_ratio) / 2 if hit is not None
+                   else missed_ratio * min(0.9, _shortfall(self.limits, trial_costs)) ** 2)
         if hit is not None:
-            return hit
+            self._searches[search] = hit[2]
+            return hit[0], hit[1]
         flags = {"params": "--target_params", "arena_bytes": "--target_arena_kb", "flash_bytes": "--target_flash_kb",
                  "latency_ms": "--target_latency_ms"}
         missed = ", ".join(f"{flags[k]} (measured {measured[k]:.4g} against {v:.4g} {'ms' if k == 'latency_ms' else ''})"

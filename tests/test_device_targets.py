@@ -160,3 +160,49 @@ def test_a_bad_or_unreachable_targets_item_is_refused_before_anything_trains(cfg
     cfg.targets = ("macs=0.5", "vibes=3")
     with pytest.raises(MskdError, match="--targets=macs=0.5,vibes=3: item 'vibes=3'"):
         run_pipeline(cfg)
+
+
+def test_a_missed_candidate_is_searched_on_measurements_and_a_same_start_reuses_the_outcome(monkeypatch):
+    """TFLM's arena jumps between neighbouring widths (here: +3 KB at widths divisible by 3), so a plan that misses
+    is re-planned under MACs caps until the widest measured width that meets is found; a later candidate of the
+    same allocation starting from the same shape rebuilds that outcome once, measuring nothing new."""
+    import types
+
+    teacher = models.build("small_cnn", (16, 16, 1), 4, width=0.5)
+    measured_widths = []
+
+    def fake_measure(model, images, latency_threads=1):
+        width = model if isinstance(model, int) else 64  # the anchors (the teacher and its half) measure wide
+        measured_widths.append(width)
+        arena = 1000 * width + (3000 if width % 3 == 0 else 0)
+        return {"arena_bytes": arena, "arena_head": arena - 500, "arena_tail": 500, "flash_bytes": 1,
+                "latency_ms": 1.0, "litert_kernels": "xnnpack"}
+
+    monkeypatch.setattr(device_targets, "measure", fake_measure)
+    planner = device_targets.TargetPlanner(teacher, build_graph(teacher), device_targets.Targets(macs=1.0, arena_kb=30),
+                                           None, dict(round_to=1, min_channels=1, protect=()))
+    teacher_macs = 64 ** 2
+
+    def candidate(width):
+        return types.SimpleNamespace(keep={"g": list(range(width))}, macs=width ** 2, params=width, model=width)
+
+    rebuilt = []
+
+    def rebuild(max_macs):
+        rebuilt.append(max_macs)
+        return candidate(int((max_macs * teacher_macs) ** 0.5))
+
+    measured_widths.clear()
+    kept, costs = planner.verified(candidate(32), rebuild, teacher_macs, search_key="global")
+    # 32 and 30 miss (32.0 and 33.0 KB against 30 KB), 27, 28 and 29 meet; 31 misses (31.0 KB)
+    assert len(kept.keep["g"]) == 29 and costs["arena_bytes"] == 29000
+    assert len(rebuilt) <= device_targets.MAX_REPLANS and 29 in measured_widths
+
+    rebuilt.clear()
+    measured_widths.clear()
+    kept, costs = planner.verified(candidate(32), rebuild, teacher_macs, search_key="global")
+    assert len(kept.keep["g"]) == 29 and len(rebuilt) == 1 and measured_widths == []
+
+    rebuilt.clear()
+    kept, _ = planner.verified(candidate(32), rebuild, teacher_macs, search_key="uniform")  # searched again
+    assert len(kept.keep["g"]) == 29 and len(rebuilt) > 1 and measured_widths == []  # every shape measured once

@@ -81,15 +81,16 @@ def run(ctx: Context):
                 evaluate=finish if finished else None, **plan_options,
             )
 
-        for c in build(rankings):  # the candidate's name: its criterion, plus the allocation when there are several
+        # With device targets a plan is measured first (its shape decides, and a miss is planned again): only the
+        # network kept gets its BatchNorm re-estimated and its validation accuracy.
+        for c in build(rankings, finished=devices is None):  # named by criterion (+ allocation when several)
             measured = (c, {})
-            if devices:  # a re-plan is only measured (its shape decides); the one kept is then finished as c was
-                measured = devices.verified(
+            if devices:
+                kept, costs = devices.verified(
                     c, lambda max_macs, c=c, build=build: build({c.criterion: rankings[c.criterion]}, max_macs,
                                                                 finished=False)[0],
-                    teacher_macs)
-                if measured[0] is not c:
-                    measured = (dataclasses.replace(measured[0], accuracy=finish(measured[0].model)), measured[1])
+                    teacher_macs, search_key=allocation)
+                measured = (dataclasses.replace(kept, accuracy=finish(kept.model)), costs)
             candidates.append((candidate_name(c.criterion, allocation, cfg.allocations), c.criterion, allocation,
                                *measured))
     teacher_widths = layer_widths(graph, {})
