@@ -68,11 +68,17 @@ def measure(argv):
             print(f"{criterion}: {len(measured)} groups, {cuts} cuts measured in {middle - start:.1f} s "
                   f"({(middle - start) / max(cuts, 1):.2f} s each), allocated in {end - middle:.1f} s, "
                   f"MACs ratio {plan.macs_ratio:.3f}", flush=True)
-    name = "sensitivity_cost_" + (os.path.splitext(os.path.basename(FLAGS.teacher))[0] if FLAGS.teacher
+    name = "sensitivity_cost_" + (teacher_label(FLAGS.teacher) if FLAGS.teacher
                                   else f"{FLAGS.model}_w{FLAGS.width:g}") + f"_bn{FLAGS.bn_batches}"
     results_io.write_results(name, {"teacher": FLAGS.teacher or f"{FLAGS.model}@{FLAGS.width:g} (untrained)",
                                     "images": FLAGS.images, "bn_batches": FLAGS.bn_batches,
                                     "target_macs": FLAGS.target_macs, "criteria": rows})
+
+
+def teacher_label(path: str) -> str:
+    """``.../bench_mskd_cifar_t120/teacher.keras`` -> ``t120_teacher``: the study that trained it, and the file."""
+    folder = os.path.basename(os.path.dirname(os.path.abspath(path))).removeprefix("bench_mskd_cifar_")
+    return f"{folder}_{os.path.splitext(os.path.basename(path))[0]}"
 
 
 if __name__ == "__main__":
