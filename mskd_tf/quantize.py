@@ -87,7 +87,10 @@ def convert(model: keras.Model, kind: str, *, calibration_images: np.ndarray | N
             model.export(saved, format="tf_saved_model", verbose=False)
             converter = tf.lite.TFLiteConverter.from_saved_model(saved)
         else:
-            converter = tf.lite.TFLiteConverter.from_concrete_functions([_frozen_inference(model)])
+            frozen = _frozen_inference(model)
+            # The function as its own trackable object: the same frozen-graph path, without TF's per-call warning
+            # that a missing trackable object is deprecated (a SavedModel detour is what it would take instead).
+            converter = tf.lite.TFLiteConverter.from_concrete_functions([frozen], frozen)
         if kind != "float32":
             converter.optimizations = [tf.lite.Optimize.DEFAULT]
         if kind == "float16":
