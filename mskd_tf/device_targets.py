@@ -189,8 +189,9 @@ def plan_to_targets(graph, scores, targets: Targets, predict, *, mode: str, max_
     return best
 
 
-def unreachable_message(targets: Targets, limits: dict, smallest: dict, lower_bound: bool = False) -> str:
-    """Which target the narrowest plan still misses, with the smallest value reachable (or a lower bound of it)."""
+def unreachable_message(targets: Targets, limits: dict, smallest: dict, basis: str = "predicted") -> str:
+    """Which target the narrowest plan still misses, with the smallest value reachable: ``basis`` says how it is
+    known: "predicted", "measured" (the narrowest architecture's int8 model), or a "lower_bound"."""
     flags = {"params": "--target_params", "arena_bytes": "--target_arena_kb", "flash_bytes": "--target_flash_kb"}
     missed = [key for key, limit in limits.items() if key in smallest and smallest[key] > limit]
     parts = []
@@ -201,8 +202,10 @@ def unreachable_message(targets: Targets, limits: dict, smallest: dict, lower_bo
             parts.append(f"--target_latency_ms={targets.latency_ms:g}: the narrowest plan runs in about "
                          f"{smallest[key]:.3g} ms here ({targets.latency_threads} LiteRT thread(s))")
         else:
+            size = {"predicted": "about ", "measured": "", "lower_bound": "more than "}[basis] + \
+                f"{smallest[key] / KB:.1f} KB" + (" (its int8 model, measured)" if basis == "measured" else "")
             parts.append(f"{flags[key]}={getattr(targets, key.replace('_bytes', '_kb')):g}: the narrowest plan needs "
-                         f"{'more than' if lower_bound else 'about'} {smallest[key] / KB:.1f} KB")
+                         f"{size}")
     return ("; ".join(parts) + " (every layer at --min_channels, rounded to --round_to). Raise the target, lower "
             "--min_channels / --round_to, or use smaller input images.")
 
@@ -213,10 +216,12 @@ def _shortfall(limits: dict, measured: dict) -> float:
 
 
 def check_reachable(graph, targets: Targets, **plan_options):
-    """Refuse, before any training, targets that even the narrowest plan cannot meet, by lower bounds that hold
-    for any weights: the input tensor and the narrowest plan's peak of live activations (int8) for the arena,
-    one byte per parameter for the flash size, the parameter count itself; for a latency target the narrowest
-    architecture's int8 model is timed in LiteRT (a few seconds)."""
+    """Refuse, before any training, targets that even the narrowest plan cannot meet. First by bounds that need
+    no conversion (the input tensor and the narrowest plan's peak of live int8 activations for the arena, one byte
+    per parameter for the flash size, the parameter count itself); then, for an arena, flash or latency target,
+    by the narrowest architecture's int8 model measured as every candidate is (TFLM's arena and the file's size
+    depend on the shapes, not on the weights; LiteRT's time neither): a second or two, where the bounds alone
+    would pass an arena the planned-out persistent part and TFLM's fragmentation put out of reach."""
     from mskd_tf import flops
     from mskd_tf.pruning.memory import activation_peak
     from mskd_tf.pruning.plan import plan_keep
@@ -232,17 +237,17 @@ def check_reachable(graph, targets: Targets, **plan_options):
                         "of the arena; raise the target or use smaller input images.")
     bounds = {"params": narrowest.params, "flash_bytes": narrowest.params,
               "arena_bytes": activation_peak(graph, narrowest.keep).bytes}
-    if "latency_ms" in limits:  # measured: the narrowest architecture in LiteRT (its speed does not depend on weights)
-        from mskd_tf import quantize
+    if any(bounds[key] > limit for key, limit in limits.items() if key in bounds):
+        raise MskdError(unreachable_message(targets, limits, bounds, basis="lower_bound"))
+    if targets.on_device:
         from mskd_tf.pruning import prune
 
         shape = tuple(int(d) for d in graph.model.inputs[0].shape[1:])
         images = np.random.default_rng(0).uniform(0, 1, (8, *shape)).astype(np.float32)
-        tflite = quantize.convert(prune(graph.model, narrowest.keep, graph), "int8", calibration_images=images,
-                                  signature=False)
-        bounds["latency_ms"] = quantize.LiteRTModel(tflite, threads=targets.latency_threads).latency_ms(images)
-    if any(bounds[key] > limit for key, limit in limits.items()):
-        raise MskdError(unreachable_message(targets, limits, bounds, lower_bound=True))
+        measured = measure(prune(graph.model, narrowest.keep, graph), images, latency_threads=targets.latency_threads)
+        measured["params"] = narrowest.params
+        if any(measured[key] > limit for key, limit in limits.items()):
+            raise MskdError(unreachable_message(targets, limits, measured, basis="measured"))
 
 
 class TargetPlanner:

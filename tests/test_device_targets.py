@@ -93,6 +93,27 @@ def test_an_unreachable_target_is_refused_before_the_teacher_trains(cfg, target,
     assert not Path(cfg.workdir, "teacher.keras").exists()
 
 
+def test_an_arena_the_activation_bound_allows_but_the_narrowest_int8_model_exceeds_is_refused_before_training(cfg):
+    """TFLM's arena holds persistent tensors and fragmentation besides the live activations: a target between the
+    narrowest plan's activation peak and its measured arena is refused up front with the measured size."""
+    from mskd_tf import data
+
+    splits = data.load(cfg.dataset, batch_size=32, val_fraction=cfg.val_fraction)
+    model = models.build(cfg.model, splits.info.image_shape, splits.info.num_classes, width=cfg.width)  # as checked
+    graph = build_graph(model)
+    narrowest = plan_keep(graph, None, keep_ratio=1e-9, mode="uniform", round_to=cfg.round_to,
+                          min_channels=cfg.min_channels)
+    images = np.random.default_rng(0).uniform(0, 1, (8, *splits.info.image_shape)).astype(np.float32)
+    measured = device_targets.measure(prune(model, narrowest.keep, graph), images)["arena_bytes"]
+    peak = activation_peak(graph, narrowest.keep).bytes
+    assert peak < measured
+    cfg.target_arena_kb = round((peak + measured) / 2 / 1024, 2)
+    with pytest.raises(MskdError, match=rf"--target_arena_kb={cfg.target_arena_kb:g}: the narrowest plan needs "
+                                        rf"{measured / 1024:.1f} KB \(its int8 model, measured\)"):
+        run_pipeline(cfg)
+    assert not Path(cfg.workdir, "teacher.keras").exists()
+
+
 @pytest.mark.slow  # ~1 minute: every candidate shape converted to int8
 def test_a_latency_target_is_planned_by_the_measured_time_not_the_macs_ratio(cfg, monkeypatch):
     """LiteRT's time is far from proportional to MACs (fixed per-op costs, 16-channel kernel tiles). The planner
