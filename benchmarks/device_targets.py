@@ -85,6 +85,18 @@ def largest_macs_ratio_within(teacher, arena_bytes: float, images) -> dict:
     return {"best": best, "tried": tried}
 
 
+def narrowest_measured(teacher, graph, images) -> dict:
+    """The smallest arena any allocation reaches: the narrowest plan (every layer at 4 channels, rounded), measured
+    in TFLM, with its planned (activations) and persistent parts."""
+    from mskd_tf import device_targets, flops
+    from mskd_tf.pruning import plan_keep, prune
+
+    plan = plan_keep(graph, None, keep_ratio=1e-9, mode="uniform", round_to=FLAGS.round_to, min_channels=4)
+    measured = device_targets.measure(prune(teacher, plan.keep, graph), images)
+    return {"macs_ratio": round(plan.macs / flops.count(teacher).macs, 4),
+            **{f"{part}_kb": round(measured[part] / 1024, 2) for part in ("arena_bytes", "arena_head", "arena_tail")}}
+
+
 def main(_):
     import keras
 
@@ -126,7 +138,8 @@ def main(_):
     print("items: " + ",".join(items), flush=True)
     figures = {"network": FLAGS.network, "teacher_file": str(teacher_path), "round_to": FLAGS.round_to,
                "teacher": {"arena_kb": round(teacher_kb, 2), "flash_kb": round(teacher_measured["flash_bytes"] / 1024, 2)},
-               "searches": searches, "student_epochs": FLAGS.student_epochs, "students": None}
+               "narrowest": narrowest_measured(teacher, graph, images), "searches": searches,
+               "student_epochs": FLAGS.student_epochs, "students": None}
     if FLAGS.plan_only or not items:
         results_io.write_results(name, figures)
         return
