@@ -227,3 +227,67 @@ def test_a_missed_candidate_is_searched_on_measurements_and_a_same_start_reuses_
     rebuilt.clear()
     kept, _ = planner.verified(candidate(32), rebuild, teacher_macs, search_key="uniform")  # searched again
     assert len(kept.keep["g"]) == 29 and len(rebuilt) > 1 and measured_widths == []  # every shape measured once
+
+
+def test_a_candidate_with_room_under_its_target_is_widened_once_by_corrected_predictions(monkeypatch):
+    """A plan the predictions kept well under the arena (they overestimate it) is planned once wider with the
+    predictions scaled to its measurement, and kept wider when that measures within the target."""
+    import types
+
+    teacher = models.build("small_cnn", (16, 16, 1), 4, width=0.5)
+
+    def arena(width):  # TFLM's arena jumps: +3 KB at every third width
+        return 1000 * width + (3000 if width % 3 == 0 else 0)
+
+    measured_widths = []
+
+    def fake_measure(model, images, latency_threads=1):
+        width = model if isinstance(model, int) else 64
+        measured_widths.append(width)
+        return {"arena_bytes": arena(width), "arena_head": arena(width) - 500, "arena_tail": 500, "flash_bytes": 1,
+                "latency_ms": 1.0, "litert_kernels": "xnnpack"}
+
+    class Predictions:  # a line of ``slope`` bytes a channel
+        base_params = 64
+
+        def __init__(self, slope, factors=None):
+            self.slope, self.factors = slope, factors or {}
+
+        def __call__(self, plan):
+            width = len(plan.keep["g"])
+            return {"params": width, "arena_bytes": self.slope * width * self.factors.get("arena_bytes", 1.0)}
+
+        def scaled(self, factors):
+            return Predictions(self.slope, factors)
+
+    monkeypatch.setattr(device_targets, "measure", fake_measure)
+    planner = device_targets.TargetPlanner(teacher, build_graph(teacher), device_targets.Targets(macs=1.0, arena_kb=30),
+                                           None, dict(round_to=1, min_channels=1, protect=()))
+    teacher_macs = 64 ** 2
+
+    def candidate(width):
+        return types.SimpleNamespace(keep={"g": list(range(width))}, macs=width ** 2, params=width, model=width)
+
+    rebuilt = []
+
+    def rebuild(max_macs):  # what the planner does: the widest width its predictions let under 30 KB
+        rebuilt.append(max_macs)
+        return candidate(max(w for w in range(1, 65) if planner._planning_predict(candidate(w))["arena_bytes"] <= 30 * 1024))
+
+    def planned(slope, search_key):
+        planner.predict = planner._planning_predict = Predictions(slope)
+        rebuilt.clear()
+        measured_widths.clear()
+        return planner.verified(rebuild(None), rebuild, teacher_macs, search_key=search_key)
+
+    # 1250 bytes a channel: 24 planned, measures 27.0 KB (0.9 x predicted); scaled, 27 fits, measures 30.0 KB: kept
+    kept, costs = planned(1250, "uniform")
+    assert len(kept.keep["g"]) == 27 and costs["arena_bytes"] == 30000 and measured_widths == [24, 27]
+    kept, _ = planned(1250, "uniform")  # the same start: the same corrected predictions, nothing measured again
+    assert len(kept.keep["g"]) == 27 and len(rebuilt) == 2 and measured_widths == []
+    # 1200 bytes a channel: 25 planned, measures 25.0 KB; scaled, 30 fits, but measures 33.0 KB: 25 stays
+    kept, _ = planned(1200, "global")
+    assert len(kept.keep["g"]) == 25 and measured_widths == [25, 30]
+    # 1100 bytes a channel: 27 planned, measures 30.0 KB, under 4% from the target: not widened
+    kept, _ = planned(1100, "global")
+    assert len(kept.keep["g"]) == 27 and len(rebuilt) == 1
