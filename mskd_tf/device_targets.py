@@ -17,7 +17,6 @@ through two measured models, the teacher and its uniform half-MACs cut.
 from __future__ import annotations
 
 import dataclasses
-import copy
 import math
 
 import numpy as np
@@ -33,8 +32,6 @@ SEARCH_STEPS = 14
 MAX_REPLANS = 5
 # The re-plan search stops once its widest measured hit is within this fraction of the MACs of its nearest miss.
 REPLAN_RESOLUTION = 0.02
-# A plan whose measured costs all stay this fraction under their targets is tried once wider (predictions corrected).
-WIDEN_SLACK = 0.04
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,7 +119,6 @@ class Predictor:
 
         self.graph, self.base_params, self._peak = graph, base_params, activation_peak
         self.lines = None
-        self.factors = {}  # cost -> measured / predicted of one measured plan (see ``scaled``)
         if points:
             features = [self._features(keep, params, macs) for keep, params, macs, _ in points]
             (a, b), (ma, mb) = features, [measured for *_, measured in points]
@@ -145,13 +141,7 @@ class Predictor:
             predicted["arena_bytes"] = parts["arena_head"] + parts["arena_tail"]
             predicted["flash_bytes"] = parts["flash_bytes"]
             predicted["latency_ms"] = parts["latency_ms"]
-        return {key: value * self.factors.get(key, 1.0) for key, value in predicted.items()}
-
-    def scaled(self, factors: dict) -> "Predictor":
-        """These predictions times ``factors`` (cost -> factor): the lines corrected at one measured plan."""
-        scaled = copy.copy(self)
-        scaled.factors = dict(factors)
-        return scaled
+        return predicted
 
 
 def _line(x0, y0, x1, y1):
@@ -284,17 +274,14 @@ class TargetPlanner:
         self.predict = Predictor(graph, base_params, points)
         self._measured = {}  # kept widths -> measured costs: candidates of one shape (the uniform ones) share them
         self._searches = {}  # (search key, missed shape) -> the kept plan's MACs cap and shape
-        self._widened = {}  # (search key, measured shape) -> the predictions that widened it and the shape kept
-        self._planning_predict = self.predict
 
     def _measure(self, model) -> dict:
         return measure(model, self.images, latency_threads=self.targets.latency_threads)
 
     def planner(self, mode: str, max_macs: float | None = None):
         """``fn(scores) -> Plan`` for ``build_candidates``: the widest plan of this allocation that meets the targets
-        by the predictions (while a plan is widened: corrected at its measurement), at most ``max_macs`` of the
-        teacher's MACs."""
-        return lambda scores: plan_to_targets(self.graph, scores, self.targets, self._planning_predict, mode=mode,
+        (at most ``max_macs`` of the teacher's MACs)."""
+        return lambda scores: plan_to_targets(self.graph, scores, self.targets, self.predict, mode=mode,
                                               max_macs=max_macs, **self.plan_options)
 
     def verified(self, candidate, rebuild, teacher_macs: int, search_key=None):
@@ -303,10 +290,8 @@ class TargetPlanner:
         meets every target, then back up between it and the nearest miss until they are REPLAN_RESOLUTION of the
         MACs apart or a cap rebuilds a shape measured already; the widest measured plan that meets them is kept.
         (TFLM's arena jumps by KBs between neighbouring widths, so the search is on measurements, not on
-        predictions corrected by one.) A candidate that meets every target with more than WIDEN_SLACK to spare is
-        planned once wider, under predictions scaled by its measured / predicted costs, and kept wider if that
-        measures within the targets. Candidates of one ``search_key`` (the allocation) that start from one shape
-        (the uniform ones) reuse the first one's outcome: the cap it kept, or its widening."""
+        predictions corrected by one.) Candidates of one ``search_key`` (the allocation) that miss with one shape
+        (the uniform ones) first try the cap the first of them kept."""
         def shape_of(model_candidate):
             return tuple(sorted((group, len(kept)) for group, kept in model_candidate.keep.items()))
 
@@ -322,36 +307,9 @@ class TargetPlanner:
         def meets(measured):
             return all(measured[k] <= v for k, v in self.limits.items())
 
-        def widened(plan, plan_costs):
-            """The plan, or once wider under predictions scaled by its measured / predicted costs, if that meets."""
-            slack = [plan_costs[k] / v for k, v in self.limits.items() if k != "params"]
-            key = (search_key, shape_of(plan))
-            if key in self._widened:  # the same shape: the same corrected predictions rebuild the same wider one
-                predict, kept_shape = self._widened[key]
-                if kept_shape == key[1]:
-                    return plan, plan_costs
-            else:
-                predicted = self.predict(plan)
-                factors = {k: plan_costs[k] / predicted[k] for k in self.limits if k != "params" and predicted.get(k)}
-                # Nothing wider can pass predictions that were not too high: the plan was the widest they allowed.
-                if (not slack or max(slack) > 1 - WIDEN_SLACK or min(factors.values(), default=1.0) >= 1.0
-                        or plan.macs >= (1 - REPLAN_RESOLUTION) * min(self.targets.macs, 1.0) * teacher_macs):
-                    return plan, plan_costs
-                predict, kept_shape = self.predict.scaled(factors), None
-            self._planning_predict = predict
-            try:
-                trial = rebuild(None)
-            finally:
-                self._planning_predict = self.predict
-            wider = trial.macs > plan.macs and (kept_shape is None or shape_of(trial) == kept_shape)
-            trial_costs = costs(trial) if wider else None
-            outcome = (trial, trial_costs) if wider and meets(trial_costs) else (plan, plan_costs)
-            self._widened.setdefault(key, (predict, shape_of(outcome[0])))
-            return outcome
-
         measured = costs(candidate)
         if meets(measured):
-            return widened(candidate, measured)
+            return candidate, measured
         search = (search_key, shape_of(candidate))
         if search in self._searches:
             kept_cap, kept_shape = self._searches[search]
