@@ -85,19 +85,26 @@ def _extract_archive(archive: Path) -> Path:
     key = hashlib.sha1(f"{archive.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
     target = cache_dir() / f"extracted-{archive.name.split('.')[0]}-{key}"
     if not (target / ".complete").exists():
-        tmp = target.with_name(target.name + ".tmp")
-        if tmp.exists():
-            import shutil
+        import shutil
+        import tempfile
 
-            shutil.rmtree(tmp)
-        tmp.mkdir(parents=True)
+        # Each process extracts into its own folder and renames it into place: runs started together (two
+        # benchmarks on one archive) must not delete each other's half-extracted files.
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=target.name + ".tmp-"))
         try:
             with tarfile.open(archive) as tar:
                 tar.extractall(tmp, filter="data")
         except (tarfile.TarError, OSError, EOFError) as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
             raise MskdError(f"cannot extract {archive}: {exc}. Check the file or pass the extracted folder.") from exc
         (tmp / ".complete").touch()
-        tmp.rename(target)
+        try:
+            tmp.rename(target)
+        except OSError:  # another process put its copy there first
+            shutil.rmtree(tmp, ignore_errors=True)
+            if not (target / ".complete").exists():
+                raise
     for root in (target, *sorted(p for p in target.iterdir() if p.is_dir())):
         if (root / "train").is_dir():
             return root

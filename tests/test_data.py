@@ -129,6 +129,40 @@ def test_folder_source_loads_splits_and_stats(tmp_path):
     assert sum(len(b[1]) for b in batches) == 8 and batches[0][0].dtype == tf.float32
 
 
+def test_an_archive_extracted_by_two_runs_at_once_serves_both(tmp_path, monkeypatch):
+    import tarfile
+    import threading
+
+    root = _write_folder(tmp_path / "imgs")
+    archive = tmp_path / "imgs.tar.gz"
+    with tarfile.open(archive, "w:gz") as tar:
+        tar.add(root, arcname="imgs")
+    both_extracting = threading.Barrier(2, timeout=30)
+    extractall = tarfile.TarFile.extractall
+
+    def extract_together(self, *args, **kwargs):  # both runs are mid-extraction before either finishes
+        both_extracting.wait()
+        return extractall(self, *args, **kwargs)
+
+    monkeypatch.setattr(tarfile.TarFile, "extractall", extract_together)
+    found, errors = [], []
+
+    def run():
+        try:
+            found.append(data_sources._extract_archive(archive))
+        except Exception as exc:  # noqa: BLE001 - the assertion below names it
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors and len(found) == 2 and found[0] == found[1]
+    assert sorted(p.name for p in (found[0] / "train").iterdir()) == ["cat", "dog"]
+    assert [p.name for p in found[0].parent.parent.iterdir()] == [found[0].parent.name]  # no half copy left
+
+
 def test_validation_is_seeded_and_disjoint():
     x = np.arange(100).reshape(100, 1, 1, 1).astype(np.uint8)
     train, val = data.split_validation(x, np.zeros(100), 0.2, seed=3)
