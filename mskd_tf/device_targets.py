@@ -5,8 +5,8 @@ searched here: the largest MACs ratio (at most ``--target_macs``) whose plan mee
 winning. MACs and parameters are counted from the plan (:class:`~mskd_tf.pruning.plan.CostModel`); the arena
 and the flash size are predicted from it and then measured on the built candidate: converted to int8 and run in
 TFLite Micro, whose recording allocator reports the arena it used. A candidate whose measurement misses a
-target is planned again under MACs caps searched with measurements, so the figures in ``candidates.json`` are
-measured ones.
+target is planned again under MACs caps searched with measurements, and one whose measurement leaves room is
+planned wider the same way, so the figures in ``candidates.json`` are measured ones.
 
 Prediction (:class:`Predictor`): the arena's planned part follows the peak of live int8 activations
 (:mod:`mskd_tf.pruning.memory`, a lower bound TFLM's greedy planner may exceed by its fragmentation), its
@@ -32,6 +32,10 @@ SEARCH_STEPS = 14
 MAX_REPLANS = 5
 # The re-plan search stops once its widest measured hit is within this fraction of the MACs of its nearest miss.
 REPLAN_RESOLUTION = 0.02
+# A plan measured at least this fraction under every target is searched wider, with this many measured plans at
+# most: the predictions are lines through two measured models and may leave room a measurement shows.
+WIDEN_ROOM = 0.03
+MAX_WIDENINGS = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -163,8 +167,8 @@ def plan_to_targets(graph, scores, targets: Targets, predict, *, mode: str, max_
     limits = targets.limits(predict.base_params)
 
     def meets(plan):
-        predicted = predict(plan)
-        return all(predicted[key] <= limit for key, limit in limits.items())
+        predicted = predict(plan)  # without lines it predicts the parameters only (a measured search's plans)
+        return all(predicted[key] <= limit for key, limit in limits.items() if key in predicted)
 
     widest = plan_keep(graph, scores, target_macs=min(targets.macs, max_macs or 1.0), mode=mode, **plan_options)
     if meets(widest):
@@ -278,6 +282,9 @@ class TargetPlanner:
             points = [(None, base_params, int(flops.count(teacher).macs), self.teacher_measured),
                       (half.keep, half.params, half.macs, self._measure(prune(teacher, half.keep, graph)))]
         self.predict = Predictor(graph, base_params, points)
+        self._counted = Predictor(graph, base_params)  # parameters only: for the plans searched on measurements
+        # (MACs ratio, measured costs) of the anchors, toward which a plan with room is first widened
+        self._anchors = [(macs / points[0][2], measured) for _, _, macs, measured in points]
         self._measured = {}  # kept widths -> measured costs: candidates of one shape (the uniform ones) share them
         self._searches = {}  # (search key, missed shape) -> the kept plan's MACs cap and shape
 
@@ -285,19 +292,25 @@ class TargetPlanner:
         return measure(model, self.images, latency_threads=self.targets.latency_threads)
 
     def planner(self, mode: str, max_macs: float | None = None):
-        """``fn(scores) -> Plan`` for ``build_candidates``: the widest plan of this allocation that meets the targets
-        (at most ``max_macs`` of the teacher's MACs)."""
-        return lambda scores: plan_to_targets(self.graph, scores, self.targets, self.predict, mode=mode,
+        """``fn(scores) -> Plan`` for ``build_candidates``: the widest plan of this allocation that meets the targets.
+        Without ``max_macs``, as predicted; with it (a cap searched on measurements), the widest within the cap
+        and the parameter target: its measurement decides the arena, flash and latency, not their predictions."""
+        predict = self.predict if max_macs is None else self._counted
+        return lambda scores: plan_to_targets(self.graph, scores, self.targets, predict, mode=mode,
                                               max_macs=max_macs, **self.plan_options)
 
     def verified(self, candidate, rebuild, teacher_macs: int, search_key=None):
-        """``(candidate, its measured costs)``. A candidate whose measurement misses a target is planned again
-        (``rebuild(max_macs)``) under lower MACs caps, searched with measurements: down by the miss until a plan
-        meets every target, then back up between it and the nearest miss until they are REPLAN_RESOLUTION of the
-        MACs apart or a cap rebuilds a shape measured already; the widest measured plan that meets them is kept.
-        (TFLM's arena jumps by KBs between neighbouring widths, so the search is on measurements, not on
-        predictions corrected by one.) Candidates of one ``search_key`` (the allocation) that miss with one shape
-        (the uniform ones) first try the cap the first of them kept."""
+        """``(candidate, its measured costs)``, searched on measurements (TFLM's arena jumps by KBs between
+        neighbouring widths, so predictions corrected by one measurement do not find the edge).
+
+        A candidate whose measurement misses a target is planned again (``rebuild(max_macs)``) under lower MACs
+        caps: down by the miss until a plan meets every target, then between it and the nearest miss. One that
+        meets every target with WIDEN_ROOM to spare (and is below ``--target_macs``) is planned wider: first toward
+        the measured anchors by their slope, then between the widest hit and the nearest miss, MAX_WIDENINGS plans
+        at most. Either search stops once the widest hit is within REPLAN_RESOLUTION of the MACs of the nearest
+        miss (or of the MACs target), or a cap rebuilds a shape measured already; the widest measured plan that
+        meets every target is kept. Candidates of one ``search_key`` (the allocation) that start from one shape
+        (the uniform ones) replay the outcome of the first of them."""
         def shape_of(model_candidate):
             return tuple(sorted((group, len(kept)) for group, kept in model_candidate.keep.items()))
 
@@ -313,34 +326,41 @@ class TargetPlanner:
         def meets(measured):
             return all(measured[k] <= v for k, v in self.limits.items())
 
-        measured = costs(candidate)
-        if meets(measured):
+        def ratio(model_candidate):
+            return model_candidate.macs / teacher_macs
+
+        measured, ceiling = costs(candidate), self.targets.macs
+        fits = meets(measured)
+        if fits and (ratio(candidate) >= ceiling * (1 - REPLAN_RESOLUTION)
+                     or _shortfall(self.limits, measured) < 1 + WIDEN_ROOM):
             return candidate, measured
         search = (search_key, shape_of(candidate))
         if search in self._searches:
             kept_cap, kept_shape = self._searches[search]
+            if kept_cap is None:  # searched wider before: nothing wider measured within the targets
+                return candidate, measured
             trial = rebuild(kept_cap)
             if shape_of(trial) == kept_shape and meets(costs(trial)):
                 return trial, costs(trial)
-        missed_ratio, hit = candidate.macs / teacher_macs, None
-        cap = missed_ratio * min(0.9, _shortfall(self.limits, measured))
+        hit = (candidate, measured, None) if fits else None  # the widest measured plan that meets, and its cap
+        miss = None if fits else (ratio(candidate), measured)  # the narrowest measured plan that does not
         seen = {shape_of(candidate)}
-        for _ in range(MAX_REPLANS):
+        for step in range(MAX_WIDENINGS if fits else MAX_REPLANS):
+            cap = self._next_cap(hit and (ratio(hit[0]), hit[1]), miss, ceiling, step)
             trial = rebuild(cap)
-            trial_costs, ratio, shape = costs(trial), trial.macs / teacher_macs, shape_of(trial)
+            trial_costs, shape = costs(trial), shape_of(trial)
             repeated = shape in seen
             seen.add(shape)
             if meets(trial_costs):
                 if hit is None or trial.macs > hit[0].macs:
-                    hit = (trial, trial_costs, (cap, shape))
-            else:
-                missed_ratio = min(missed_ratio, ratio)
-            if hit is not None and (repeated or hit[0].macs / teacher_macs >= missed_ratio * (1 - REPLAN_RESOLUTION)):
+                    hit = (trial, trial_costs, cap)
+            elif miss is None or ratio(trial) < miss[0]:
+                miss = (ratio(trial), trial_costs)
+            edge = miss[0] if miss is not None else ceiling
+            if hit is not None and (repeated or ratio(hit[0]) >= edge * (1 - REPLAN_RESOLUTION)):
                 break
-            cap = ((hit[0].macs / teacher_macs + missed_ratio) / 2 if hit is not None
-                   else missed_ratio * min(0.9, _shortfall(self.limits, trial_costs)) ** 2)
         if hit is not None:
-            self._searches[search] = hit[2]
+            self._searches[search] = (hit[2], shape_of(hit[0]))
             return hit[0], hit[1]
         flags = {"params": "--target_params", "arena_bytes": "--target_arena_kb", "flash_bytes": "--target_flash_kb",
                  "latency_ms": "--target_latency_ms"}
@@ -348,3 +368,20 @@ class TargetPlanner:
                            for k, v in self.limits.items() if measured[k] > v)
         raise MskdError(f"candidate {candidate.criterion}: no plan measured within {missed} after {MAX_REPLANS} "
                         "re-plans; raise that target (or lower --min_channels / --round_to).")
+
+    def _next_cap(self, hit, miss, ceiling: float, step: int) -> float:
+        """The next MACs cap of a measured search. ``hit`` / ``miss``: ``(MACs ratio, measured costs)`` of the
+        widest plan that meets and of the narrowest that does not (None: none measured)."""
+        if hit is None:  # down by the miss, faster after a second one
+            return miss[0] * min(0.9, _shortfall(self.limits, miss[1])) ** (1 if step == 0 else 2)
+        if miss is not None:
+            return (hit[0] + miss[0]) / 2
+        # Wider than every measurement yet: where the line from the hit to the nearest wider anchor reaches the
+        # tightest target (arena, flash and latency all grow with the width).
+        caps = []
+        for key, limit in self.limits.items():
+            above = [(r, m[key]) for r, m in self._anchors if key in m and r > hit[0] and m[key] > hit[1][key]]
+            if above:
+                r, value = min(above)
+                caps.append(hit[0] + (limit - hit[1][key]) * (r - hit[0]) / (value - hit[1][key]))
+        return min(ceiling, *caps) if caps else (hit[0] + ceiling) / 2

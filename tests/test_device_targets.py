@@ -227,3 +227,57 @@ def test_a_missed_candidate_is_searched_on_measurements_and_a_same_start_reuses_
     rebuilt.clear()
     kept, _ = planner.verified(candidate(32), rebuild, teacher_macs, search_key="uniform")  # searched again
     assert len(kept.keep["g"]) == 29 and len(rebuilt) > 1 and measured_widths == []  # every shape measured once
+
+
+def test_a_candidate_measured_with_room_is_planned_wider_on_measurements(monkeypatch):
+    """The predictions may leave room that the measurement shows: a candidate measured well under its arena target
+    is rebuilt under wider MACs caps (first toward the measured anchors, then between hit and miss), at most
+    MAX_WIDENINGS measurements, keeping the widest that measures within the target; another candidate of the same
+    allocation and shape replays that outcome without measuring."""
+    import types
+
+    from mskd_tf import flops
+
+    teacher = models.build("small_cnn", (16, 16, 1), 4, width=0.5)
+    teacher_macs = flops.count(teacher).macs
+
+    def width_of(model):  # candidates here carry their width; the anchors are real models
+        return model if isinstance(model, int) else round(64 * (flops.count(model).macs / teacher_macs) ** 0.5)
+
+    measured_widths = []
+
+    def fake_measure(model, images, latency_threads=1):
+        width = width_of(model)
+        measured_widths.append(width)
+        arena = 1000 * width + (3000 if width % 3 == 0 else 0)
+        return {"arena_bytes": arena, "arena_head": arena - 500, "arena_tail": 500, "flash_bytes": 1,
+                "latency_ms": 1.0, "litert_kernels": "xnnpack"}
+
+    monkeypatch.setattr(device_targets, "measure", fake_measure)
+    planner = device_targets.TargetPlanner(teacher, build_graph(teacher), device_targets.Targets(macs=1.0, arena_kb=30),
+                                           None, dict(round_to=1, min_channels=1, protect=()))
+
+    def candidate(width):
+        return types.SimpleNamespace(keep={"g": list(range(width))}, macs=width ** 2 * teacher_macs / 64 ** 2,
+                                     params=width, model=width)
+
+    rebuilt = []
+
+    def rebuild(max_macs):
+        rebuilt.append(max_macs)
+        return candidate(int(64 * max_macs ** 0.5))
+
+    measured_widths.clear()
+    kept, costs = planner.verified(candidate(20), rebuild, teacher_macs, search_key="uniform")
+    assert 20 < len(kept.keep["g"]) <= 29 and costs["arena_bytes"] <= 30 * 1024  # 20 KB measured: 10 KB of room
+    assert len(measured_widths) <= 1 + device_targets.MAX_WIDENINGS and all(cap > 20 ** 2 / 64 ** 2 for cap in rebuilt)
+
+    rebuilt.clear()
+    measured_widths.clear()
+    again, _ = planner.verified(candidate(20), rebuild, teacher_macs, search_key="uniform")
+    assert len(again.keep["g"]) == len(kept.keep["g"]) and len(rebuilt) == 1 and measured_widths == []
+
+    rebuilt.clear()
+    measured_widths.clear()
+    close, _ = planner.verified(candidate(27), rebuild, teacher_macs, search_key="global")  # 30.0 KB: 2.4% room
+    assert len(close.keep["g"]) == 27 and measured_widths == [27] and rebuilt == []
