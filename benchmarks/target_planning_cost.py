@@ -51,7 +51,10 @@ def main(_):
         shapes = {json.dumps(r["widths"], sort_keys=True) for r in rows}
         runs[label] = {"candidates_seconds": record["seconds"], "candidates": len(rows), "distinct_shapes": len(shapes),
                        "macs_ratios": sorted(round(r["macs_ratio"], 4) for r in rows),
-                       **({"arena_kb": sorted(round(r["arena_bytes"] / 1024, 2) for r in rows)}
+                       **({"arena_kb": sorted(round(r["arena_bytes"] / 1024, 2) for r in rows),
+                           "by_candidate": {r["criterion"]: {"macs_ratio": round(r["macs_ratio"], 4),
+                                                             "arena_kb": round(r["arena_bytes"] / 1024, 2)}
+                                            for r in rows}}
                           if label == "arena" else {})}
         print(f"{label}: candidates stage {record['seconds']:.1f} s, {len(rows)} candidates, {len(shapes)} shapes",
               flush=True)
