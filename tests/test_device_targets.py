@@ -209,7 +209,8 @@ def test_a_missed_candidate_is_searched_on_measurements_and_a_same_start_reuses_
 
     rebuilt = []
 
-    def rebuild(max_macs):
+    def rebuild(max_macs, predicted):
+        assert predicted  # below a plan the predictions passed: they still bound it
         rebuilt.append(max_macs)
         return candidate(int((max_macs * teacher_macs) ** 0.5))
 
@@ -263,7 +264,8 @@ def test_a_candidate_measured_with_room_is_planned_wider_on_measurements(monkeyp
 
     rebuilt = []
 
-    def rebuild(max_macs):
+    def rebuild(max_macs, predicted):
+        assert not predicted  # wider than the predictions allow: the measurement decides
         rebuilt.append(max_macs)
         return candidate(int(64 * max_macs ** 0.5))
 
@@ -281,3 +283,5 @@ def test_a_candidate_measured_with_room_is_planned_wider_on_measurements(monkeyp
     measured_widths.clear()
     close, _ = planner.verified(candidate(27), rebuild, teacher_macs, search_key="global")  # 30.0 KB: 2.4% room
     assert len(close.keep["g"]) == 27 and measured_widths == [27] and rebuilt == []
+    kept_as_planned, _ = planner.verified(candidate(20), rebuild, teacher_macs, search_key="global", widen=False)
+    assert len(kept_as_planned.keep["g"]) == 20 and rebuilt == []

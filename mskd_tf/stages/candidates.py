@@ -70,12 +70,12 @@ def run(ctx: Context):
     for allocation in cfg.allocations:
         mode = "uniform" if allocation == "sensitivity" else allocation
 
-        def build(some_rankings, max_macs=None, mode=mode, allocation=allocation, finished=True):
+        def build(some_rankings, max_macs=None, predicted=True, mode=mode, allocation=allocation, finished=True):
             planner = None
             if allocation == "sensitivity":
                 planner = _sensitivity_planner(ctx, teacher, graph, plan_options)
             elif devices is not None:
-                planner = devices.planner(mode, max_macs)
+                planner = devices.planner(mode, max_macs, predicted)
             return build_candidates(
                 teacher, some_rankings, target_macs=cfg.target_macs, graph=graph, mode=mode, planner=planner,
                 evaluate=finish if finished else None, **plan_options,
@@ -87,9 +87,9 @@ def run(ctx: Context):
             measured = (c, {})
             if devices:
                 kept, costs = devices.verified(
-                    c, lambda max_macs, c=c, build=build: build({c.criterion: rankings[c.criterion]}, max_macs,
-                                                                finished=False)[0],
-                    teacher_macs, search_key=allocation)
+                    c, lambda max_macs, predicted, c=c, build=build: build({c.criterion: rankings[c.criterion]},
+                                                                           max_macs, predicted, finished=False)[0],
+                    teacher_macs, search_key=allocation, widen=allocation == "uniform")
                 measured = (dataclasses.replace(kept, accuracy=finish(kept.model)), costs)
             candidates.append((candidate_name(c.criterion, allocation, cfg.allocations), c.criterion, allocation,
                                *measured))
