@@ -92,6 +92,7 @@ def _extract_archive(archive: Path) -> Path:
         # benchmarks on one archive) must not delete each other's half-extracted files.
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=target.name + ".tmp-"))
+        tmp.chmod(0o755)  # a cache folder like any other, not mkdtemp's private one
         try:
             with tarfile.open(archive) as tar:
                 tar.extractall(tmp, filter="data")
