@@ -91,6 +91,10 @@ def user_data(model, train, val, test, *, batch_size: int, seed: int, class_name
     return UserData(train=train_ds, val=val_ds, test=test_ds, info=info, fresh_train=fresh)
 
 
+# The flags that decide which images each split holds (augmentation and batching only change how they are read).
+DATA_FLAGS = ("dataset", "data_dir", "val_fraction", "train_subset", "seed")
+
+
 @dataclasses.dataclass
 class Context:
     """What the stages share in one run: config, workdir, data, loaded artifacts."""
@@ -121,6 +125,8 @@ class Context:
                 c.dataset, batch_size=c.batch_size, val_fraction=c.val_fraction, augment=c.augment, seed=c.seed,
                 train_subset=c.train_subset or None, data_dir=c.data_dir or None, download=c.download,
             )
+            self.wd.check_data({k: getattr(c, k) for k in DATA_FLAGS}, data_lib.fingerprint(self._splits.arrays),
+                               {split: len(a) for split, a in self._splits.arrays.items()}, write=self.writes)
             info = self._splits.info
             print(f"data: {info.name}: {info.num_train} train / {info.num_val} val / {info.num_test} test images "
                   f"of {info.image_shape}, {info.num_classes} classes", flush=True)

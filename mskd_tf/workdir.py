@@ -152,6 +152,25 @@ class Workdir:
         """:func:`atomic_path` for an artifact of this workdir."""
         return atomic_path(self.path / name)
 
+    def check_data(self, inputs: dict, fingerprint: str, counts: dict, *, write: bool = True):
+        """Refuse data that differs from what this work dir's stages were computed on under the same data flags.
+
+        ``data.json`` keeps the flags that define the data (``inputs``), the images' ``fingerprint`` and the
+        split sizes. Other flags: new data on purpose (the stages' digests decide what reruns), recorded anew.
+        The same flags reading other images (an archive extracted only in part, files edited or replaced) would
+        resume finished stages on data they never saw: one error, before anything runs."""
+        path = self.path / "data.json"
+        recorded = json.loads(path.read_text()) if path.exists() else None
+        if recorded and recorded.get("inputs") == inputs and recorded.get("fingerprint") != fingerprint:
+            then = " / ".join(f"{recorded['counts'].get(k)} {k}" for k in counts)
+            now = " / ".join(f"{v} {k}" for k, v in counts.items())
+            raise MskdError(
+                f"--dataset={inputs['dataset']}: reads other images than this work dir's stages were computed on "
+                f"({now} images now, {then} then; {path}). Restore that data (a partly extracted archive or "
+                "edited files?), or use a new --workdir to start over on this data.")
+        if write and recorded != {"inputs": inputs, "fingerprint": fingerprint, "counts": counts}:
+            self.write_json("data.json", {"inputs": inputs, "fingerprint": fingerprint, "counts": counts})
+
     def write_json(self, name: str, payload) -> Path:
         with self.atomic(name) as tmp:
             tmp.write_text(json.dumps(payload, indent=2, sort_keys=False, default=_jsonable))

@@ -138,3 +138,31 @@ def test_an_interrupted_selection_resumes_to_the_uninterrupted_choice(cfg, tmp_p
     assert any(steps for _, steps, _, _ in trained(cfg)), "nothing was fine-tuned: the comparison would be empty"
     assert trained(resumed) == trained(cfg)
     _assert_same_weights(f"{cfg.workdir}/selected.keras", f"{resumed.workdir}/selected.keras")
+
+
+def test_a_resumed_run_refuses_other_images_under_the_same_data_flags(cfg, tmp_path, capsys):
+    """A partly extracted archive once fed a resumed study 45,054 training images instead of 50,000, silently: the
+    work dir records what its stages were computed on, and the same flags reading other images stop the run before
+    anything trains; other data flags are new data on purpose, recorded anew."""
+    from mskd_tf.errors import MskdError
+
+    cfg.teacher_epochs = 1
+    run_pipeline(cfg, stop_after="teacher")
+    recorded = json.loads(open(f"{cfg.workdir}/data.json").read())
+    assert recorded["counts"] == {"train": 192, "val": 48, "test": 60}
+    teacher = open(f"{cfg.workdir}/teacher.keras", "rb").read()
+
+    run_pipeline(cfg, stop_after="rank")  # the same images: the teacher is reused
+    assert "[teacher] done already" in capsys.readouterr().out
+
+    make_npz(cfg.dataset.removeprefix("npz:"), n_train=220)  # the same file name, 20 images fewer
+    with pytest.raises(MskdError, match=r"--dataset=npz:.*toy.npz: reads other images than this work dir's stages "
+                                        r"were computed on \(176 train / 44 val / 60 test images now, 192 train / 48 "
+                                        r"val / 60 test then"):
+        run_pipeline(cfg)
+    assert open(f"{cfg.workdir}/teacher.keras", "rb").read() == teacher  # nothing lost
+    assert json.loads(open(f"{cfg.workdir}/data.json").read()) == recorded
+
+    cfg.val_fraction = 0.25  # other flags: other data on purpose, the stages' digests decide what reruns
+    run_pipeline(cfg, stop_after="teacher")
+    assert json.loads(open(f"{cfg.workdir}/data.json").read())["counts"] == {"train": 165, "val": 55, "test": 60}
