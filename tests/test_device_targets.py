@@ -183,17 +183,15 @@ def test_a_bad_or_unreachable_targets_item_is_refused_before_anything_trains(cfg
         run_pipeline(cfg)
 
 
-def test_a_missed_candidate_is_searched_on_measurements_and_a_same_start_reuses_the_outcome(monkeypatch):
-    """TFLM's arena jumps between neighbouring widths (here: +3 KB at widths divisible by 3), so a plan that misses
-    is re-planned under MACs caps until the widest measured width that meets is found; a later candidate of the
-    same allocation starting from the same shape rebuilds that outcome once, measuring nothing new."""
-    import types
-
+def _jumpy_arena_planner(monkeypatch, width_of):
+    """A planner to 30 KB of arena whose "measurement" of a model of width w (``width_of(model)``) is w KB, 3 KB
+    more at widths divisible by 3 (TFLM's arena jumps between neighbouring widths); returns it and the list of
+    widths measured."""
     teacher = models.build("small_cnn", (16, 16, 1), 4, width=0.5)
     measured_widths = []
 
     def fake_measure(model, images, latency_threads=1):
-        width = model if isinstance(model, int) else 64  # the anchors (the teacher and its half) measure wide
+        width = width_of(model)
         measured_widths.append(width)
         arena = 1000 * width + (3000 if width % 3 == 0 else 0)
         return {"arena_bytes": arena, "arena_head": arena - 500, "arena_tail": 500, "flash_bytes": 1,
@@ -202,6 +200,17 @@ def test_a_missed_candidate_is_searched_on_measurements_and_a_same_start_reuses_
     monkeypatch.setattr(device_targets, "measure", fake_measure)
     planner = device_targets.TargetPlanner(teacher, build_graph(teacher), device_targets.Targets(macs=1.0, arena_kb=30),
                                            None, dict(round_to=1, min_channels=1, protect=()))
+    return planner, measured_widths
+
+
+def test_a_missed_candidate_is_searched_on_measurements_and_a_same_start_reuses_the_outcome(monkeypatch):
+    """TFLM's arena jumps between neighbouring widths (here: +3 KB at widths divisible by 3), so a plan that misses
+    is re-planned under MACs caps until the widest measured width that meets is found; a later candidate of the
+    same allocation starting from the same shape rebuilds that outcome once, measuring nothing new."""
+    import types
+
+    # the anchors (the teacher and its half) measure wide
+    planner, measured_widths = _jumpy_arena_planner(monkeypatch, lambda model: model if isinstance(model, int) else 64)
     teacher_macs = 64 ** 2
 
     def candidate(width):
@@ -239,24 +248,12 @@ def test_a_candidate_measured_with_room_is_planned_wider_on_measurements(monkeyp
 
     from mskd_tf import flops
 
-    teacher = models.build("small_cnn", (16, 16, 1), 4, width=0.5)
-    teacher_macs = flops.count(teacher).macs
+    teacher_macs = flops.count(models.build("small_cnn", (16, 16, 1), 4, width=0.5)).macs
 
     def width_of(model):  # candidates here carry their width; the anchors are real models
         return model if isinstance(model, int) else round(64 * (flops.count(model).macs / teacher_macs) ** 0.5)
 
-    measured_widths = []
-
-    def fake_measure(model, images, latency_threads=1):
-        width = width_of(model)
-        measured_widths.append(width)
-        arena = 1000 * width + (3000 if width % 3 == 0 else 0)
-        return {"arena_bytes": arena, "arena_head": arena - 500, "arena_tail": 500, "flash_bytes": 1,
-                "latency_ms": 1.0, "litert_kernels": "xnnpack"}
-
-    monkeypatch.setattr(device_targets, "measure", fake_measure)
-    planner = device_targets.TargetPlanner(teacher, build_graph(teacher), device_targets.Targets(macs=1.0, arena_kb=30),
-                                           None, dict(round_to=1, min_channels=1, protect=()))
+    planner, measured_widths = _jumpy_arena_planner(monkeypatch, width_of)
 
     def candidate(width):
         return types.SimpleNamespace(keep={"g": list(range(width))}, macs=width ** 2 * teacher_macs / 64 ** 2,
