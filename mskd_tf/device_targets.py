@@ -308,8 +308,8 @@ class TargetPlanner:
         miss. With ``widen``, one that meets every target with WIDEN_ROOM to spare (and is below ``--target_macs``)
         is planned wider, past its predictions (``predicted=False``): first toward the measured anchors by their
         slope, then between the widest hit and the nearest miss, MAX_WIDENINGS plans at most. (The anchors are
-        uniform cuts: their slope guides a uniform candidate; widened too, MobileNetV2's nine global candidates all
-        kept their plans, for ~40 s more.) Either search stops once the widest hit is within REPLAN_RESOLUTION of
+        uniform cuts: their slope guides a uniform candidate; widened too, MobileNetV2's global candidates all kept
+        their plans at a cost the planning budget cannot spare: BENCHMARKS.md, device targets.) Either search stops once the widest hit is within REPLAN_RESOLUTION of
         the MACs of the nearest miss (or of the MACs target), or a cap rebuilds a shape measured already; the
         widest measured plan that meets every target is kept. Candidates of one ``search_key`` (the allocation)
         that start from one shape (the uniform ones) replay the outcome of the first of them."""

@@ -141,9 +141,9 @@ def test_an_interrupted_selection_resumes_to_the_uninterrupted_choice(cfg, tmp_p
 
 
 def test_a_resumed_run_refuses_other_images_under_the_same_data_flags(cfg, tmp_path, capsys):
-    """A partly extracted archive once fed a resumed study 45,054 training images instead of 50,000, silently: the
-    work dir records what its stages were computed on, and the same flags reading other images stop the run before
-    anything trains; other data flags are new data on purpose, recorded anew."""
+    """Data can change under the same flags (a partly extracted archive, edited files) and a resumed run would train
+    on it silently: the work dir records what its stages were computed on, and the same flags reading other images
+    stop the run before anything trains; other data flags are new data on purpose, recorded anew."""
     from mskd_tf.errors import MskdError
 
     cfg.teacher_epochs = 1
