@@ -3,9 +3,9 @@
 For a committed teacher (see ``device_targets.py``'s ``NETWORKS``), the pipeline's candidates stage runs twice from
 the same teacher and rankings, in fresh work dirs, each in a process of its own: once to ``--target_macs=0.5``
 alone, once to an arena target (``--arena_fraction`` x the teacher's measured TFLM arena, ``--target_macs=1``: the
-arena decides). The stage's own
-recorded seconds are compared; the difference is the planning (two anchor measurements, a converted int8 model
-per distinct candidate shape, TFLM and LiteRT runs, re-plans after a measured miss).
+arena decides). The stage's own recorded seconds are compared; the difference is the planning (two anchor
+measurements, a converted int8 model per distinct candidate shape, TFLM and LiteRT runs, re-plans after a measured
+miss, the widening of uniform candidates with room).
 
     benchmarks/snapshot_run.sh target_planning_cost.py --network=resnet20 --round_to=1   # 39.9 KB needs odd widths
     benchmarks/snapshot_run.sh target_planning_cost.py --network=mobilenet_v2_w0.5
