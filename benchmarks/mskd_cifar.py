@@ -567,6 +567,20 @@ def guard_the_table(res, s):
             "drop them. Restore that work dir, use another --name, or pass --new_teacher to start the table over.")
 
 
+def guard_the_images(res, s, fingerprint: str):
+    """Refuse to add rows computed on other images than the table's: the row digests cover the teacher and the kept
+    channels, not the images each sitting loads afresh. A table recorded before this check takes this sitting's."""
+    from mskd_tf.data_sources import cache_dir
+
+    recorded = res.data.setdefault("data_fingerprint", fingerprint)
+    if recorded != fingerprint:
+        raise SystemExit(
+            f"error: {s['dataset']} decodes to other images (data fingerprint {fingerprint}) than the "
+            f"{len(res.data.get('rows', {}))} rows of {results_io.RESULTS / (s['name'] + '.json')} were computed on "
+            f"({recorded}). Restore those images (an archive's copy extracted under {cache_dir()} can be deleted to "
+            "extract it afresh), or use another --name.")
+
+
 def keep_artifacts(s) -> bool:
     return FLAGS.keep_artifacts and not s["quick"]
 
@@ -680,6 +694,7 @@ def main(_):
     res.data["machine"] = machine()
     print(json.dumps(s), flush=True)
     splits = data_lib.load(s["dataset"], batch_size=s["batch_size"], train_subset=s["train_subset"] or None, seed=0)
+    guard_the_images(res, s, data_lib.fingerprint(splits.arrays))
     val, test = splits.val, splits.test
     per_epoch = training.steps_per_epoch(splits.train)
     budget = training.budget_steps(s["budget"], per_epoch)
