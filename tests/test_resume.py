@@ -7,6 +7,9 @@ continue where they stopped for the weights to match exactly.
 
 import dataclasses
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -108,6 +111,50 @@ def test_an_interrupted_distillation_resumes_to_the_uninterrupted_students(cfg, 
     assert again["shipped"] == whole["shipped"]
     _assert_same_weights(f"{cfg.workdir}/student.keras", f"{resumed.workdir}/student.keras")
     assert not (tmp_path / "resumed" / "distill_backup").exists()
+
+
+# Runs the pipeline from a Config's fields (argv[1], JSON) up to distill; with argv[2] == "kill", the process dies
+# without any cleanup right after the first epoch of a logged run has ended and been backed up.
+_PIPELINE_IN_A_PROCESS = """
+import json, os, sys
+import keras
+from mskd_tf import training
+from mskd_tf.api import run_pipeline
+from mskd_tf.config import Config
+
+class Kill(keras.callbacks.Callback):
+    def on_epoch_end(self, epoch, logs=None):
+        os._exit(137)
+
+if sys.argv[2] == "kill":
+    original = training.standard_callbacks
+    training.standard_callbacks = lambda *a, **k: [*original(*a, **k), Kill()]
+run_pipeline(Config(**json.loads(sys.argv[1])), stop_after="distill")
+"""
+
+
+@pytest.mark.slow
+def test_a_killed_process_resumes_in_a_new_one_to_the_uninterrupted_student(cfg, tmp_path):
+    """A session's end kills the process; the next session resumes in a fresh one, whose TF op seeds, Keras seed
+    generator and tf.data state start anew: it must still reach the weights of the uninterrupted run."""
+    cfg.teacher_epochs, cfg.select_epochs, cfg.student_epochs, cfg.criteria = 1, 0.0, 2.0, ("l1",)
+    cfg.distill_baseline = False
+    run_pipeline(cfg, stop_after="distill")
+    resumed = dataclasses.replace(cfg, workdir=str(tmp_path / "resumed"))
+    run_pipeline(resumed, stop_after="select")  # the teacher's run is logged too: not killed in there
+    fields = json.dumps(resumed.to_dict())
+    repo = Path(__file__).resolve().parents[1]
+    killed = subprocess.run([sys.executable, "-c", _PIPELINE_IN_A_PROCESS, fields, "kill"], cwd=repo,
+                            capture_output=True, text=True)
+    assert killed.returncode == 137, killed.stderr[-2000:]
+    assert not (tmp_path / "resumed" / "student.keras").exists()
+    again = subprocess.run([sys.executable, "-c", _PIPELINE_IN_A_PROCESS, fields, "resume"], cwd=repo,
+                           capture_output=True, text=True)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert "distill: resuming the kd run after epoch 1" in again.stdout
+    assert _record(resumed, "distill.json")["runs"]["kd"]["history"] == _record(cfg, "distill.json")["runs"]["kd"][
+        "history"]
+    _assert_same_weights(f"{cfg.workdir}/student.keras", f"{resumed.workdir}/student.keras")
 
 
 def test_an_interrupted_selection_resumes_to_the_uninterrupted_choice(cfg, tmp_path, monkeypatch):
