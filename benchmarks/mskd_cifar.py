@@ -50,7 +50,11 @@ Protocol
   ``..._global+uniform+sensitivity``, digest-checked as the other targets' are); the oracle (every distinct
   candidate + CE at seed 0, candidates keeping the same channels merged, best zero-cost score first; if more
   than 12, the best two of each allocation plus ``l1`` of each; ``--plan_only`` says which rule applied); l1 + CE,
-  l1 + KD and ``zc+kd`` at the ``--other_targets``. No ablations unless their flags are given.
+  l1 + KD and ``zc+kd`` at the ``--other_targets``. No ablations unless their flags are given. Its decision rules
+  R1-R4 are applied, as written, in the rendered table (``study_rules.py``).
+* Every student row is also exported as the export stage ships it (full int8, calibrated on 200 training images)
+  and its LiteRT test accuracy recorded beside the Keras one (``int8_test_acc``; rows cached before this have none);
+  the .tflite stays in the candidate set's work dir under ``int8/``.
 """
 
 from __future__ import annotations
@@ -70,6 +74,7 @@ from pathlib import Path
 
 import artifacts
 import results_io
+import study_rules
 from absl import app, flags
 
 FLAGS = flags.FLAGS
@@ -499,10 +504,13 @@ class Results:
         """The row's cached record, or None."""
         return self.data["rows"].get(row_key(row, self.s))
 
-    def put(self, row: Row, record: dict):
+    def put(self, row: Row, record: dict, *, finished: bool = True):
+        """Cache the row's record; ``finished=False``: more of the row follows (not counted for --max_rows)."""
         self.data["rows"][row_key(row, self.s)] = {**record, "row": dataclasses.asdict(row)}
-        self.new_rows += 1
         self.save()
+        if not finished:
+            return
+        self.new_rows += 1
         if FLAGS.max_rows and self.new_rows >= FLAGS.max_rows:
             print(f"--max_rows={FLAGS.max_rows} reached; rerun to continue", flush=True)
             raise SystemExit(0)
@@ -689,7 +697,8 @@ def main(_):
     import keras
 
     from mskd_tf import data as data_lib
-    from mskd_tf import distill, flops, selection, training
+    from mskd_tf import deploy, distill, flops, selection, training
+    from mskd_tf.errors import MskdError
 
     res.data["machine"] = machine()
     print(json.dumps(s), flush=True)
@@ -698,6 +707,17 @@ def main(_):
     val, test = splits.val, splits.test
     per_epoch = training.steps_per_epoch(splits.train)
     budget = training.budget_steps(s["budget"], per_epoch)
+
+    calibration = data_lib.eval_pipeline(splits.arrays["train"], s["batch_size"], cache=False)
+
+    def int8_export(student, row) -> dict:
+        """The row's student exported as the export stage ships it (full int8, calibrated on training images), and
+        its test accuracy in LiteRT beside the Keras model's; the .tflite stays in the candidate set's work dir."""
+        out = Path(pipeline_config(s, row.target).workdir) / "int8" / re.sub(r"[^\w.@=+-]", "_", row_key(row, s))
+        exported = deploy.export_all(student, str(out), kinds=("int8",), representative_ds=calibration, test_ds=test,
+                                     micro=False, threads=(1,), seed=row.seed)[0]
+        return {"int8_test_acc": exported["test_acc"], "int8_bytes": exported["bytes"],
+                "int8_agreement": exported["agreement"]}
 
     def train_for(seed):  # seed 0 is the pipeline's own order; other seeds reshuffle / re-augment the same images
         return data_lib.train_pipeline(splits.arrays["train"], s["batch_size"], augment=True, seed=seed)
@@ -767,6 +787,12 @@ def main(_):
         record["total_steps"] = record["train_steps"] + record.get("selection_steps", 0)
         print(f"row {row_key(row, s)}: val {100 * record['val_acc']:.2f}%  test {100 * record['test_acc']:.2f}%  "
               f"({record['total_steps']} steps, {record['seconds']:.0f} s)", flush=True)
+        res.put(row, record, finished=False)  # cached before the export: a failed export cannot cost the training
+        try:
+            record.update(int8_export(student, row))
+            print(f"row {row_key(row, s)}: int8 test {100 * record['int8_test_acc']:.2f}%", flush=True)
+        except MskdError as exc:
+            record["int8_error"] = str(exc)
         res.put(row, record)
 
     def selection_of(row, wd_t, teacher, candidates_t):
@@ -986,6 +1012,22 @@ def _selection_seconds(table, row) -> float:
     return record.get("selection_seconds", 0.0)
 
 
+def rule_inputs(table, s, oracle) -> tuple[dict, dict]:
+    """What the MobileNetV2 protocol's rules read (study_rules.verdicts): test accuracy by seed of the rows they
+    compare, and (float, int8) test accuracy by seed of the default's exported students."""
+    decisive = standard_rows(s["target_macs"])
+    rows = {"default": decisive["zc+kd"], "l1 + KD": decisive["l1 + KD"], "l1 + CE": decisive["l1 + CE"],
+            "MS-KD": decisive["MS-KD"],
+            "default + sensitivity": dataclasses.replace(decisive["zc+kd"], settings=(("allocations", WITH_SENSITIVITY),))}
+    if oracle:
+        rows["oracle best + CE"] = Row("student", oracle, "ce", 0, s["target_macs"])
+    tests = {label: {r.seed: table[r]["test_acc"] for r in _at_seeds(table, row, study_rules.SEEDS)}
+             for label, row in rows.items()}
+    int8 = {r.seed: (table[r]["test_acc"], table[r]["int8_test_acc"])
+            for r in _at_seeds(table, rows["default"], study_rules.SEEDS) if "int8_test_acc" in table[r]}
+    return tests, int8
+
+
 def render(data: dict) -> str:
     s, table = data["settings"], table_of(data)
     t, m = data.get("teacher", {}), data.get("machine", {})
@@ -1060,6 +1102,11 @@ def render(data: dict) -> str:
     if gain := _paired(table, with_sensitivity, decisive["zc+kd"]):
         lines += ["", f"Zero-cost pick + KD on candidates with the sensitivity allocation minus without it, paired by "
                       f"seed (test points): {gain}."]
+    if follows_mobilenet_protocol(s):
+        tests, int8 = rule_inputs(table, s, oracle)
+        lines += ["", "**The decision rules as written before the rows (BENCHMARKS.md), on the rows so far** (test "
+                      "accuracy, points, paired by seed):", ""]
+        lines += [f"- {line}" for line in study_rules.verdicts(tests, teacher_test=t.get("test_acc", 0), int8=int8)]
     timed = {seed_and_target(row, s): r for row, r in table.items()
              if row.kind == "select" and not row.settings and r.get("time_split") and r.get("seconds")
              and not _resumed(r)}
