@@ -25,7 +25,7 @@ Protocol
   trains what is left. Same optimizer, schedule (cosine to 0) and data for every row; the peak learning rate is
   ``--finetune_lr`` for CE and ``--finetune_lr`` x the library's ``Config.kd_lr_scale`` under the KD loss, as in
   the pipeline (rows of another KD rate say so: ``kd:l1-uniform[lr=0.05]``).
-* Rows: ``experiment_plan`` (below the flags) is the whole experiment, one ``Row`` (kind, candidate, loss, seed,
+* Rows: ``experiment_plan`` (``mskd_cifar_rows.py``) is the whole experiment, one ``Row`` (kind, candidate, loss, seed,
   MACs target, overridden settings) per training, in the order they are computed (a sitting ends after any of
   them; a rerun resumes at the first not cached). In that order: seed 0's decisive rows: ``ce:l1-uniform`` (l1 +
   CE with a uniform per-layer ratio: Li et al. / Torch-Pruning's default), ``mskd`` (the library's select +
@@ -51,7 +51,7 @@ Protocol
   candidate + CE at seed 0, candidates keeping the same channels merged, best zero-cost score first; if more
   than 12, the best two of each allocation plus ``l1`` of each; ``--plan_only`` says which rule applied); l1 + CE,
   l1 + KD and ``zc+kd`` at the ``--other_targets``. No ablations unless their flags are given. Its decision rules
-  R1-R4 are applied, as written, in the rendered table (``study_rules.py``).
+  R1-R4 are applied, as written, in the rendered table (``mskd_cifar_rules.py``).
 * Every student row is also exported as the export stage ships it (full int8, calibrated on 200 training images)
   and its LiteRT test accuracy recorded beside the Keras one (``int8_test_acc``; rows cached before this have none);
   the .tflite stays in the candidate set's work dir under ``int8/``.
@@ -63,18 +63,19 @@ import dataclasses
 import datetime
 import hashlib
 import json
-import math
 import os
 import re
 import shutil
-import statistics
 import subprocess
 import time
 from pathlib import Path
 
 import artifacts
 import results_io
-import study_rules
+from mskd_cifar_report import plot_macs, render
+from mskd_cifar_rows import (ORACLE_MAX_NETWORKS, POOL_SETTINGS, Row, candidate_set, candidate_set_tag, described,
+                             experiment_plan, follows_mobilenet_protocol, kd_overrides, mobilenet_oracle,
+                             oracle_criterion, row_key, row_of, setting_tags, zero_cost_pick, zero_cost_twins)
 from absl import app, flags
 
 FLAGS = flags.FLAGS
@@ -146,271 +147,6 @@ flags.DEFINE_bool("plan_only", False, "Only print the plan: every row in the ord
 flags.DEFINE_string("name", None, "Results name under benchmarks/results (default mskd_cifar[_quick]).")
 
 
-BASELINE = "l1-uniform"  # what most users do: L1 filter norms, the same ratio in every layer
-POOL_SETTINGS = ("min_params_ratio", "capacity_reference")  # settings of a selection's capacity pool
-# The allocations of the MobileNetV2 protocol's R2 rows: the library's default ones plus the opt-in sensitivity one
-# (Config.allocations); their candidates are built in a work dir of their own.
-WITH_SENSITIVITY = "global+uniform+sensitivity"
-
-
-@dataclasses.dataclass(frozen=True)
-class Row:
-    """One row of the table (one training), cached in the results file under ``row_key(row, s)``.
-
-    kind: "student" (``candidate`` fine-tuned for the budget under ``loss``), "mskd" (the library's selection, then
-    KD on its pick for what the selection left of the budget), "select+ce" (the same selection, then CE: the KD
-    ablation), "zc+kd" (the capacity pool's zero-cost top at the row's target + KD for the whole budget), or
-    "select" (the selection a mskd or select+ce row starts from, cached as a row of its own).
-    candidate: None where the kind picks it. loss: "kd" or "ce". target: the fraction of the teacher's MACs.
-    settings: the row's overrides of the table's settings, sorted by name: the KD loss's (alpha, temperature,
-    feature_kd), the peak learning rate (lr; for the kinds with a selection the rate of its KD runs), the
-    capacity pool (min_params_ratio, and capacity_reference where it is not the table's) and the allocations its
-    candidates were built with ("+"-joined, where not the library's default ones: another candidate set).
-    """
-
-    kind: str
-    candidate: str | None
-    loss: str
-    seed: int
-    target: float
-    settings: tuple = ()
-
-
-def kd_overrides(s: dict, **values) -> tuple:
-    """The settings of a row trained or selected under the KD loss. The table's own KD rate and capacity pool are
-    not overrides: a row given them is the default row, whose name never said them."""
-    defaults = {"lr": s["kd_lr"], "min_params_ratio": s["min_params_ratio"]}
-    return tuple(sorted((name, value) for name, value in values.items()
-                        if name not in defaults or not math.isclose(value, defaults[name], rel_tol=0, abs_tol=1e-12)))
-
-
-def experiment_plan(s: dict, candidates: dict, oracle: str | None) -> list[Row]:
-    """The whole experiment: every row of the table, in the order they are computed.
-
-    A sitting ends after any row and a rerun resumes at the first one not cached, so the order puts first what a
-    partial table should already answer. candidates: the decisive target's (criterion -> its record, with the
-    zero-cost score val_acc_before_finetune); oracle: the best candidate + CE at seed 0 once all of those rows are
-    cached (until then None, and its rows at more seeds wait). A row listed twice is computed where it comes first.
-    Two plans: issue 13's (ResNet-20) and, for --model=mobilenet_v2, the MobileNetV2 study's protocol.
-    """
-    decisive_target, seeds = s["target_macs"], s["seeds"]
-    s0, more_seeds = seeds[0], seeds[1:]
-    mobilenet = follows_mobilenet_protocol(s)
-
-    def ce(candidate, seed, target=decisive_target, lr=None):
-        return Row("student", candidate, "ce", seed, target, () if lr is None else (("lr", lr),))
-
-    def kd(candidate, seed, target=decisive_target, **kd_settings):
-        return Row("student", candidate, "kd", seed, target, kd_overrides(s, **kd_settings))
-
-    def mskd(seed, target=decisive_target, **kd_settings):  # selection and distillation both under kd_settings
-        return Row("mskd", None, "kd", seed, target, kd_overrides(s, **kd_settings))
-
-    def select_ce(seed, **kd_settings):  # the selection under kd_settings, then CE
-        return Row("select+ce", None, "ce", seed, decisive_target, kd_overrides(s, **kd_settings))
-
-    def zc_kd(seed, target=decisive_target, allocations=None):  # allocations: another candidate set's (see Row)
-        return Row("zc+kd", None, "kd", seed, target, () if allocations is None else (("allocations", allocations),))
-
-    def decisive(seed):  # at seed 0 also selection + CE, which splits MS-KD's gain
-        return [ce(BASELINE, seed), mskd(seed), *([select_ce(seed)] if seed == s0 else []), kd(BASELINE, seed)]
-
-    zc_kd_seeds = [int(x) for x in FLAGS.zc_kd_seeds]
-
-    def other_target(target, method):  # l1 + CE at seed 0; l1 + KD and method also at the --other_target_seeds; zc+kd
-        return [ce(BASELINE, s0, target),
-                *[row for seed in [s0, *map(int, FLAGS.other_target_seeds)]
-                  for row in (kd(BASELINE, seed, target), method(seed, target))],
-                *[zc_kd(seed, target) for seed in zc_kd_seeds]]
-
-    def ablation_flag(name):  # the MobileNetV2 protocol has none unless their flags are given
-        return FLAGS[name].value if FLAGS[name].present or not mobilenet else []
-
-    # The ablations, most useful first: the KD loss is the one lever left on bar 1 (the oracle best + CE is level
-    # with l1 + CE, so selection cannot add there; KD adds +0.5-0.7); then the baseline's lr; then the pool.
-    ablations = [
-        *[kd(BASELINE, s0, **setting)  # which settings help l1 + KD
-          for setting in _settings_flag(ablation_flag("kd_ablation"))],
-        *[row for setting in _settings_flag(FLAGS.mskd_kd_ablation) for seed in seeds  # a winning one, at every seed
-          for row in (kd(BASELINE, seed, **setting), mskd(seed, **setting))],
-        *[ce(BASELINE, s0, lr=float(lr))  # is the baseline's learning rate a fair one?
-          for lr in ablation_flag("lr_ablation")],
-        *[row for ratio in map(float, ablation_flag("pool_ablation"))  # what the capacity pool gave
-          for row in (mskd(s0, min_params_ratio=ratio), select_ce(s0, min_params_ratio=ratio))],
-    ]
-    if mobilenet:  # BENCHMARKS.md, "MS-KD on MobileNetV2 0.5 (CIFAR-10)": its rows (1)-(4) and R2's, in its order
-
-        def compared(seed):  # the rows the decision rules compare, paired by seed
-            return [ce(BASELINE, seed), kd(BASELINE, seed), zc_kd(seed), mskd(seed)]
-
-        plan = [
-            *first_rows(s, candidates),
-            # (1) seed 0: l1 + CE, l1 + KD, the library's default (what `python -m mskd_tf.run` does with no
-            # selection flags: the capacity pool's zero-cost pick + KD for all of B), MS-KD with fine-tuned selection
-            # (the table's --select_epochs, 1.5, inside B).
-            *compared(s0),
-            *(ablations if FLAGS.ablations_first else []),
-            *[row for seed in more_seeds for row in compared(seed)],  # (2) the same at seeds 1 and 2
-            # R2 (does the opt-in sensitivity allocation join the default ones?): the default again, on candidates
-            # built with it too (a work dir of their own), paired by seed with the default rows above.
-            *[zc_kd(seed, allocations=WITH_SENSITIVITY) for seed in seeds],
-            # (3) the oracle: every distinct candidate + CE, best zero-cost score first (or the protocol's subset).
-            *[ce(c, s0) for c in oracle_candidates(s, candidates)],
-            # (4) l1 + CE, l1 + KD and the default at the other MACs targets.
-            *[row for target in s["other_targets"] for row in other_target(target, zc_kd)],
-            *([] if FLAGS.ablations_first else ablations),
-        ]
-        return list(dict.fromkeys(plan))
-    plan = [
-        *first_rows(s, candidates),
-        *decisive(s0),
-        *(ablations if FLAGS.ablations_first else []),
-        # The seed noise of one row, before the rest of the oracle: the candidates end within ~1.3 points of each
-        # other and l2-uniform (l1-uniform's widths; uniform widths no longer depend on the ranking) ended 1.08
-        # below it; whether any selection can beat the default criterion depends on that spread exceeding the
-        # noise. l2-uniform's seed 1 separates kept channels from noise.
-        *[ce(BASELINE, seed) for seed in more_seeds],
-        *([ce("l2-uniform", more_seeds[0])] if more_seeds and "l2-uniform" in candidates else []),
-        # The decisive rows' other seeds before the rest of the oracle: the bars are on 3-seed means, and the
-        # remaining oracle rows then test the capacity pool on candidates it was not derived from.
-        *[row for seed in more_seeds for row in decisive(seed)],
-        # What the selection's training buys: the capacity pool's zero-cost top + KD for the whole budget (no
-        # halving steps). At seed 0 that is MS-KD's own pick, so the row isolates the 528 selection steps.
-        *[zc_kd(seed) for seed in [s0, *zc_kd_seeds]],
-        # The oracle table, in the order a selection meets the candidates (best zero-cost score first), so a
-        # partial table already scores the picks of the selection rules (benchmarks/selection_signals.py).
-        *[ce(c, s0) for c in oracle_candidates(s, candidates)],
-        # The other MACs targets (does KD's gain grow with the teacher-student gap?).
-        *[row for target in s["other_targets"] for row in other_target(target, mskd)],
-        *[ce(oracle, seed) for seed in (more_seeds if oracle else [])],
-        # R2's ResNet-20 half: does the default lose more than 0.1 when the sensitivity allocation joins its candidates?
-        *([zc_kd(seed, allocations=WITH_SENSITIVITY) for seed in seeds] if FLAGS.sensitivity_rows else []),
-        *([] if FLAGS.ablations_first else ablations),
-    ]
-    return list(dict.fromkeys(plan))
-
-
-def _settings_flag(entries: list) -> list[dict]:
-    """--kd_ablation's key=value entries as {key: value}."""
-    return [{key: float(value)} for key, value in (entry.split("=") for entry in entries)]
-
-
-def first_rows(s: dict, candidates: dict) -> list[Row]:
-    """The --first rows: single-candidate rows a finished row raised a question about, before the order."""
-    rows = []
-    for name in FLAGS.first:
-        match = re.fullmatch(r"(ce|kd):([\w-]+)(?:\[lr=(\d+(?:\.\d+)?)\])?/s(\d+)", name)
-        if not match or match[2] not in candidates or (match[3] and match[1] == "ce"):
-            raise SystemExit(f"--first={name!r}: expected ce:<candidate>/s<seed> or kd:<candidate>[lr=<rate>]/s<seed> "
-                             f"with a candidate of this table ({', '.join(sorted(candidates))}).")
-        rows.append(Row("student", match[2], match[1], int(match[4]), s["target_macs"],
-                        kd_overrides(s, lr=float(match[3])) if match[3] else ()))
-    return rows
-
-
-def follows_mobilenet_protocol(s: dict) -> bool:
-    """Whether the table follows the MobileNetV2 study's protocol (BENCHMARKS.md, "MS-KD on MobileNetV2 0.5
-    (CIFAR-10): protocol and decision rules, written before any row"): derived from --model, so the driver command
-    committed there computes it as written; every other table follows issue 13's ResNet-20 plan."""
-    return s["model"] == "mobilenet_v2"
-
-
-ORACLE_MAX_NETWORKS = 12  # the MobileNetV2 protocol's oracle trains every distinct candidate up to this many
-
-
-def by_zero_cost(names, candidates: dict) -> list[str]:
-    """The names, best zero-cost score first (ties in the order given)."""
-    return sorted(names, key=lambda c: -candidates[c]["val_acc_before_finetune"])
-
-
-def oracle_candidates(s: dict, candidates: dict) -> list[str]:
-    """The candidates of the oracle table (each + CE at seed 0), best zero-cost score first: every one (issue 13),
-    or the MobileNetV2 protocol's choice (mobilenet_oracle)."""
-    if follows_mobilenet_protocol(s):
-        return mobilenet_oracle(candidates)[0]
-    return by_zero_cost(candidates, candidates)
-
-
-def mobilenet_oracle(candidates: dict) -> tuple[list[str], str]:
-    """The MobileNetV2 protocol's oracle candidates, best zero-cost score first, and the rule that chose them: every
-    distinct network (candidates keeping the same channels are one), or, if there are more than 12, the best two by
-    zero-cost score of each allocation plus l1 of each allocation."""
-    networks = {}  # kept channels -> the candidates keeping them (a results file's summary has none: each its own)
-    for c, record in candidates.items():
-        networks.setdefault(json.dumps(record.get("kept", c), sort_keys=True), []).append(c)
-    # A network's name: l1's where l1 keeps it (its CE row is the baseline's, planned anyway), else the first name.
-    named = {min(group, key=lambda c: (candidates[c]["ranking"] != "l1", c)): group for group in networks.values()}
-    ranked = by_zero_cost(named, candidates)
-    merged = "; ".join(" = ".join(group) for group in networks.values() if len(group) > 1)
-    found = f"{len(named)} distinct networks among {len(candidates)} candidates" + (f" ({merged})" if merged else "")
-    if len(named) <= ORACLE_MAX_NETWORKS:
-        return ranked, f"every one of the {found}"
-    chosen = set()
-    for allocation in sorted({record["allocation"] for record in candidates.values()}):
-        of_allocation = [n for n in ranked if any(candidates[c]["allocation"] == allocation for c in named[n])]
-        chosen.update(of_allocation[:2])
-        chosen.update(n for n in of_allocation if any(candidates[c]["ranking"] == "l1" for c in named[n]))
-    return [n for n in ranked if n in chosen], (
-        f"{found}, more than {ORACLE_MAX_NETWORKS}: the best two by zero-cost score of each allocation plus l1 of "
-        f"each allocation, {len(chosen)} candidates")
-
-
-def oracle_criterion(res, candidates: dict, s: dict) -> str | None:
-    """The oracle candidate with the best validation accuracy after B steps of CE at seed 0, once every oracle
-    candidate has that row cached (else None, e.g. while --later leaves oracle rows out)."""
-    trained = set(oracle_candidates(s, candidates))
-    # In the candidates' own order, so that a tie goes to the same candidate whatever the plan's order.
-    found = {c: res.row(Row("student", c, "ce", s["seeds"][0], s["target_macs"])) for c in candidates if c in trained}
-    if not found or None in found.values():
-        return None
-    return max(found, key=lambda c: found[c]["val_acc"])
-
-
-def row_key(row: Row, s: dict) -> str:
-    """The row's name in the results file, its cache key: ce:l1-uniform/s0, ce:l1-uniform@lr0.02/s0,
-    kd:l1-uniform[alpha=0.1]/s0, mskd[min_params_ratio=0]/s1, select/s0, select+ce/s0, zc+kd/s2@30, ..."""
-    if row.kind != "student":
-        return f"{row.kind}{bracketed(row.settings)}/{seed_and_target(row, s)}"
-    if row.loss == "ce":  # a CE row's one setting, its learning rate, named so before KD rows had settings
-        lr = dict(row.settings).get("lr")
-        return f"ce:{row.candidate}" + ("" if lr is None else f"@lr{lr:g}") + f"/{seed_and_target(row, s)}"
-    return f"kd:{row.candidate}{bracketed(row.settings)}/{seed_and_target(row, s)}"
-
-
-def seed_and_target(row: Row, s: dict) -> str:
-    """s0, s1@30: the row's seed, and its MACs target unless that is the decisive one."""
-    return f"s{row.seed}" + ("" if row.target == s["target_macs"] else target_tag(row.target))
-
-
-def target_tag(target: float) -> str:
-    return f"@{round(100 * target)}"
-
-
-def candidate_set(row: Row) -> tuple:
-    """What the row's candidates were built for: its MACs target and its allocations (None: the library's default)."""
-    return row.target, dict(row.settings).get("allocations")
-
-
-def candidate_set_tag(target: float, allocations: str | None) -> str:
-    """A candidate set's name among the results file's digests: @30, @50[allocations=global+uniform+sensitivity]."""
-    return target_tag(target) + ("" if allocations is None else f"[allocations={allocations}]")
-
-
-def setting_tags(settings: tuple) -> list[str]:
-    """Overrides as names write them: the capacity pool first, then the others by name."""
-    values = dict(settings)
-    pool = []
-    if "min_params_ratio" in values:
-        reference = values.pop("capacity_reference", None)
-        pool = [f"min_params_ratio={values.pop('min_params_ratio'):g}" + (f" x {reference}" if reference else "")]
-    return pool + [f"{name}={value}" if isinstance(value, str) else f"{name}={value:g}"
-                   for name, value in values.items()]
-
-
-def bracketed(settings: tuple) -> str:
-    return "".join(f"[{tag}]" for tag in setting_tags(settings))
-
-
 def settings() -> dict:
     from mskd_tf.config import Config
 
@@ -432,14 +168,6 @@ def settings() -> dict:
     s["name"] = FLAGS.name or ("mskd_cifar" + network + ("_quick" if quick else ""))
     s["workdir"] = f"runs/bench_{s['name']}"
     return s
-
-
-def network_name(s) -> str:
-    """The teacher as the table names it: ResNet-20, MobileNetV2 0.5, ..."""
-    model, width = s.get("model", "resnet20"), s.get("width", 1.0)
-    if model.startswith("resnet"):
-        return f"ResNet-{model[6:]}" + (f" {width:g}" if width != 1.0 else "")
-    return {"mobilenet_v2": "MobileNetV2"}.get(model, model) + (f" {width:g}" if width != 1.0 else "")
 
 
 def pipeline_config(s, target, teacher_path="", allocations=None):
@@ -526,43 +254,6 @@ def portable(key: dict) -> dict:
     return {**key, "dataset": f"{source}:{Path(location).name}"} if location else key
 
 
-def row_of(record: dict) -> Row:
-    """The Row a cached record is the result of."""
-    return Row(**{**record["row"], "settings": tuple(map(tuple, record["row"]["settings"]))})
-
-
-def described(rows: dict, s: dict) -> dict:
-    """The results file's rows (name -> record), each record with its Row. A record cached before records carried
-    their Row gets it from its name: a one-time migration, saved with the table's next row (--render_only describes
-    a file that gets no more rows anew each time)."""
-    return {name: record if "row" in record else {**record, "row": dataclasses.asdict(_row_from_name(name, s))}
-            for name, record in rows.items()}
-
-
-def table_of(data: dict) -> dict:
-    """A results file's rows as Row -> record, in the order they were cached."""
-    return {row_of(record): record for record in described(data["rows"], data["settings"]).values()}
-
-
-_ROW_NAME = re.compile(r"(?:(?P<kind>select\+ce|select|mskd|zc\+kd)|(?P<loss>ce|kd):(?P<candidate>[\w-]+)"
-                       r"(?:@lr(?P<ce_lr>[\d.e+-]+))?)(?P<tags>(?:\[[^\]]+\])*)/s(?P<seed>\d+)(?:@(?P<target>\d+))?")
-
-
-def _row_from_name(name: str, s: dict) -> Row:
-    """The Row of a record cached before records carried their Row, from its name (written by row_key's rules)."""
-    match = _ROW_NAME.fullmatch(name)
-    if not match:
-        raise ValueError(f"cached row {name!r} is named by none of row_key's rules")
-    settings = {"lr": float(match["ce_lr"])} if match["ce_lr"] else {}
-    for tag in re.findall(r"\[([^\]]+)\]", match["tags"]):  # [alpha=0.1], [min_params_ratio=0.9 x largest]
-        setting, value = tag.split("=")
-        value, _, reference = value.partition(" x ")
-        settings.update({setting: float(value), **({"capacity_reference": reference} if reference else {})})
-    kind = match["kind"] or "student"
-    return Row(kind, match["candidate"], match["loss"] or ("ce" if kind == "select+ce" else "kd"), int(match["seed"]),
-               int(match["target"]) / 100 if match["target"] else s["target_macs"], tuple(sorted(settings.items())))
-
-
 def guard_the_table(res, s):
     """Refuse to train a new teacher for a table that has rows: its digests would differ and the rows be dropped."""
     wd = Path(pipeline_config(s, s["target_macs"]).workdir)
@@ -619,34 +310,6 @@ def stored_candidates(s, target, allocations=None) -> dict:
         if stored is not None:
             return {r["criterion"]: r for r in stored["candidates"]}
     return {}
-
-
-def zero_cost_pick(candidates: dict, s: dict) -> str:
-    """zc+kd's candidate: the best zero-cost score in the capacity pool (where MS-KD's selection starts), a tie going
-    to fewer MACs, then to the first name, as in the library's select stage at --select_epochs=0."""
-    from mskd_tf import selection
-
-    pooled = selection.capacity_pool({c: r["params"] for c, r in candidates.items()}, s["min_params_ratio"])
-    return min(pooled, key=lambda c: (-candidates[c]["val_acc_before_finetune"], candidates[c]["macs"], c))
-
-
-def zero_cost_twins(row: Row, s: dict, candidates_of) -> list[Row]:
-    """The rows that are this zc+kd row's very run, so that a cached one is copied, not trained again: its pick's KD
-    row; on another candidate set (other allocations), the KD rows of the table's candidates keeping the pick's
-    channels (the same network: same teacher, rankings and builder), and the table's zc+kd row if its pick is one
-    of them. candidates_of(target, allocations): a candidate set's candidates ({} before they exist: no twins)."""
-    target, allocations = candidate_set(row)
-    candidates = candidates_of(target, allocations)
-    if not candidates:
-        return []
-    pick = zero_cost_pick(candidates, s)
-    if allocations is None:
-        return [Row("student", pick, "kd", row.seed, target)]
-    table_candidates = candidates_of(target, None)  # a results file's summary of them has no kept channels: none same
-    same = [c for c, record in table_candidates.items() if record.get("kept", False) == candidates[pick]["kept"]]
-    return [*(Row("student", c, "kd", row.seed, target) for c in same),
-            *([Row("zc+kd", None, "kd", row.seed, target)] if same and zero_cost_pick(table_candidates, s) in same
-              else [])]
 
 
 def prepare(s, target, teacher_path="", allocations=None):
@@ -915,261 +578,6 @@ def print_plan(res: Results, s: dict):
               f"{row.loss:<4} {row.seed:>4} {row.target:>6g}  {', '.join(setting_tags(row.settings)) or '-'}{note}")
 
 
-def standard_rows(target: float) -> dict:
-    """The rows every MACs target has, at seed 0, by their short label."""
-    return {"l1 + CE": Row("student", BASELINE, "ce", 0, target), "l1 + KD": Row("student", BASELINE, "kd", 0, target),
-            "MS-KD": Row("mskd", None, "kd", 0, target), "zc+kd": Row("zc+kd", None, "kd", 0, target)}
-
-
-def plot_macs(data: dict, path: Path):
-    """Test accuracy against MACs for l1 + CE, l1 + KD and MS-KD at every target (seed 0), teacher marked."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    s, table, t = data["settings"], table_of(data), data["teacher"]
-    s0 = s["seeds"][0]
-    fig, ax = plt.subplots(figsize=(6, 4))
-    targets = sorted([s["target_macs"], *s["other_targets"]])
-    for label, style in (("l1 + CE", "o-"), ("l1 + KD", "s-"), ("MS-KD", "D-")):
-        points = []
-        for target in targets:
-            r = table.get(dataclasses.replace(standard_rows(target)[label], seed=s0))
-            if r:
-                points.append((r["macs"] / 1e6, 100 * r["test_acc"]))
-        if points:
-            ax.plot(*zip(*points), style, label=label)
-    ax.axhline(100 * t["test_acc"], color="k", ls="--", lw=1, label=f"teacher ({t['macs'] / 1e6:.1f}M MACs)")
-    ax.set_xlim(0, t["macs"] / 1e6 * 1.05)
-    ax.set_xlabel("MACs (M)")
-    ax.set_ylabel("test accuracy (%)")
-    ax.set_title(f"{network_name(s)} / CIFAR-10, {s['budget']:g}-epoch budget (seed {s0})")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-# ----------------------------------------------------------------------------- tables
-
-
-def _pct(v):
-    return f"{100 * v:.2f}"
-
-
-def _spread(values):
-    if len(values) == 1:
-        return f"{_pct(values[0])} (n=1)"
-    return f"{_pct(statistics.mean(values))} ± {_pct(statistics.stdev(values))} (n={len(values)})"
-
-
-def _at_seeds(table, row, seeds) -> list[Row]:
-    """The row at each of these seeds that the table has."""
-    return [r for r in (dataclasses.replace(row, seed=sd) for sd in seeds) if r in table]
-
-
-def _paired(table, a, b):
-    """'a - b' test accuracy paired by seed over the seeds both rows have (a, b: at any seed): mean (s.e. of the
-    mean), or None."""
-    diffs = [record["test_acc"] - table[dataclasses.replace(b, seed=row.seed)]["test_acc"]
-             for row, record in table.items()
-             if row == dataclasses.replace(a, seed=row.seed) and dataclasses.replace(b, seed=row.seed) in table]
-    if not diffs:
-        return None
-    error = f", s.e. {100 * statistics.stdev(diffs) / math.sqrt(len(diffs)):.2f}" if len(diffs) > 1 else ""
-    return f"{100 * statistics.mean(diffs):+.2f} (n={len(diffs)}{error})"
-
-
-def _zero_cost_pairs(table, target) -> str:
-    """zc+kd against l1 + KD and MS-KD, paired by seed (the test of zero-cost-only selection)."""
-    rows = standard_rows(target)
-    pairs = [(label, _paired(table, rows["zc+kd"], rows[label])) for label in ("l1 + KD", "MS-KD")]
-    found = [f"{label} {value}" for label, value in pairs if value]
-    return ("Zero-cost pick + KD minus, paired by seed (test points): " + "; ".join(found) + ".") if found else ""
-
-
-def _resumed(select_row) -> bool:
-    """A selection stopped by a session's end and resumed: its wall "seconds" timed the last sitting only, while
-    its candidates' recorded seconds (time_split, kept in the selection's checkpoints) span every sitting."""
-    return sum(select_row.get("time_split", {}).values()) > select_row.get("seconds", 0.0)
-
-
-def _select_row_seconds(select_row) -> float:
-    """A select row's seconds; for a resumed selection the candidates' seconds over all sittings (a lower bound)."""
-    return max(select_row.get("seconds", 0.0), sum(select_row.get("time_split", {}).values()))
-
-
-def _selection_seconds(table, row) -> float:
-    """A MS-KD row's selection time, from its select row (rows cached before the select row existed, and select+ce
-    rows: their own record of it)."""
-    record = table[row]
-    if "selection_steps" not in record:
-        return 0.0
-    selection = dataclasses.replace(row, kind="select")
-    if row.kind == "mskd" and selection in table:
-        return _select_row_seconds(table[selection])
-    return record.get("selection_seconds", 0.0)
-
-
-def rule_inputs(table, s, oracle) -> tuple[dict, dict]:
-    """What the MobileNetV2 protocol's rules read (study_rules.verdicts): test accuracy by seed of the rows they
-    compare, and (float, int8) test accuracy by seed of the default's exported students."""
-    decisive = standard_rows(s["target_macs"])
-    rows = {"default": decisive["zc+kd"], "l1 + KD": decisive["l1 + KD"], "l1 + CE": decisive["l1 + CE"],
-            "MS-KD": decisive["MS-KD"],
-            "default + sensitivity": dataclasses.replace(decisive["zc+kd"], settings=(("allocations", WITH_SENSITIVITY),))}
-    if oracle:
-        rows["oracle best + CE"] = Row("student", oracle, "ce", 0, s["target_macs"])
-    tests = {label: {r.seed: table[r]["test_acc"] for r in _at_seeds(table, row, study_rules.SEEDS)}
-             for label, row in rows.items()}
-    int8 = {r.seed: (table[r]["test_acc"], table[r]["int8_test_acc"])
-            for r in _at_seeds(table, rows["default"], study_rules.SEEDS) if "int8_test_acc" in table[r]}
-    return tests, int8
-
-
-def render(data: dict) -> str:
-    s, table = data["settings"], table_of(data)
-    t, m = data.get("teacher", {}), data.get("machine", {})
-    budget, per_epoch = data.get("budget_steps"), data.get("steps_per_epoch")
-    lines = [f"Run {'--quick' if s['quick'] else '(full protocol)'} finished rows as of {m.get('date')}: "
-             f"{m.get('cpu')}, {m.get('cores')} cores, TF {m.get('tensorflow')}, Keras {m.get('keras')}, "
-             f"mskd_tf commit {m.get('git_commit')}.",
-             f"CIFAR-10: {t.get('train_images')} train / {t.get('val_images')} val / {t.get('test_images')} test "
-             f"images. {network_name(s)} teacher: {s['teacher_epochs']} epochs, SGD lr {s['teacher_lr']} cosine, decoupled weight "
-             f"decay {s['weight_decay']:g} "
-             f"({(t.get('seconds') or 0) / 60:.0f} min). Every student row: B = {s['budget']:g} epochs = {budget} "
-             f"optimizer steps of batch {s['batch_size']} ({per_epoch} per epoch), SGD (Nesterov) peak lr "
-             f"{s['finetune_lr']} (runs under the KD loss: {s.get('kd_lr', s['finetune_lr']):g}) cosine to 0, the same weight decay; KD T = {s['temperature']:g}, alpha = {s['alpha']:g}. MS-KD: zero-cost "
-             f"rung keeps {s['zero_cost_keep']}, then successive halving under the KD loss for {s['select_epochs']:g} "
-             f"epochs in all, inside B; capacity pool: candidates with >= "
-             f"{s.get('min_params_ratio', 0):g} x the {s.get('capacity_reference', 'largest')} candidate's parameters.",
-             ""]
-    seeds, decisive = s["seeds"], standard_rows(s["target_macs"])
-    lines += ["| row | candidate | MACs (M) | params (k) | steps (selection + training) | wall min | val acc % | "
-              "test acc % |",
-              "|---|---|---|---|---|---|---|---|",
-              f"| teacher | - | {t.get('macs', 0) / 1e6:.2f} | {t.get('params', 0) / 1e3:.1f} | - | "
-              f"{(t.get('seconds') or 0) / 60:.0f} | {_pct(t.get('val_acc', 0))} | {_pct(t.get('test_acc', 0))} |"]
-    oracle = data.get("oracle_criterion")
-    select_ce = Row("select+ce", None, "ce", 0, s["target_macs"])
-
-    def variants(label, row):  # the table's rows like this one with overrides, in the order of their names
-        return [(label + ", ".join(setting_tags(v)), dataclasses.replace(row, settings=v)) for v in sorted(
-            {r.settings for r in table if r.settings and dataclasses.replace(r, seed=0, settings=()) == row},
-            key=bracketed)]
-
-    named = [(f"l1 + CE ({BASELINE})", decisive["l1 + CE"]),
-             ("MS-KD with fine-tuned selection (halving + KD, within B; --select_epochs > 0)", decisive["MS-KD"]),
-             (f"l1 + KD ({BASELINE}, no selection)", decisive["l1 + KD"]),
-             ("ablation: MS-KD selection + CE (no KD)", select_ce),
-             *variants("ablation: MS-KD with ", decisive["MS-KD"]),
-             *variants("ablation: l1 + KD with ", decisive["l1 + KD"]),
-             *variants("ablation: MS-KD selection + CE, ", select_ce),
-             ("capacity pool + zero-cost pick + KD for all of B (no selection training; the method of the library's "
-              "default --select_epochs=0 since 2026-12-05)", decisive["zc+kd"]),
-             *variants("the same on candidates of ", decisive["zc+kd"])]  # the MobileNetV2 protocol's R2 rows
-    cands = data.get("candidates", {})
-    oracle_rows = [(c, table[r]) for c in cands
-                   if (r := Row("student", c, "ce", seeds[0], s["target_macs"])) in table]
-    if oracle:
-        named.insert(1, (f"oracle best candidate + CE (found with {len(oracle_rows)} x B steps)",
-                         Row("student", oracle, "ce", 0, s["target_macs"])))
-    for label, row in named:
-        found = _at_seeds(table, row, seeds)
-        if found:
-            first = table[found[0]]
-            steps = f"{first.get('selection_steps', 0)} + {first['train_steps']}"
-            crit = ", ".join(sorted({table[r].get("criterion", "") for r in found}))
-            minutes = statistics.mean(table[r]["seconds"] + _selection_seconds(table, r) for r in found) / 60
-            lines.append(f"| {label} | {crit} | {first['macs'] / 1e6:.2f} | {first['params'] / 1e3:.1f} | "
-                         f"{steps} | {minutes:.0f} | {_spread([table[r]['val_acc'] for r in found])} | "
-                         f"{_spread([table[r]['test_acc'] for r in found])} |")
-    for row, r in table.items():
-        if row.kind == "student" and row.loss == "ce" and row.candidate == BASELINE and row.settings:
-            lines.append(f"| ablation: l1 + CE at peak lr {r['lr']:g} | {r['criterion']} | {r['macs'] / 1e6:.2f} | "
-                         f"{r['params'] / 1e3:.1f} | 0 + {r['train_steps']} | {r['seconds'] / 60:.0f} | "
-                         f"{_pct(r['val_acc'])} (n=1) | {_pct(r['test_acc'])} (n=1) |")
-    ms, bl = (_at_seeds(table, decisive[label], seeds) for label in ("MS-KD", "l1 + CE"))
-    if ms and bl:
-        a, b = statistics.mean(table[r]["test_acc"] for r in ms), statistics.mean(table[r]["test_acc"] for r in bl)
-        lines += ["", f"**MS-KD (fine-tuned selection) - l1 + CE: {100 * (a - b):+.2f} points** test accuracy (n = {len(ms)} and {len(bl)} "
-                      f"seeds; bar: >= +1.00 at n = 3); MS-KD - teacher: {100 * (a - t.get('test_acc', 0)):+.2f} "
-                      "points (bar: >= -1.50)."]
-    if pairs := _zero_cost_pairs(table, s["target_macs"]):
-        lines += ["", pairs]
-    with_sensitivity = dataclasses.replace(decisive["zc+kd"], settings=(("allocations", WITH_SENSITIVITY),))
-    if gain := _paired(table, with_sensitivity, decisive["zc+kd"]):
-        lines += ["", f"Zero-cost pick + KD on candidates with the sensitivity allocation minus without it, paired by "
-                      f"seed (test points): {gain}."]
-    if follows_mobilenet_protocol(s):
-        tests, int8 = rule_inputs(table, s, oracle)
-        lines += ["", "**The decision rules as written before the rows (BENCHMARKS.md), on the rows so far** (test "
-                      "accuracy, points, paired by seed):", ""]
-        lines += [f"- {line}" for line in study_rules.verdicts(tests, teacher_test=t.get("test_acc", 0), int8=int8)]
-    timed = {seed_and_target(row, s): r for row, r in table.items()
-             if row.kind == "select" and not row.settings and r.get("time_split") and r.get("seconds")
-             and not _resumed(r)}
-    if timed:  # issue 14: a selection's share of seconds not spent training (load, pools, setup, trace, score, save)
-        lines += ["", "MS-KD's selection, wall seconds and the share not spent training (issue 14; only a run with "
-                      "nothing else on the machine is a speed figure): " + "; ".join(
-                          f"{k} {r['seconds']:.0f} s, {100 * (1 - r['time_split']['train'] / r['seconds']):.0f}%"
-                          f" (score {r['time_split']['score']:.0f}, trace {r['time_split']['trace']:.0f} s)"
-                          for k, r in sorted(timed.items())) + "."]
-    if oracle_rows:
-        lines += ["", f"**Every candidate + CE (seed {seeds[0]}, B steps each)**", "",
-                  "| candidate | MACs (M) | params (k) | val acc before fine-tune (BN-recalibrated) % | val acc % | "
-                  "test acc % |", "|---|---|---|---|---|---|"]
-        for c, r in oracle_rows:
-            lines.append(f"| {c} | {r['macs'] / 1e6:.2f} | {r['params'] / 1e3:.1f} | "
-                         f"{_pct(cands[c]['val_acc_before_finetune'])} | {_pct(r['val_acc'])} | {_pct(r['test_acc'])} |")
-        if len(oracle_rows) >= 3:
-            before = [cands[c]["val_acc_before_finetune"] for c, _ in oracle_rows]
-            after = [r["val_acc"] for _, r in oracle_rows]
-            lines.append(f"\nSpearman rank correlation, validation accuracy before fine-tuning vs after B steps of CE, "
-                         f"over these {len(oracle_rows)} candidates: {results_io.spearman(before, after):+.2f} (how well the "
-                         "zero-cost rung can rank them); parameter count vs after B steps: "
-                         f"{results_io.spearman([r['params'] for _, r in oracle_rows], after):+.2f}.")
-            by_allocation = {}  # uniform candidates share their widths: what is left between them is the criterion
-            for c, r in oracle_rows:
-                by_allocation.setdefault(cands[c].get("allocation") or "?", []).append(r)
-            lines.append("Per layer allocation, mean ± std over its candidates (val / test %): " + "; ".join(
-                f"{allocation} {_spread([r['val_acc'] for r in rs])} / {_spread([r['test_acc'] for r in rs])}"
-                for allocation, rs in sorted(by_allocation.items())) + ".")
-            with_curves = [r for _, r in oracle_rows if r.get("val_curve")]  # rows cached before curves have none
-            if len(with_curves) >= 3:
-                final = [r["val_acc"] for r in with_curves]
-                ranks = [f"{e + 1} epoch{'s' if e else ''} {results_io.spearman([r['val_curve'][e] for r in with_curves], final):+.2f}"
-                         for e in (0, 1, 3, 7) if all(len(r["val_curve"]) > e for r in with_curves)]
-                lines.append(f"Validation accuracy after k epochs of the B-step cosine run vs after B steps (Spearman, "
-                             f"the {len(with_curves)} rows with curves): " + ", ".join(ranks)
-                             + " (how long a selection rung must be to rank them).")
-    for row, r in table.items():
-        if row.kind != "select":
-            continue
-        pool = f"capacity pool kept {', '.join(r['capacity_kept'])}; " if r.get("capacity_kept") else ""
-        zero_cost = (f"zero-cost rung kept {', '.join(r['zero_cost_kept'])}" if r.get("zero_cost_kept")
-                     else "no zero-cost cut (the pool left no more than the rung keeps)")
-        lines.append(f"\n{row_key(row, s)}: {pool}{zero_cost}; chose "
-                     f"{r['selected']['criterion']} ({r['selected']['reason']}); {r['total_steps']} steps, "
-                     f"{_select_row_seconds(r):.0f} s" + (" (resumed in a later session: its candidates' seconds over "
-                                                          "both sittings)" if _resumed(r) else "") + ".")
-    for target in s.get("other_targets", []):
-        all_seeds = sorted({row.seed for row in table if row.target == target})
-        rows_t = standard_rows(target)
-        found = [(label, [table[r] for r in _at_seeds(table, rows_t[short], all_seeds)]) for label, short in
-                 (("l1 + CE", "l1 + CE"), ("l1 + KD", "l1 + KD"), ("MS-KD", "MS-KD"),
-                  ("zero-cost pick + KD (no selection training)", "zc+kd"))]
-        found = [(label, rs) for label, rs in found if rs]
-        if found:
-            lines += ["", f"**{round(100 * target)}% of the teacher's MACs (seeds {', '.join(map(str, all_seeds))})**",
-                      "", "| row | candidate | MACs (M) | params (k) | val acc % | test acc % |", "|---|---|---|---|---|---|"]
-            lines += [f"| {label} | {', '.join(sorted({r.get('criterion', '') for r in rs}))} | {rs[0]['macs'] / 1e6:.2f} | "
-                      f"{rs[0]['params'] / 1e3:.1f} | {_spread([r['val_acc'] for r in rs])} | "
-                      f"{_spread([r['test_acc'] for r in rs])} |" for label, rs in found]
-            if pairs := _zero_cost_pairs(table, target):
-                lines += ["", pairs]
-    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -1,18 +1,18 @@
-"""The MobileNetV2 study's decision rules (benchmarks/study_rules.py) judge rows as BENCHMARKS.md writes them."""
+"""The MobileNetV2 study's decision rules (benchmarks/mskd_cifar_rules.py) judge rows as BENCHMARKS.md writes them."""
 
-from benchmarks import study_rules
+from benchmarks import mskd_cifar_rules
 
 CE = {0: 0.8349, 1: 0.8394, 2: 0.8370}  # seed noise 0.23 points
 
 
 def _lines(**tests):
-    return study_rules.verdicts({"l1 + CE": CE, **tests}, teacher_test=0.885, int8={})
+    return mskd_cifar_rules.verdicts({"l1 + CE": CE, **tests}, teacher_test=0.885, int8={})
 
 
 def test_differences_are_paired_by_seed_over_the_seeds_both_rows_have():
-    difference = study_rules.paired({0: 0.80, 1: 0.82, 2: 0.90}, {0: 0.79, 1: 0.80})
+    difference = mskd_cifar_rules.paired({0: 0.80, 1: 0.82, 2: 0.90}, {0: 0.79, 1: 0.80})
     assert (round(difference.mean, 6), difference.n, round(difference.se, 6)) == (1.5, 2, 0.5)
-    assert study_rules.paired({0: 0.8}, {1: 0.8}) is None
+    assert mskd_cifar_rules.paired({0: 0.8}, {1: 0.8}) is None
 
 
 def test_a_bar_is_met_missed_or_waits_for_its_three_seeds():
@@ -33,5 +33,5 @@ def test_a_difference_under_the_seed_noise_is_reported_as_none():
 
 
 def test_the_int8_bar_is_the_worst_exported_student():
-    lines = study_rules.verdicts({}, teacher_test=0.885, int8={1: (0.870, 0.868), 2: (0.870, 0.866)})
+    lines = mskd_cifar_rules.verdicts({}, teacher_test=0.885, int8={1: (0.870, 0.868), 2: (0.870, 0.866)})
     assert "seed 1 -0.20, seed 2 -0.40: **missed**" in [line for line in lines if "int8" in line][0]
