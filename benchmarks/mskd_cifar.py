@@ -55,6 +55,8 @@ Protocol
 * Every student row is also exported as the export stage ships it (full int8, calibrated on 200 training images)
   and its LiteRT test accuracy recorded beside the Keras one (``int8_test_acc``; rows cached before this have none);
   the .tflite stays in the candidate set's work dir under ``int8/``.
+* A student row keeps an epoch backup (``<workdir>/row_backups/``, named by the row and its start weights) until
+  it is cached: a sitting that ends mid-row resumes it at its last finished epoch, on the same batches.
 """
 
 from __future__ import annotations
@@ -362,6 +364,7 @@ def main(_):
     from mskd_tf import data as data_lib
     from mskd_tf import deploy, distill, flops, selection, training
     from mskd_tf.errors import MskdError
+    from mskd_tf.keras_utils import weights_digest
 
     res.data["machine"] = machine()
     print(json.dumps(s), flush=True)
@@ -382,8 +385,9 @@ def main(_):
         return {"int8_test_acc": exported["test_acc"], "int8_bytes": exported["bytes"],
                 "int8_agreement": exported["agreement"]}
 
-    def train_for(seed):  # seed 0 is the pipeline's own order; other seeds reshuffle / re-augment the same images
-        return data_lib.train_pipeline(splits.arrays["train"], s["batch_size"], augment=True, seed=seed)
+    def train_for(seed, first_epoch=0):  # seed 0 is the pipeline's own order; others reshuffle / re-augment
+        return data_lib.train_pipeline(splits.arrays["train"], s["batch_size"], augment=True, seed=seed,
+                                       first_epoch=first_epoch)
 
     # The decisive target: teacher, rank and candidates by the pipeline (the teacher trains here once).
     guard_the_table(res, s)
@@ -435,15 +439,32 @@ def main(_):
         loss = {"temperature": s["temperature"], "alpha": s["alpha"], "feature_kd": 0.0, **own}
         keras.utils.set_random_seed(row.seed)
         student = keras.models.load_model(source)
+        # A row trains for most of an hour: its epoch backup lets the next sitting resume it where this one ends.
+        # Named by the row and the weights it starts from, so a changed start never resumes an old backup.
+        backup = Path(s["workdir"]) / "row_backups" / hashlib.sha256(
+            f"{row_key(row, s)}:{weights_digest(student)}".encode()).hexdigest()[:16]
+        done = training.epochs_backed_up(backup)
+        earlier = json.loads((backup / "seconds.json").read_text())["seconds"] if done else 0.0
+        if done:
+            print(f"row {row_key(row, s)}: resuming after epoch {done} from {backup}", flush=True)
         start = time.perf_counter()
+        backup.mkdir(parents=True, exist_ok=True)
+        callbacks = [keras.callbacks.BackupAndRestore(str(backup), save_freq="epoch", delete_checkpoint=False),
+                     keras.callbacks.CSVLogger(str(backup / "history.csv"), append=done > 0),
+                     keras.callbacks.LambdaCallback(on_epoch_end=lambda *_: (backup / "seconds.json").write_text(
+                         json.dumps({"seconds": earlier + time.perf_counter() - start})))]
         # Validation after every epoch (~3 s each): from the oracle rows, how early a short run ranks the
         # candidates as B steps do, i.e. which selection horizon could be predictive, at no training cost.
-        student, history = distill.distill(teacher, student, train_for(row.seed), val, epochs=steps / per_epoch,
-                                           steps=steps, kd=kd, **loss, lr=lr, weight_decay=s["weight_decay"],
-                                           seed=row.seed, verbose=2)
+        student, history = distill.distill(teacher, student, train_for(row.seed, done), val,
+                                           epochs=steps / per_epoch, steps=steps, kd=kd, **loss, lr=lr,
+                                           weight_decay=s["weight_decay"], seed=row.seed, callbacks=callbacks,
+                                           verbose=2)
+        if done:  # this sitting saw only the epochs after the backup; the CSV has them all
+            history = training.history_from_csv(backup / "history.csv") or history
         cost = flops.count(student)
         record = {"kd": kd, **({"kd_settings": loss} if kd else {}), "seed": row.seed, "lr": lr,
-                  "train_steps": steps, "seconds": round(time.perf_counter() - start, 1),
+                  "train_steps": steps, "seconds": round(earlier + time.perf_counter() - start, 1),
+                  **({"resumed_after_epoch": done} if done else {}),
                   "val_acc": training.accuracy(student, val), "test_acc": training.accuracy(student, test),
                   "macs": int(cost.macs), "params": int(cost.params),
                   "val_curve": [round(float(v), 4) for v in history.get("val_accuracy", [])], **extra}
@@ -451,6 +472,7 @@ def main(_):
         print(f"row {row_key(row, s)}: val {100 * record['val_acc']:.2f}%  test {100 * record['test_acc']:.2f}%  "
               f"({record['total_steps']} steps, {record['seconds']:.0f} s)", flush=True)
         res.put(row, record, finished=False)  # cached before the export: a failed export cannot cost the training
+        shutil.rmtree(backup, ignore_errors=True)
         try:
             record.update(int8_export(student, row))
             print(f"row {row_key(row, s)}: int8 test {100 * record['int8_test_acc']:.2f}%", flush=True)
