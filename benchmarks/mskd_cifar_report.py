@@ -4,7 +4,6 @@ decision rules as written (mskd_cifar_rules.py)."""
 from __future__ import annotations
 
 import dataclasses
-import math
 import statistics
 from pathlib import Path
 
@@ -62,13 +61,12 @@ def _at_seeds(table, row, seeds) -> list[Row]:
 def _paired(table, a, b):
     """'a - b' test accuracy paired by seed over the seeds both rows have (a, b: at any seed): mean (s.e. of the
     mean), or None."""
-    diffs = [record["test_acc"] - table[dataclasses.replace(b, seed=row.seed)]["test_acc"]
-             for row, record in table.items()
-             if row == dataclasses.replace(a, seed=row.seed) and dataclasses.replace(b, seed=row.seed) in table]
-    if not diffs:
-        return None
-    error = f", s.e. {100 * statistics.stdev(diffs) / math.sqrt(len(diffs)):.2f}" if len(diffs) > 1 else ""
-    return f"{100 * statistics.mean(diffs):+.2f} (n={len(diffs)}{error})"
+    def by_seed(row):
+        return {r.seed: record["test_acc"] for r, record in table.items() if r == dataclasses.replace(row, seed=r.seed)}
+
+    tests_a = by_seed(a)
+    difference = mskd_cifar_rules.paired(tests_a, by_seed(b), seeds=sorted(tests_a))
+    return str(difference) if difference else None
 
 
 def _zero_cost_pairs(table, target) -> str:
