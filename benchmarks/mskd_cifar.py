@@ -444,14 +444,15 @@ def main(_):
         backup = Path(s["workdir"]) / "row_backups" / hashlib.sha256(
             f"{row_key(row, s)}:{weights_digest(student)}".encode()).hexdigest()[:16]
         done = training.epochs_backed_up(backup)
-        earlier = json.loads((backup / "seconds.json").read_text())["seconds"] if done else 0.0
+        spent = backup / "seconds.json"  # after each epoch's backup: a kill in between leaves that epoch uncounted
+        earlier = json.loads(spent.read_text())["seconds"] if done and spent.exists() else 0.0
         if done:
             print(f"row {row_key(row, s)}: resuming after epoch {done} from {backup}", flush=True)
         start = time.perf_counter()
         backup.mkdir(parents=True, exist_ok=True)
         callbacks = [keras.callbacks.BackupAndRestore(str(backup), save_freq="epoch", delete_checkpoint=False),
                      keras.callbacks.CSVLogger(str(backup / "history.csv"), append=done > 0),
-                     keras.callbacks.LambdaCallback(on_epoch_end=lambda *_: (backup / "seconds.json").write_text(
+                     keras.callbacks.LambdaCallback(on_epoch_end=lambda *_: spent.write_text(
                          json.dumps({"seconds": earlier + time.perf_counter() - start})))]
         # Validation after every epoch (~3 s each): from the oracle rows, how early a short run ranks the
         # candidates as B steps do, i.e. which selection horizon could be predictive, at no training cost.
