@@ -131,7 +131,10 @@ def _run_front(cfg: Config, user_teacher, user_data, stop_after) -> list[Compres
                     run_cfg = dataclasses.replace(run_cfg, restart_from="candidates")
                 print(f"\n######## --targets item {item}: {run_cfg.workdir}", flush=True)
                 results.append(_run_locked(run_cfg, run_wd, user_teacher, user_data, stop_after, splits=splits))
-        front.write(wd, front.rows([item for item, _ in runs], [Path(c.workdir) for _, c in runs]))
+            # After every item, so a user reads the students finished so far while the next ones train (hours each).
+            finished = runs[:len(results)]
+            front.write(wd, front.rows([item for item, _ in finished], [Path(c.workdir) for _, c in finished]),
+                        pending=[item for item, _ in runs[len(results):]])
     return results
 
 

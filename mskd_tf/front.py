@@ -5,7 +5,7 @@ student per item. The teacher and rank stages run once in ``--workdir``; each it
 ``<workdir>/targets/<item>/`` and starts from a copy of their files and stage records, which the stage runner
 reuses as its own (their digests do not depend on the targets). ``front.json``, ``front.md`` and
 ``plot_front.png`` in ``--workdir`` put the shipped students side by side, each with its accuracy and its
-measured costs, so a user picks one.
+measured costs, so a user picks one; they are rewritten as each item finishes, naming the items still to run.
 """
 
 from __future__ import annotations
@@ -70,16 +70,18 @@ def rows(items: list[str], workdirs: list[Path]) -> list[dict]:
     return out
 
 
-def write(wd: Workdir, front: list[dict]) -> None:
-    """front.json, front.md and plot_front.png in the base work dir."""
+def write(wd: Workdir, front: list[dict], pending: list[str] = ()) -> None:
+    """front.json, front.md and plot_front.png in the base work dir: the finished items' students, and the
+    ``pending`` items still to run."""
     from mskd_tf import report
 
     teacher = wd.read_json("teacher.json") if (wd / "teacher.json").exists() else {}
     wd.write_json("front.json", {"teacher": {k: teacher.get(k) for k in ("macs", "params", "val_acc", "test_acc")},
-                                 "students": front})
+                                 "students": front, "pending": list(pending)})
     text = report.front_table(front, teacher)
+    still = f"\n\nStill to run: {', '.join(pending)} (rerun the same command to continue)." if pending else ""
     with wd.atomic("front.md") as tmp:
         tmp.write_text("# One student per target\n\nEach student's own report is in its work dir "
-                       f"({FOLDER}/<item>/report.md).\n\n" + text + "\n")
+                       f"({FOLDER}/<item>/report.md).\n\n" + text + still + "\n")
     print("\n" + text, flush=True)
     report.plot_front(front, teacher, wd.path / "plot_front.png")

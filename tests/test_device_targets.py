@@ -145,19 +145,43 @@ def test_a_latency_target_is_planned_by_the_measured_time_not_the_macs_ratio(cfg
     assert all(c["val_acc_before_finetune"] is not None for c in record["candidates"])  # re-planned ones too
 
 
-def test_several_targets_in_one_run_share_the_teacher_and_rankings_and_compare_the_students(cfg, capsys):
+def test_several_targets_in_one_run_share_the_teacher_and_rankings_and_compare_the_students(cfg, capsys,
+                                                                                              monkeypatch):
     """--targets: the teacher trains once, every item's run reuses it and the rankings, and front.md / front.json
-    put the shipped students side by side, each meeting its own target (measured)."""
+    put the shipped students side by side, each meeting its own target (measured), from the first finished item
+    on (a run stopped before the second item shows the first, and the second as still to run)."""
+    from mskd_tf import api
+
     cfg.micro = False
     cfg.export = ("int8",)
     cfg.targets = ("macs=0.3", "macs=0.7+flash_kb=1000")
+    run_locked = api._run_locked
+
+    def stopped_at_the_second_item(run_cfg, *args, **kwargs):
+        if run_cfg.workdir.endswith(cfg.targets[1]):
+            raise KeyboardInterrupt
+        return run_locked(run_cfg, *args, **kwargs)
+
+    monkeypatch.setattr(api, "_run_locked", stopped_at_the_second_item)
+    with pytest.raises(KeyboardInterrupt):
+        run_pipeline(cfg)
+    first = capsys.readouterr().out
+    monkeypatch.setattr(api, "_run_locked", run_locked)
+    partial = json.loads(open(f"{cfg.workdir}/front.json").read())
+    assert [r["item"] for r in partial["students"]] == [cfg.targets[0]] and partial["pending"] == [cfg.targets[1]]
+    assert partial["students"][0]["test_acc"] is not None
+    assert "Still to run: macs=0.7+flash_kb=1000" in open(f"{cfg.workdir}/front.md").read()
     results = run_pipeline(cfg)
-    out = capsys.readouterr().out
-    assert out.count("[teacher] running") == 1 and out.count("[rank] running") == 1
-    assert out.count("[teacher] done already") == 2 and out.count("[rank] done already") == 2
+    second = capsys.readouterr().out
+    assert first.count("[teacher] running") == 1 and first.count("[rank] running") == 1
+    assert first.count("[teacher] done already") == 1 and first.count("[rank] done already") == 1  # the first item
+    assert "[teacher] running" not in second and "[rank] running" not in second
+    assert second.count("[distill] running") == 1  # the second item's; the first item's student is kept
     teacher = json.loads(open(f"{cfg.workdir}/teacher.json").read())
     front = json.loads(open(f"{cfg.workdir}/front.json").read())["students"]
     assert [r["item"] for r in front] == list(cfg.targets) and len(results) == 2
+    assert json.loads(open(f"{cfg.workdir}/front.json").read())["pending"] == []
+    assert "Still to run" not in open(f"{cfg.workdir}/front.md").read()
     # each at its own MACs target (the planner's tolerance: 1%)
     assert front[0]["macs"] <= 1.01 * 0.3 * teacher["macs"] < front[1]["macs"] <= 1.01 * 0.7 * teacher["macs"]
     assert all(r["test_acc"] is not None and r["flash_kb"] for r in front)
