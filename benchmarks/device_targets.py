@@ -19,7 +19,8 @@ answered by rows, not by the planner's own estimate.
     benchmarks/snapshot_run.sh device_targets.py --network=resnet20 --plan_only   # the searches only, minutes
 
 The pipeline resumes each student where it stopped (``runs/bench_device_targets_<network>``); a rerun after the
-last one only rewrites the results.
+last one only rewrites the results. ``--front_only`` writes them from the students finished so far (the work dir's
+``front.json``, rewritten after each item), training nothing: rows can be committed while the others train.
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ flags.DEFINE_string("dataset", "folder:../shared/data/cifar10-jpeg.tar.gz", "The
 flags.DEFINE_integer("bisect_steps", 8, "Measured l1-uniform cuts when searching the MACs ratio that fits an arena.")
 flags.DEFINE_integer("round_to", 8, "The pipeline's --round_to, also for the l1-uniform search (8: SIMD widths; 1 "
                      "reaches smaller arenas, at odd widths that train slower).")
+flags.DEFINE_boolean("front_only", False, "Write the results from the students finished so far (the work dir's "
+                     "front.json); nothing trains.")
 flags.DEFINE_boolean("plan_only", False, "Measure the teacher, search the MACs ratios and check each arena target's "
                      "reachability; write those to the results file, train nothing.")
 
@@ -146,10 +149,14 @@ def main(_):
     cfg = Config(dataset=FLAGS.dataset, model=model, width=width, teacher=str(teacher_path), batch_size=128,
                  target_macs=1.0, targets=tuple(items), student_epochs=FLAGS.student_epochs, export=("int8",),
                  round_to=FLAGS.round_to, workdir=f"runs/bench_{name}", seed=0)
-    run_pipeline(cfg)
-    front = json.loads((Path(cfg.workdir) / "front.json").read_text())
+    if not FLAGS.front_only:
+        run_pipeline(cfg)
+    front_file = Path(cfg.workdir) / "front.json"
+    if not front_file.exists():
+        raise SystemExit(f"error: --front_only: {front_file} does not exist yet (no item has finished); run without it.")
+    front = json.loads(front_file.read_text())
     figures["teacher"].update(front["teacher"])
-    figures["students"] = front["students"]
+    figures["students"], figures["pending"] = front["students"], front.get("pending", [])
     results_io.write_results(name, figures)
     md = (Path(cfg.workdir) / "front.md").read_text()
     (results_io.RESULTS / f"{name}.md").write_text(
