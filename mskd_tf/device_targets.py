@@ -309,9 +309,9 @@ class TargetPlanner:
         is planned wider, past its predictions (``predicted=False``): first toward the measured anchors by their
         slope, then between the widest hit and the nearest miss, MAX_WIDENINGS plans at most. (The anchors are
         uniform cuts: their slope guides a uniform candidate; widened too, MobileNetV2's global candidates all kept
-        their plans at a cost the planning budget cannot spare: BENCHMARKS.md, device targets.) Either search stops once the widest hit is within REPLAN_RESOLUTION of
-        the MACs of the nearest miss (or of the MACs target), or a cap rebuilds a shape measured already; the
-        widest measured plan that meets every target is kept. Candidates of one ``search_key`` (the allocation)
+        their plans at a cost the planning budget cannot spare: docs/benchmarks/export.md.) Either search stops
+        once the widest hit is within REPLAN_RESOLUTION of the MACs of the nearest miss (or of the MACs target), or
+        a cap rebuilds a shape measured already; the widest measured plan that meets every target is kept. Candidates of one ``search_key`` (the allocation)
         that start from one shape (the uniform ones) replay the outcome of the first of them."""
         def shape_of(model_candidate):
             return tuple(sorted((group, len(kept)) for group, kept in model_candidate.keep.items()))
