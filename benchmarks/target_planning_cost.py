@@ -38,7 +38,7 @@ def workdir_of(label: str) -> Path:
 
 def run_stage(label: str):
     """One candidates stage in this (fresh) process: a second stage in the process that ran the first runs slower
-    (BENCHMARKS.md, planning cost), which would be charged to whichever ran second."""
+    (docs/benchmarks/export.md, planning cost), which would be charged to whichever ran second."""
     from mskd_tf.api import run_pipeline
     from mskd_tf.config import Config
 
