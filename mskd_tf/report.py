@@ -70,6 +70,15 @@ def _table(headers, rows) -> str:
     return "\n".join(lines)
 
 
+def _teacher_training(rep: dict) -> str:
+    """The epochs this run trained the teacher for, or where a teacher it did not train came from."""
+    history = (rep.get("history") or {}).get("teacher") or {}
+    if history.get("loss"):  # every epoch, across interruptions
+        return f"{len(history['loss'])} epochs"
+    given = (rep.get("config") or {}).get("teacher")
+    return f"given (--teacher={given}), not trained here" if given else "given (compress(model)), not trained here"
+
+
 def summary_table(rep: dict) -> str:
     """The end-of-run table: model, MACs, params, accuracies, and the training each row had."""
     if not rep:
@@ -79,7 +88,7 @@ def summary_table(rep: dict) -> str:
     rows = []
     t = rep.get("teacher") or {}
     rows.append(("teacher", _fmt_m(t.get("macs")), _fmt_m(t.get("params"), 3), _fmt_pct(t.get("val_acc")),
-                 _fmt_pct(t.get("test_acc")), f"{cfg.get('teacher_epochs', '')} epochs" if cfg.get("dataset") != "user" else ""))
+                 _fmt_pct(t.get("test_acc")), _teacher_training(rep)))
     for c in rep.get("candidates", []):
         budget = c.get("budget_epochs")
         if budget:

@@ -293,6 +293,20 @@ def test_the_summary_says_which_filter_stopped_a_candidate_that_never_trained():
     assert "60.00" in lines["candidate d"] and "fine-tuned 0.5 epochs" in lines["candidate d"]
 
 
+def test_the_summary_gives_the_teachers_epochs_trained_or_where_a_given_teacher_came_from():
+    from mskd_tf.report import summary_table
+
+    def teacher_note(rep):
+        return summary_table(rep).splitlines()[2].split("|")[-2].strip()
+
+    trained = {"config": {"teacher_epochs": 5}, "teacher": {}, "history": {"teacher": {"loss": [1.0, 0.9, 0.8]}}}
+    assert teacher_note(trained) == "3 epochs"  # the epochs it ran, not the flag's default
+    given = {"config": {"teacher_epochs": 5, "teacher": "t.keras", "dataset": "cifar10"}, "teacher": {},
+             "history": {"teacher": None}}
+    assert teacher_note(given) == "given (--teacher=t.keras), not trained here"
+    assert "compress(model)" in teacher_note({"config": {"teacher_epochs": 5}, "teacher": {}})
+
+
 def test_sensitivity_allocation_builds_a_candidate_at_the_target(tiny_cfg):
     """--allocations=sensitivity: each ranking's groups are measured alone, then cut to the MACs target together."""
     tiny_cfg.criteria, tiny_cfg.allocations = ("l1",), ("uniform", "sensitivity")
