@@ -1,6 +1,6 @@
 """Why does distillation lose to cross-entropy at short budgets? One KD setting changed at a time, on small data.
 
-The quickstart ships its cross-entropy student (BENCHMARKS.md): KD 89.47 vs CE 89.96 on test, 3 epochs after a
+The quickstart shipped its cross-entropy student (docs/benchmarks/quickstart.md): KD 89.47 vs CE 89.96 on test, 3 epochs after a
 5-epoch teacher. The KD defaults (``Config.kd_lr_scale`` 0.5, temperature 4, alpha 0.5) were chosen on 15-epoch
 CIFAR-10 rows. Here, on the quickstart and on two small sets cut from Fashion-MNIST, the selected student is
 distilled with the defaults and with one of them changed (``--variants``), against the cross-entropy run of the

@@ -41,8 +41,8 @@ Protocol
   + CE at the ``--lr_ablation`` learning rates (is the baseline tuned fairly?); MS-KD with the
   ``--pool_ablation`` capacity pools (``mskd[min_params_ratio=0]`` = selection among all candidates, as before
   the pool existed). A row's name in the results file, its cache key, is ``row_key`` of it.
-* MobileNetV2 (``--model=mobilenet_v2``): the protocol committed before any of its rows (BENCHMARKS.md, "MS-KD on
-  MobileNetV2 0.5 (CIFAR-10): protocol and decision rules, written before any row") instead, in its order: at
+* MobileNetV2 (``--model=mobilenet_v2``): the protocol committed before any of its rows
+  (docs/benchmarks/mskd_cifar_mobilenet_v2.md; its rules also in BENCHMARKS.md) instead, in its order: at
   each seed (0, then 1 and 2) ``ce:l1-uniform``, ``kd:l1-uniform``, ``zc+kd`` (the library's default: what
   ``python -m mskd_tf.run`` does with no selection flags) and ``mskd`` (fine-tuned selection for the table's
   ``--select_epochs``, 1.5); for decision rule R2, ``zc+kd[allocations=global+uniform+sensitivity]`` at every
@@ -578,7 +578,7 @@ def print_plan(res: Results, s: dict):
                        f"its rows wait for the candidates (every distinct network, candidates keeping the same "
                        f"channels being one; if more than {ORACLE_MAX_NETWORKS}, the best two by zero-cost score of "
                        "each allocation plus l1 of each allocation)")
-        print(f"MobileNetV2 protocol (BENCHMARKS.md, written before any row): mskd selects for --select_epochs="
+        print(f"MobileNetV2 protocol (docs/benchmarks/mskd_cifar_mobilenet_v2.md, written before any row): mskd selects for --select_epochs="
               f"{s['select_epochs']:g} of B = {s['budget']:g} epochs (the table's, so its names carry no override); "
               f"zc+kd is the library default; oracle: {oracle_rule}")
     names = max([46, *(len(row_key(row, s)) for row in plan)])  # the column of the rows' names

@@ -108,7 +108,7 @@ def experiment_plan(s: dict, candidates: dict, oracle: str | None) -> list[Row]:
         *[row for ratio in map(float, ablation_flag("pool_ablation"))  # what the capacity pool gave
           for row in (mskd(s0, min_params_ratio=ratio), select_ce(s0, min_params_ratio=ratio))],
     ]
-    if mobilenet:  # BENCHMARKS.md, "MS-KD on MobileNetV2 0.5 (CIFAR-10)": its rows (1)-(4) and R2's, in its order
+    if mobilenet:  # docs/benchmarks/mskd_cifar_mobilenet_v2.md: its rows (1)-(4) and R2's, in its order
 
         def compared(seed):  # the rows the decision rules compare, paired by seed
             return [ce(BASELINE, seed), kd(BASELINE, seed), zc_kd(seed), mskd(seed)]
@@ -179,8 +179,8 @@ def first_rows(s: dict, candidates: dict) -> list[Row]:
 
 
 def follows_mobilenet_protocol(s: dict) -> bool:
-    """Whether the table follows the MobileNetV2 study's protocol (BENCHMARKS.md, "MS-KD on MobileNetV2 0.5
-    (CIFAR-10): protocol and decision rules, written before any row"): derived from --model, so the driver command
+    """Whether the table follows the MobileNetV2 study's protocol
+    (docs/benchmarks/mskd_cifar_mobilenet_v2.md, written before any row): derived from --model, so the driver command
     committed there computes it as written; every other table follows issue 13's ResNet-20 plan."""
     return s["model"] == "mobilenet_v2"
 

@@ -1,5 +1,5 @@
-"""The MobileNetV2 study's decision rules R1-R4 (BENCHMARKS.md, "MS-KD on MobileNetV2 0.5 (CIFAR-10): protocol and
-decision rules, written before any row"), applied to its rows as written there: each one met, missed or waiting.
+"""The MobileNetV2 study's decision rules R1-R4 (BENCHMARKS.md, "MS-KD on MobileNetV2 0.5 (CIFAR-10)", as
+committed before any row), applied to its rows as written there: each one met, missed or waiting.
 
 Rows come in as test accuracies (fractions) by seed; every difference is a mean of seed-paired differences, in
 points. R4 is applied to every difference: one under the seed noise of `l1` + CE is reported as no difference.
