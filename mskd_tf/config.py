@@ -273,10 +273,10 @@ class Config:
             try:
                 values = parse_target_item(item)
                 dataclasses.replace(self, targets=(), **values).validate()
+            except MskdError as exc:  # a ValueError too: caught first, so the message says which item
+                bad("targets", f"item {item!r} gives {exc}")
             except ValueError as exc:
                 bad("targets", f"{exc}.")
-            except MskdError as exc:
-                bad("targets", f"item {item!r} gives {exc}")
         if len(set(self.targets)) != len(self.targets):
             bad("targets", "names an item twice.")
         if self.targets and self.strategy == "multi_worker":

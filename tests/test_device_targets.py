@@ -205,6 +205,9 @@ def test_a_bad_or_unreachable_targets_item_is_refused_before_anything_trains(cfg
     cfg.targets = ("macs=0.5", "vibes=3")
     with pytest.raises(MskdError, match="--targets=macs=0.5,vibes=3: item 'vibes=3'"):
         run_pipeline(cfg)
+    cfg.targets = ("macs=0.5", "macs=3")  # a well-formed item whose value the flag itself refuses
+    with pytest.raises(MskdError, match=r"--targets=macs=0.5,macs=3: item 'macs=3' gives --target_macs=3.0: .*\(0, 1\]\.$"):
+        run_pipeline(cfg)
 
 
 def _jumpy_arena_planner(monkeypatch, width_of):
