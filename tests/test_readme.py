@@ -95,3 +95,39 @@ def test_the_readme_nested_keras_applications_example_runs_as_written(namespace)
     where, block = next((w, b) for w, b in python_blocks() if any(marker in b for marker in SLOW_BLOCKS))
     exec(compile(block, f"{where} (nested example)", "exec"), namespace)  # noqa: S102 - the documentation's own code
     assert {"CONV_2D", "DEPTHWISE_CONV_2D", "ADD"} <= set(namespace["result"].exports[0]["micro"]["ops"])
+
+
+SHELL_FENCE = r"^```(?:bash|sh)\n(.*?)^```"
+
+
+def cli_commands():
+    """[(where, argv)] for every ``python -m mskd_tf.run`` command in a shell block of README.md and docs/."""
+    import shlex
+
+    commands = []
+    for page in ("README.md", *sorted(str(p.relative_to(REPO)) for p in (REPO / "docs").rglob("*.md"))):
+        for block in re.findall(SHELL_FENCE, (REPO / page).read_text(), flags=re.S | re.M):
+            for line in block.replace("\\\n", " ").splitlines():
+                words = shlex.split(line, comments=True)
+                if words[:3] == ["python", "-m", "mskd_tf.run"] and "--helpfull" not in words:
+                    commands.append((f"{page}: {line.strip()}", words[3:]))
+    return commands
+
+
+def test_the_docs_have_the_commands_the_next_test_parses():
+    pages = {where.split(":")[0] for where, _ in cli_commands()}
+    assert {"README.md", "docs/deployment.md", "docs/cli_and_data.md"} <= pages
+
+
+@pytest.mark.parametrize("where, argv", cli_commands(), ids=[where for where, _ in cli_commands()])
+def test_the_documented_commands_are_valid_settings(where, argv, monkeypatch):
+    """Every documented CLI command names flags that exist, with values the config accepts (no training)."""
+    from absl import flags
+
+    from mskd_tf import config as config_lib
+
+    monkeypatch.chdir(REPO)  # the commands' flagfiles are relative to the checkout
+    flag_values = flags.FlagValues()
+    config_lib.define_flags(flag_values)
+    flag_values(["prog", *argv])
+    config_lib.config_from_flags(flag_values)  # raises MskdError naming the flag on an invalid value
