@@ -9,6 +9,11 @@
     benchmarks/mskd_cifar.sh --model=mobilenet_v2 --width=0.5 --teacher_epochs=80  # the MobileNetV2 0.5 study
         # -> benchmarks/results/mskd_cifar_mobilenet_v2_w0.5.{json,md}; add --plan_only to see its rows first
 
+This driver holds the flags and a sitting's order; the rows and their plan (``mskd_cifar_rows.py``), the table and
+its cache (``mskd_cifar_table.py``), the candidate sets' pipeline stages (``mskd_cifar_sets.py``), training a row
+(``mskd_cifar_training.py``), the rendered table (``mskd_cifar_report.py``) and the MobileNetV2 rules
+(``mskd_cifar_rules.py``) are modules of their own.
+
 Protocol
 --------
 * Data: CIFAR-10 from ``../shared/data`` (45k train / 5k validation carved with seed 0 / the 10k test set).
@@ -62,22 +67,14 @@ Protocol
 from __future__ import annotations
 
 import dataclasses
-import datetime
-import hashlib
 import json
-import os
-import re
-import shutil
-import subprocess
-import time
-from pathlib import Path
 
-import artifacts
 import results_io
 from mskd_cifar_report import plot_macs, render
-from mskd_cifar_rows import (ORACLE_MAX_NETWORKS, POOL_SETTINGS, Row, candidate_set, candidate_set_tag, described,
-                             experiment_plan, follows_mobilenet_protocol, kd_overrides, mobilenet_oracle,
-                             oracle_criterion, row_key, row_of, setting_tags, zero_cost_pick, zero_cost_twins)
+from mskd_cifar_rows import (ORACLE_MAX_NETWORKS, candidate_set, experiment_plan, follows_mobilenet_protocol,
+                             mobilenet_oracle, oracle_criterion, row_key, setting_tags, zero_cost_twins)
+from mskd_cifar_sets import guard_the_table, prepare, run_stages, stored_candidates
+from mskd_cifar_table import Results, guard_the_images, machine
 from absl import app, flags
 
 FLAGS = flags.FLAGS
@@ -172,172 +169,6 @@ def settings() -> dict:
     return s
 
 
-def pipeline_config(s, target, teacher_path="", allocations=None):
-    """The pipeline's settings for a candidate set: a MACs target and allocations (None: the library's default)."""
-    from mskd_tf.config import Config
-
-    suffix = (("" if target == s["target_macs"] else f"_t{round(100 * target)}")
-              + (f"_{allocations}" if allocations else ""))
-    return Config(dataset=s["dataset"], model=s["model"], width=s.get("width", 1.0), train_subset=s["train_subset"], batch_size=s["batch_size"],
-                  teacher_epochs=s["teacher_epochs"], teacher_lr=s["teacher_lr"], schedule="cosine", weight_decay=s["weight_decay"],
-                  teacher=teacher_path,
-                  target_macs=target, round_to=s["round_to"], criteria_batches=10, select_epochs=s["select_epochs"],
-                  zero_cost_keep=s["zero_cost_keep"], finetune_lr=s["finetune_lr"], student_epochs=s["budget"],
-                  temperature=s["temperature"], alpha=s["alpha"], workdir=s["workdir"] + suffix, seed=0,
-                  **({"allocations": tuple(allocations.split("+"))} if allocations else {}))
-
-
-def machine() -> dict:
-    import mskd_tf
-    from mskd_tf import report
-
-    repo = Path(__file__).resolve().parent.parent
-    git = lambda *a: subprocess.run(["git", "-C", str(repo), *a], capture_output=True, text=True).stdout.strip()  # noqa: E731
-    return {**results_io.machine(), **report.versions(), "date": datetime.datetime.now().isoformat(timespec="seconds"),
-            # mskd_cifar.sh runs a snapshot of one commit's library; otherwise the working tree's.
-            "git_commit": os.environ.get("MSKD_LIBRARY_COMMIT") or git("rev-parse", "--short", "HEAD"),
-            "library_dirty": bool(git("status", "--porcelain", "mskd_tf")) and not os.environ.get("MSKD_LIBRARY_COMMIT"),
-            "library_path": str(Path(mskd_tf.__file__).parent)}
-
-
-class Results:
-    """The rows, written through results_io after each one, so a rerun resumes at the next."""
-
-    def __init__(self, name: str, s: dict):
-        self.name, self.s = name, s
-        path = results_io.RESULTS / f"{name}.json"
-        # Rows of another capacity pool or KD rate carry it in their names, so the table stays valid when it changes.
-        key = {k: v for k, v in s.items() if k not in ("seeds", "other_targets", "min_params_ratio",
-                                                       "capacity_reference", "kd_lr")}
-        old = json.loads(path.read_text()).get("figures", {}) if path.exists() else {}
-        if portable({"width": 1.0, **old.get("settings_key", {})}) == portable(key):  # before --width: width 1
-            self.data = {**old, "settings_key": key, "rows": described(old["rows"], s)}
-        else:
-            self.data = {"settings_key": key, "rows": {}, "targets": {}}
-        # A KD row's name carries its learning rate unless it is the default KD rate, which was finetune_lr until
-        # the library's Config.kd_lr_scale (rows named then say [lr=<finetune_lr>] now) and is s["kd_lr"] since.
-        named_default = self.data.get("kd_lr_default", s["finetune_lr"])
-        if named_default != s["kd_lr"]:
-            renamed = {}
-            for record in self.data["rows"].values():
-                row = row_of(record)
-                if row.kind != "student" or row.loss == "kd":  # select+ce: the rate of its selection
-                    row = dataclasses.replace(row, settings=kd_overrides(s, **{"lr": named_default,
-                                                                               **dict(row.settings)}))
-                renamed[row_key(row, s)] = {**record, "row": dataclasses.asdict(row)}
-            self.data["rows"] = renamed
-        self.data["kd_lr_default"] = s["kd_lr"]
-        self.data["settings"] = s
-        self.new_rows = 0
-
-    def row(self, row: Row):
-        """The row's cached record, or None."""
-        return self.data["rows"].get(row_key(row, self.s))
-
-    def put(self, row: Row, record: dict, *, finished: bool = True):
-        """Cache the row's record; ``finished=False``: more of the row follows (not counted for --max_rows)."""
-        self.data["rows"][row_key(row, self.s)] = {**record, "row": dataclasses.asdict(row)}
-        self.save()
-        if not finished:
-            return
-        self.new_rows += 1
-        if FLAGS.max_rows and self.new_rows >= FLAGS.max_rows:
-            print(f"--max_rows={FLAGS.max_rows} reached; rerun to continue", flush=True)
-            raise SystemExit(0)
-
-    def save(self):
-        results_io.write_results(self.name, self.data)
-
-
-def portable(key: dict) -> dict:
-    """A table's settings key without where the checkout stands: the dataset's archive by file name, so a clone
-    elsewhere (another ../shared) keeps the table's rows instead of starting it over."""
-    source, _, location = str(key.get("dataset", "")).partition(":")
-    return {**key, "dataset": f"{source}:{Path(location).name}"} if location else key
-
-
-def guard_the_table(res, s):
-    """Refuse to train a new teacher for a table that has rows: its digests would differ and the rows be dropped."""
-    wd = Path(pipeline_config(s, s["target_macs"]).workdir)
-    if keep_artifacts(s):
-        artifacts.restore(wd)
-    if res.data.get("rows") and not (wd / "teacher.keras").exists() and not FLAGS.new_teacher:
-        raise SystemExit(
-            f"error: {results_io.RESULTS / (s['name'] + '.json')} holds {len(res.data['rows'])} rows computed from a "
-            f"teacher that is neither in {wd} nor in {artifacts.mirror_of(wd)}; this run would train a new one and "
-            "drop them. Restore that work dir, use another --name, or pass --new_teacher to start the table over.")
-
-
-def guard_the_images(res, s, fingerprint: str):
-    """Refuse to add rows computed on other images than the table's: the row digests cover the teacher and the kept
-    channels, not the images each sitting loads afresh. A table recorded before this check takes this sitting's."""
-    from mskd_tf.data_sources import cache_dir
-
-    recorded = res.data.setdefault("data_fingerprint", fingerprint)
-    if recorded != fingerprint:
-        raise SystemExit(
-            f"error: {s['dataset']} decodes to other images (data fingerprint {fingerprint}) than the "
-            f"{len(res.data.get('rows', {}))} rows of {results_io.RESULTS / (s['name'] + '.json')} were computed on "
-            f"({recorded}). Restore those images (an archive's copy extracted under {cache_dir()} can be deleted to "
-            "extract it afresh), or use another --name.")
-
-
-def keep_artifacts(s) -> bool:
-    return FLAGS.keep_artifacts and not s["quick"]
-
-
-def run_stages(s, target, teacher_path="", stop_after="candidates", allocations=None) -> Path:
-    """The pipeline's stages up to ``stop_after`` in the candidate set's work dir, restored from and mirrored to
-    artifacts."""
-    from mskd_tf.api import run_pipeline
-
-    cfg = pipeline_config(s, target, teacher_path, allocations)
-    wd = Path(cfg.workdir)
-    if keep_artifacts(s):
-        artifacts.restore(wd)
-        if teacher_path and artifacts.given_teacher(wd) and not (wd / "teacher.keras").exists():
-            shutil.copy2(teacher_path, wd / "teacher.keras")  # the mirror keeps no copy of a given teacher
-    run_pipeline(cfg, stop_after=stop_after)
-    if keep_artifacts(s):
-        artifacts.save(wd)
-    return wd
-
-
-def stored_candidates(s, target, allocations=None) -> dict:
-    """A candidate set's candidates as its rows read them: its work dir's candidates.json, or the artifacts mirror's
-    that a run restores it from; {} before the candidates stage has run."""
-    wd = Path(pipeline_config(s, target, allocations=allocations).workdir)
-    for folder in (wd, artifacts.mirror_of(wd)):
-        stored = artifacts.read_json(folder, "candidates.json")
-        if stored is not None:
-            return {r["criterion"]: r for r in stored["candidates"]}
-    return {}
-
-
-def prepare(s, target, teacher_path="", allocations=None):
-    """teacher, rank, candidates through the pipeline's stages; returns the workdir and its digests."""
-    wd = run_stages(s, target, teacher_path, allocations=allocations)
-    return wd, input_digests(wd, s)
-
-
-def input_digests(wd: Path, s: dict) -> dict:
-    """What every row starts from, by content: the teacher's weights, each candidate's kept channels and the
-    zero-cost pick. A teacher or candidate set that differs empties the rows; one rebuilt the same (a fresh clone
-    rebuilds the candidates from the committed teacher and rankings; a .keras file's bytes differ at every save)
-    keeps them."""
-    import keras
-
-    from mskd_tf.keras_utils import weights_digest
-
-    def digest(value) -> str:
-        return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
-
-    records = {r["criterion"]: r for r in json.loads((wd / "candidates.json").read_text())["candidates"]}
-    return {"teacher_weights": weights_digest(keras.models.load_model(wd / "teacher.keras", compile=False)),
-            "zero_cost_pick": zero_cost_pick(records, s),
-            **{f"kept:{name}": digest(record["kept"]) for name, record in sorted(records.items())}}
-
-
 def main(_):
     s = settings()
     if FLAGS.render_only:  # also refreshes the .md and the plot, so the finished rows can be committed mid-table
@@ -348,7 +179,7 @@ def main(_):
         print(text, flush=True)
         return
 
-    res = Results(s["name"], s)
+    res = Results(s["name"], s, max_rows=FLAGS.max_rows)
     if FLAGS.forget:
         exact = {f[:-1] for f in FLAGS.forget if f.endswith("$")}
         prefixes = tuple(f for f in FLAGS.forget if not f.endswith("$"))
@@ -359,198 +190,50 @@ def main(_):
         print_plan(res, s)
         return
 
-    import keras
+    from mskd_cifar_training import RowTrainer
 
     from mskd_tf import data as data_lib
-    from mskd_tf import deploy, distill, flops, selection, training
-    from mskd_tf.errors import MskdError
-    from mskd_tf.keras_utils import weights_digest
 
     res.data["machine"] = machine()
     print(json.dumps(s), flush=True)
     splits = data_lib.load(s["dataset"], batch_size=s["batch_size"], train_subset=s["train_subset"] or None, seed=0)
     guard_the_images(res, s, data_lib.fingerprint(splits.arrays))
-    val, test = splits.val, splits.test
-    per_epoch = training.steps_per_epoch(splits.train)
-    budget = training.budget_steps(s["budget"], per_epoch)
-
-    calibration = data_lib.eval_pipeline(splits.arrays["train"], s["batch_size"], cache=False)
-
-    def int8_export(student, row) -> dict:
-        """The row's student exported as the export stage ships it (full int8, calibrated on training images), and
-        its test accuracy in LiteRT beside the Keras model's; the .tflite stays in the candidate set's work dir."""
-        out = Path(pipeline_config(s, row.target).workdir) / "int8" / re.sub(r"[^\w.@=+-]", "_", row_key(row, s))
-        exported = deploy.export_all(student, str(out), kinds=("int8",), representative_ds=calibration, test_ds=test,
-                                     micro=False, threads=(1,), seed=row.seed)[0]
-        return {"int8_test_acc": exported["test_acc"], "int8_bytes": exported["bytes"],
-                "int8_agreement": exported["agreement"]}
-
-    def train_for(seed, first_epoch=0):  # seed 0 is the pipeline's own order; others reshuffle / re-augment
-        return data_lib.train_pipeline(splits.arrays["train"], s["batch_size"], augment=True, seed=seed,
-                                       first_epoch=first_epoch)
 
     # The decisive target: teacher, rank and candidates by the pipeline (the teacher trains here once).
-    guard_the_table(res, s)
+    mirror = FLAGS.keep_artifacts and not s["quick"]
+    guard_the_table(res, s, mirror=mirror, new_teacher=FLAGS.new_teacher)
     if FLAGS.teacher_only:
-        wd = run_stages(s, s["target_macs"], stop_after="teacher")
+        wd = run_stages(s, s["target_macs"], stop_after="teacher", mirror=mirror)
         print((wd / "teacher.json").read_text(), flush=True)
         return
-    wd, digests = prepare(s, s["target_macs"])
+    wd, digests = prepare(s, s["target_macs"], mirror=mirror)
     if res.data.get("digests") != digests:
         res.data.update(digests=digests, rows={}, targets={})
+    trainer = RowTrainer(s, res, splits, wd, mirror=mirror)
     teacher_info = json.loads((wd / "teacher.json").read_text())
     res.data["teacher"] = {k: teacher_info.get(k) for k in ("macs", "params", "val_acc", "test_acc", "batchnorm_repair")}
     res.data["teacher"].update(epochs=s["teacher_epochs"], seconds=json.loads((wd / "stages.json").read_text())
                                ["teacher"]["seconds"], train_images=splits.info.num_train,
                                val_images=splits.info.num_val, test_images=splits.info.num_test)
-    res.data["budget_steps"], res.data["steps_per_epoch"] = budget, per_epoch
+    res.data["budget_steps"], res.data["steps_per_epoch"] = trainer.budget, trainer.per_epoch
 
-    inputs = {}  # candidate set -> (work dir, teacher, candidates): what that set's rows start from
-
-    def inputs_of(target, allocations=None):
-        """A candidate set's work dir, teacher and candidates; the stages of another set (another MACs target or
-        other allocations) run when the plan first reaches it, and if its files changed its cached rows are dropped."""
-        key = target, allocations
-        if key not in inputs:
-            wd_t = wd
-            if key != (s["target_macs"], None):
-                wd_t, digests_t = prepare(s, target, teacher_path=str(wd / "teacher.keras"), allocations=allocations)
-                tag = candidate_set_tag(target, allocations)
-                if res.data["targets"].get(tag) != digests_t:
-                    res.data["rows"] = {k: r for k, r in res.data["rows"].items() if candidate_set(row_of(r)) != key}
-                    res.data["targets"][tag] = digests_t
-            inputs[key] = (wd_t, keras.models.load_model(wd_t / "teacher.keras"),
-                           stored_candidates(s, target, allocations))
-        return inputs[key]
-
-    _, _, candidates = inputs_of(s["target_macs"])
+    _, _, candidates = trainer.inputs_of(s["target_macs"])
     res.data["candidates"] = {c: {k: r.get(k) for k in ("macs", "params", "val_acc_before_finetune", "ranking",
                                                          "allocation")} for c, r in candidates.items()}
     res.save()
-
-    def train(row, teacher, source, *, extra, steps=budget):
-        """Fine-tune the network in ``source`` for ``steps`` under the row's loss and settings; cache the row."""
-        kd = row.loss == "kd"
-        # A select+ce row's settings are its selection's; its own run is the table's CE run. A candidate set's
-        # allocations chose the network, not how it trains.
-        own = {} if row.kind == "select+ce" else {k: v for k, v in row.settings
-                                                  if k not in (*POOL_SETTINGS, "allocations")}
-        lr = own.pop("lr", s["kd_lr"] if kd else s["finetune_lr"])
-        loss = {"temperature": s["temperature"], "alpha": s["alpha"], "feature_kd": 0.0, **own}
-        keras.utils.set_random_seed(row.seed)
-        student = keras.models.load_model(source)
-        # A row trains for most of an hour: its epoch backup lets the next sitting resume it where this one ends.
-        # Named by the row and the weights it starts from, so a changed start never resumes an old backup.
-        backup = Path(s["workdir"]) / "row_backups" / hashlib.sha256(
-            f"{row_key(row, s)}:{weights_digest(student)}".encode()).hexdigest()[:16]
-        done = training.epochs_backed_up(backup)
-        spent = backup / "seconds.json"  # after each epoch's backup: a kill in between leaves that epoch uncounted
-        earlier = json.loads(spent.read_text())["seconds"] if done and spent.exists() else 0.0
-        if done:
-            print(f"row {row_key(row, s)}: resuming after epoch {done} from {backup}", flush=True)
-        start = time.perf_counter()
-        backup.mkdir(parents=True, exist_ok=True)
-        callbacks = [keras.callbacks.BackupAndRestore(str(backup), save_freq="epoch", delete_checkpoint=False),
-                     keras.callbacks.CSVLogger(str(backup / "history.csv"), append=done > 0),
-                     keras.callbacks.LambdaCallback(on_epoch_end=lambda *_: spent.write_text(
-                         json.dumps({"seconds": earlier + time.perf_counter() - start})))]
-        # Validation after every epoch (~3 s each): from the oracle rows, how early a short run ranks the
-        # candidates as B steps do, i.e. which selection horizon could be predictive, at no training cost.
-        student, history = distill.distill(teacher, student, train_for(row.seed, done), val,
-                                           epochs=steps / per_epoch, steps=steps, kd=kd, **loss, lr=lr,
-                                           weight_decay=s["weight_decay"], seed=row.seed, callbacks=callbacks,
-                                           verbose=2)
-        if done:  # this sitting saw only the epochs after the backup; the CSV has them all
-            history = training.history_from_csv(backup / "history.csv") or history
-        cost = flops.count(student)
-        record = {"kd": kd, **({"kd_settings": loss} if kd else {}), "seed": row.seed, "lr": lr,
-                  "train_steps": steps, "seconds": round(earlier + time.perf_counter() - start, 1),
-                  **({"resumed_after_epoch": done} if done else {}),
-                  "val_acc": training.accuracy(student, val), "test_acc": training.accuracy(student, test),
-                  "macs": int(cost.macs), "params": int(cost.params),
-                  "val_curve": [round(float(v), 4) for v in history.get("val_accuracy", [])], **extra}
-        record["total_steps"] = record["train_steps"] + record.get("selection_steps", 0)
-        print(f"row {row_key(row, s)}: val {100 * record['val_acc']:.2f}%  test {100 * record['test_acc']:.2f}%  "
-              f"({record['total_steps']} steps, {record['seconds']:.0f} s)", flush=True)
-        res.put(row, record, finished=False)  # cached before the export: a failed export cannot cost the training
-        shutil.rmtree(backup, ignore_errors=True)
-        try:
-            record.update(int8_export(student, row))
-            print(f"row {row_key(row, s)}: int8 test {100 * record['int8_test_acc']:.2f}%", flush=True)
-        except MskdError as exc:
-            record["int8_error"] = str(exc)
-        res.put(row, record)
-
-    def selection_of(row, wd_t, teacher, candidates_t):
-        """The library's select stage for a mskd or select+ce row: its select row, computed unless cached (with
-        its network on disk); returns that row, the selected network's file and the capacity pool's ratio."""
-        ratio = dict(row.settings).get("min_params_ratio", s["min_params_ratio"])
-        kd_settings = {"lr": s["kd_lr"], **{k: v for k, v in row.settings if k not in POOL_SETTINGS}}
-        # Folder names say the rate when it is not finetune_lr (the default KD rate before Config.kd_lr_scale).
-        folder_settings = {k: v for k, v in kd_settings.items() if k != "lr" or v != s["finetune_lr"]}
-        out = wd_t / (f"select_s{row.seed}" + (f"_minparams{ratio:g}" if ratio else "")  # ratio 0: the original folders
-                      + (f"_{s['capacity_reference']}" if ratio else "")  # "_minparams0.9": x the largest
-                      + "".join(f"_{k}{v:g}" for k, v in sorted(folder_settings.items())))
-        select_row = dataclasses.replace(row, kind="select", loss="kd")
-        if not res.row(select_row) or not (out / "selected.keras").exists():
-            start = time.perf_counter()
-            payload = selection.select(
-                {c: str(wd_t / "candidates" / f"{c}.keras") for c, r in candidates_t.items() if "same_as" not in r},
-                lambda: train_for(row.seed), val,
-                workdir=str(out), epochs=s["select_epochs"], zero_cost_keep=s["zero_cost_keep"],
-                zero_cost_scores={c: r["val_acc_before_finetune"] for c, r in candidates_t.items()},
-                candidate_costs=candidates_t,
-                min_params_ratio=ratio,
-                teacher=teacher, temperature=kd_settings.get("temperature", s["temperature"]),
-                alpha=kd_settings.get("alpha", s["alpha"]), lr=kd_settings["lr"],  # hints: distill only
-                weight_decay=s["weight_decay"], seed=row.seed)
-            res.put(select_row, {
-                "seed": row.seed, "seconds": round(time.perf_counter() - start, 1), "min_params_ratio": ratio,
-                "capacity_reference": s["capacity_reference"],
-                "capacity_kept": (payload["protocol"]["capacity_pool"] or {}).get("kept"),
-                "selected": payload["selected"], "total_steps": payload["protocol"]["total_steps"],
-                # None: the capacity pool left no more than the rung keeps, so no zero-cost cut
-                "zero_cost_kept": (payload["protocol"]["zero_cost"] or {}).get("kept"),
-                "rungs": payload["protocol"]["rungs"],
-                # issue 14: where the selection's seconds went, over every candidate and rung
-                # (the rest of "seconds" is outside the candidates: loading, the pools)
-                "time_split": {k: round(v, 1) for k, v in selection.time_split_total(payload).items()}})
-            if keep_artifacts(s):
-                artifacts.save(wd_t)
-        return res.row(select_row), out / "selected.keras", ratio
-
-    def compute(row):
-        """Train the row (a zc+kd row whose very run is cached already: a copy of it) and cache it."""
-        wd_t, teacher, candidates_t = inputs_of(*candidate_set(row))
-        if row.kind == "student":
-            train(row, teacher, wd_t / "candidates" / f"{row.candidate}.keras", extra={"criterion": row.candidate})
-        elif row.kind == "zc+kd":
-            top = zero_cost_pick(candidates_t, s)
-            twins = zero_cost_twins(row, s, lambda *key: inputs_of(*key)[2])
-            same_run = next((res.row(twin) for twin in twins if res.row(twin)), None)
-            if same_run:
-                res.put(row, same_run)
-            else:
-                train(row, teacher, wd_t / "candidates" / f"{top}.keras", extra={"criterion": top})
-        else:  # mskd, select+ce: the selection's pick trains for what the selection left of the budget
-            chosen, network, ratio = selection_of(row, wd_t, teacher, candidates_t)
-            train(row, teacher, network, steps=budget - chosen["total_steps"],
-                  extra={"criterion": chosen["selected"]["criterion"], "selection_steps": chosen["total_steps"],
-                         "selection_seconds": chosen["seconds"], "min_params_ratio": ratio,
-                         "capacity_reference": s["capacity_reference"]})
 
     def next_row():
         """The plan's first row neither cached nor put off by --later (None: the table is done), each target's
         stages run as the plan reaches it."""
         res.data["oracle_criterion"] = oracle = oracle_criterion(res, candidates, s)
         for row in experiment_plan(s, candidates, oracle):
-            inputs_of(*candidate_set(row))
+            trainer.inputs_of(*candidate_set(row))
             if not res.row(row) and row_key(row, s) not in FLAGS.later:
                 return row
         return None
 
     while row := next_row():
-        compute(row)
+        trainer.compute(row)
 
     text = render(res.data)
     (results_io.RESULTS / f"{s['name']}.md").write_text(text)
@@ -599,8 +282,6 @@ def print_plan(res: Results, s: dict):
                 status, note = "copy", f"  (of {row_key(twin, s)}, the same run)"
         print(f"{number:>3}  {status:<11} {row_key(row, s):<{names}} {row.kind:<9} {row.candidate or '-':<18} "
               f"{row.loss:<4} {row.seed:>4} {row.target:>6g}  {', '.join(setting_tags(row.settings)) or '-'}{note}")
-
-
 
 
 if __name__ == "__main__":
