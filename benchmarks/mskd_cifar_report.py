@@ -116,6 +116,21 @@ def rule_inputs(table, s, oracle) -> tuple[dict, dict]:
     return tests, int8
 
 
+# The ResNet-20 table that decision rules R2 and R3 read beside the MobileNetV2 rows (the 120-epoch teacher's).
+RESNET20_TABLE = "mskd_cifar_t120"
+
+
+def resnet20_rule_inputs() -> dict:
+    """The ResNet-20 table's test accuracies by seed of the rows R2 and R3 compare ({} before it exists)."""
+    import json
+
+    path = results_io.RESULTS / f"{RESNET20_TABLE}.json"
+    if not path.exists():
+        return {}
+    data = json.loads(path.read_text())["figures"]
+    return rule_inputs(table_of(data), data["settings"], None)[0]
+
+
 def render(data: dict) -> str:
     s, table = data["settings"], table_of(data)
     t, m = data.get("teacher", {}), data.get("machine", {})
@@ -194,7 +209,8 @@ def render(data: dict) -> str:
         tests, int8 = rule_inputs(table, s, oracle)
         lines += ["", "**The decision rules as written before the rows (BENCHMARKS.md), on the rows so far** (test "
                       "accuracy, points, paired by seed):", ""]
-        lines += [f"- {line}" for line in mskd_cifar_rules.verdicts(tests, teacher_test=t.get("test_acc", 0), int8=int8)]
+        lines += [f"- {line}" for line in mskd_cifar_rules.verdicts(tests, teacher_test=t.get("test_acc", 0), int8=int8,
+                                                                  resnet20=resnet20_rule_inputs())]
     timed = {seed_and_target(row, s): r for row, r in table.items()
              if row.kind == "select" and not row.settings and r.get("time_split") and r.get("seconds")
              and not _resumed(r)}
