@@ -13,6 +13,7 @@ import math
 import statistics
 
 SEEDS = (0, 1, 2)
+INT8_SEEDS = (1, 2)  # the default's seed-0 student was trained before rows were exported, and not kept
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,10 +86,12 @@ def verdicts(tests: dict[str, dict[int, float]], *, teacher_test: float,
     lines.append("R1 " + _judge("default - teacher", paired(default, teacher), -1.5, 3, None))
     drops = {seed: 100 * (quantized - float_) for seed, (float_, quantized) in sorted(int8.items())}
     if drops:
-        worst = min(drops.values())
-        lines.append("R1 int8 - float test of the default's students >= -0.30: "
-                     + ", ".join(f"seed {seed} {drop:+.2f}" for seed, drop in drops.items())
-                     + f": **{'met' if worst >= -0.3 else 'missed'}**")
+        shown = ", ".join(f"seed {seed} {drop:+.2f}" for seed, drop in drops.items())
+        if set(INT8_SEEDS) <= set(drops):
+            verdict = f"**{'met' if min(drops.values()) >= -0.3 else 'missed'}**"
+        else:
+            verdict = f"waiting for seeds {', '.join(str(seed) for seed in INT8_SEEDS if seed not in drops)}"
+        lines.append(f"R1 int8 - float test of the default's students >= -0.30: {shown}: {verdict}")
     else:
         lines.append("R1 int8 - float test of the default's students >= -0.30: waiting (no exported default row)")
     other = {label: (resnet20 or {}).get(label, {}) for label in ("default", "l1 + CE", "MS-KD",

@@ -55,3 +55,9 @@ def test_r2_and_r3_change_the_default_only_when_their_resnet20_half_is_met_too()
     assert "-0.29 (n=3" in lost[1] and "**missed**" in lost[1] and lost[2].endswith("**missed: the default stays**")
     level = r3({0: 0.8705, 1: 0.8695, 2: 0.8712})  # -0.02: within the 0.1 the rule allows
     assert "**met" in level[1] and level[2].endswith("**met: the default changes**")
+
+
+def test_the_int8_bar_waits_for_both_exported_seeds():
+    line = [line for line in mskd_cifar_rules.verdicts({}, teacher_test=0.885, int8={1: (0.8751, 0.8750)})
+            if "int8" in line][0]
+    assert line.endswith("seed 1 -0.01: waiting for seeds 2")
