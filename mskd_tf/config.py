@@ -170,9 +170,9 @@ class Config:
     temperature: float = _field(4.0, "Distillation temperature T.")
     alpha: float = _field(0.5, "Weight of the label cross-entropy; 1 - alpha weighs the KD term.")
     feature_kd: float = _field(0.0, "Weight of the FitNets-style feature (hint) loss; 0 = off.")
-    distill_baseline: bool = _field(True, "Also fine-tune the student with plain cross-entropy for the same budget "
-                                    "and ship whichever scores better on validation (--nodistill_baseline: KD only, "
-                                    "half the stage's time).")
+    distill_baseline: bool = _field(True, "Also fine-tune the student with plain cross-entropy for the same budget; "
+                                    "it ships instead of the KD student only when a paired test on validation finds "
+                                    "it better (p < 0.05) (--nodistill_baseline: KD only, half the stage's time).")
     # --- export
     export: tuple = _field(("float32", "int8"), "TFLite variants to export (comma list).")
     int8_calibration_samples: int = _field(200, "Representative images for int8 calibration "
