@@ -156,7 +156,7 @@ class RowTrainer:
                 # None: the capacity pool left no more than the rung keeps, so no zero-cost cut
                 "zero_cost_kept": (payload["protocol"]["zero_cost"] or {}).get("kept"),
                 "rungs": payload["protocol"]["rungs"],
-                # issue 14: where the selection's seconds went, over every candidate and rung
+                # where the selection's seconds went, over every candidate and rung
                 # (the rest of "seconds" is outside the candidates: loading, the pools)
                 "time_split": {k: round(v, 1) for k, v in selection.time_split_total(payload).items()}})
             if self.mirror:
