@@ -311,8 +311,9 @@ class TargetPlanner:
         uniform cuts: their slope guides a uniform candidate; widened too, MobileNetV2's global candidates all kept
         their plans at a cost the planning budget cannot spare: docs/benchmarks/export.md.) Either search stops
         once the widest hit is within REPLAN_RESOLUTION of the MACs of the nearest miss (or of the MACs target), or
-        a cap rebuilds a shape measured already; the widest measured plan that meets every target is kept. Candidates of one ``search_key`` (the allocation)
-        that start from one shape (the uniform ones) replay the outcome of the first of them."""
+        a cap rebuilds a shape measured already; the widest measured plan that meets every target is kept.
+        Candidates of one ``search_key`` (the allocation) that start from one shape (the uniform ones) replay the
+        outcome of the first of them."""
         def shape_of(model_candidate):
             return tuple(sorted((group, len(kept)) for group, kept in model_candidate.keep.items()))
 
