@@ -214,7 +214,7 @@ def render(data: dict) -> str:
     timed = {seed_and_target(row, s): r for row, r in table.items()
              if row.kind == "select" and not row.settings and r.get("time_split") and r.get("seconds")
              and not _resumed(r)}
-    if timed:  # issue 14: a selection's share of seconds not spent training (load, pools, setup, trace, score, save)
+    if timed:  # a selection's share of seconds not spent training (load, pools, setup, trace, score, save)
         lines += ["", "MS-KD's selection, wall seconds and the share not spent training (issue 14; only a run with "
                       "nothing else on the machine is a speed figure): " + "; ".join(
                           f"{k} {r['seconds']:.0f} s, {100 * (1 - r['time_split']['train'] / r['seconds']):.0f}%"

@@ -61,7 +61,7 @@ def experiment_plan(s: dict, candidates: dict, oracle: str | None) -> list[Row]:
     partial table should already answer. candidates: the decisive target's (criterion -> its record, with the
     zero-cost score val_acc_before_finetune); oracle: the best candidate + CE at seed 0 once all of those rows are
     cached (until then None, and its rows at more seeds wait). A row listed twice is computed where it comes first.
-    Two plans: issue 13's (ResNet-20) and, for --model=mobilenet_v2, the MobileNetV2 study's protocol.
+    Two plans: the ResNet-20 study's and, for --model=mobilenet_v2, the MobileNetV2 study's protocol.
     """
     decisive_target, seeds = s["target_macs"], s["seeds"]
     s0, more_seeds = seeds[0], seeds[1:]
@@ -181,7 +181,7 @@ def first_rows(s: dict, candidates: dict) -> list[Row]:
 def follows_mobilenet_protocol(s: dict) -> bool:
     """Whether the table follows the MobileNetV2 study's protocol
     (docs/benchmarks/mskd_cifar_mobilenet_v2.md, written before any row): derived from --model, so the driver command
-    committed there computes it as written; every other table follows issue 13's ResNet-20 plan."""
+    committed there computes it as written; every other table follows the ResNet-20 study's plan."""
     return s["model"] == "mobilenet_v2"
 
 
@@ -194,7 +194,7 @@ def by_zero_cost(names, candidates: dict) -> list[str]:
 
 
 def oracle_candidates(s: dict, candidates: dict) -> list[str]:
-    """The candidates of the oracle table (each + CE at seed 0), best zero-cost score first: every one (issue 13),
+    """The candidates of the oracle table (each + CE at seed 0), best zero-cost score first: every one (the ResNet-20 plan),
     or the MobileNetV2 protocol's choice (mobilenet_oracle)."""
     if follows_mobilenet_protocol(s):
         return mobilenet_oracle(candidates)[0]
